@@ -1,0 +1,26 @@
+"""Backbone families: what a model family loads, how it encodes text and images, which pipeline samples it.
+
+A family is one module here registered in FAMILIES; recipes name it in `model.family` or let `auto` read
+the pipeline's own model_index.json.
+"""
+from __future__ import annotations
+
+from trainers.backbones.base import Backbone
+from trainers.backbones.loading import ModelSource, detect_family, resolve_source
+from trainers.backbones.sd import SDBackbone
+from trainers.config import ModelConfig
+from trainers.errors import UserError
+
+FAMILIES: dict[str, type[Backbone]] = {"sd15": SDBackbone}
+
+
+def load_backbone(cfg: ModelConfig) -> Backbone:
+    """Load every component of `model.pretrained` for the recipe's (or the detected) family."""
+    source = resolve_source(cfg)
+    family = detect_family(source) if cfg.family == "auto" else cfg.family
+    if family not in FAMILIES:
+        raise UserError(f"model.family: {family!r} is not supported (known: {', '.join(FAMILIES)})")
+    return FAMILIES[family].load(source)
+
+
+__all__ = ["Backbone", "FAMILIES", "ModelSource", "load_backbone"]

@@ -1,0 +1,15 @@
+"""Objectives by name: the engine finds them here and never imports a concrete one."""
+from __future__ import annotations
+
+import importlib
+
+from trainers.errors import ConfigError
+
+OBJECTIVES = {"finetune": "trainers.objectives.finetune:FineTune"}
+
+
+def get_objective(name: str):
+    if name not in OBJECTIVES:
+        raise ConfigError(f"'objective.name' must be one of {', '.join(map(repr, OBJECTIVES))}; got {name!r}")
+    module, cls = OBJECTIVES[name].split(":")
+    return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,139 @@
+"""Render one PNG grid (rows = prompts, columns = images per prompt) from a pipeline folder, to look at a result."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from trainers.errors import UserError
+
+SCHEDULERS = {
+    "default": None,
+    "dpmsolver": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "lcm": "LCMScheduler",
+}
+
+
+def positive_int(text: str) -> int:
+    """Reject zero and negatives at parse time, so the user gets argparse's one-line error."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options; sizes default to None so the pipeline picks its own."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--pipeline", required=True, type=Path, help="diffusers pipeline folder (model_index.json)")
+    parser.add_argument("--lora", type=Path, help="LoRA folder or weights file to load on top")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="default")
+    parser.add_argument("--steps", required=True, type=positive_int, help="inference steps")
+    parser.add_argument("--prompt", required=True, action="append", help="repeat for more rows")
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images-per-prompt", type=positive_int, default=1)
+    parser.add_argument("--height", type=positive_int, help="default: the pipeline's own")
+    parser.add_argument("--width", type=positive_int, help="default: the pipeline's own")
+    parser.add_argument("--out", type=Path, default=Path("samples.png"))
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    return parser.parse_args(argv)
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Fail before importing torch, so a mistyped path costs one line and no wait."""
+    if not (args.pipeline / "model_index.json").is_file():
+        raise UserError(f"pipeline folder not found (no model_index.json): {args.pipeline}")
+    if args.lora is not None and not args.lora.exists():
+        raise UserError(f"LoRA path not found: {args.lora}")
+
+
+def resolve_device(name: str) -> str:
+    """Pick CUDA when asked for auto and present; refuse cuda without it rather than crash later."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda given but CUDA is not available")
+    return name
+
+
+def load_pipeline(path: Path, device: str, dtype: str):
+    """Load any DiffusionPipeline, leaving out the safety checker where the pipeline has one."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    config = DiffusionPipeline.load_config(path)
+    extra = {}
+    if "safety_checker" in config:
+        extra["safety_checker"] = None
+    if "requires_safety_checker" in config:
+        extra["requires_safety_checker"] = False
+    pipe = DiffusionPipeline.from_pretrained(path, dtype=getattr(torch, dtype), **extra)
+    return pipe.to(device)
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swap the scheduler, keeping the trained noise schedule from the current one's config."""
+    if SCHEDULERS[name] is None:
+        return
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+
+
+def check_size(pipe, args: argparse.Namespace) -> None:
+    """Refuse sizes the VAE cannot map to latents, naming the factor instead of a traceback."""
+    factor = getattr(pipe, "vae_scale_factor", 1)
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value % factor:
+            raise UserError(f"{flag} {value} is not a multiple of the VAE scale factor {factor}")
+
+
+def generate(pipe, args: argparse.Namespace) -> list:
+    """Run the pipeline once for all prompts; images come back prompt by prompt."""
+    import torch
+
+    sizes = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
+    return pipe(
+        prompt=args.prompt,
+        num_images_per_prompt=args.images_per_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        generator=torch.Generator("cpu").manual_seed(args.seed),
+        **sizes,
+    ).images
+
+
+def sample(args: argparse.Namespace) -> Path:
+    """Load, configure, generate and save the grid; returns where it was written."""
+    from trainers.images import make_grid
+
+    check_paths(args)
+    pipe = load_pipeline(args.pipeline, resolve_device(args.device), args.dtype)
+    check_size(pipe, args)
+    set_scheduler(pipe, args.scheduler)
+    if args.lora is not None:
+        pipe.load_lora_weights(str(args.lora))
+    grid = make_grid(generate(pipe, args), rows=len(args.prompt), cols=args.images_per_prompt)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(args.out)
+    return args.out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; a UserError becomes one line on stderr and exit code 2, not a traceback."""
+    args = parse_args(argv)
+    try:
+        print(sample(args))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""trainers/data.py: the step sampler's order, sharding and resume; per-sample augmentation."""
+import numpy as np
+import torch
+from PIL import Image
+
+from trainers import seeding
+from trainers.config import DataConfig
+from trainers.data import StepSampler, square_crop
+
+
+def step_keys(sampler, steps):
+    """The set of (index, seed) keys each optimizer step consumes."""
+    it, per_step = iter(sampler), sampler.grad_accum
+    return [sorted(k for _ in range(per_step) for k in next(it)) for _ in range(steps)]
+
+
+def test_batch_layout_does_not_change_what_a_step_sees():
+    one = step_keys(StepSampler(10, batch_size=4, grad_accum=1, seed=3), 6)
+    accum = step_keys(StepSampler(10, batch_size=2, grad_accum=2, seed=3), 6)
+    ranks = [step_keys(StepSampler(10, batch_size=2, grad_accum=1, seed=3, world_size=2, rank=r), 6) for r in (0, 1)]
+    assert one == accum == [sorted(a + b) for a, b in zip(*ranks)]
+    assert not set(map(tuple, ranks[0][0])) & set(map(tuple, ranks[1][0]))  # ranks see distinct samples
+
+
+def test_each_epoch_is_a_permutation_and_epochs_differ():
+    keys = [k for step in step_keys(StepSampler(8, batch_size=4, grad_accum=1, seed=0), 4) for k in step]
+    first, second = [i for i, _ in keys[:8]], [i for i, _ in keys[8:]]
+    assert sorted(first) == sorted(second) == list(range(8)) and first != second
+    assert len({s for _, s in keys}) == 16  # every position has its own seed
+
+
+def test_resume_continues_the_same_stream():
+    full = step_keys(StepSampler(7, batch_size=3, grad_accum=2, seed=1), 5)
+    resumed = step_keys(StepSampler(7, batch_size=3, grad_accum=2, seed=1, start_step=3), 2)
+    assert full[3:] == resumed
+
+
+def test_random_crop_and_flip_are_seeded_per_sample():
+    cfg = DataConfig(source="x", resolution=16, center_crop=False, random_flip=True)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 40, 3), dtype=np.uint8))
+    a = square_crop(img, cfg, seeding.numpy_rng(5, seeding.AUGMENT))
+    b = square_crop(img, cfg, seeding.numpy_rng(5, seeding.AUGMENT))
+    outs = {square_crop(img, cfg, seeding.numpy_rng(s, seeding.AUGMENT)).sum().item() for s in range(8)}
+    assert torch.equal(a, b) and a.shape == (3, 16, 16) and len(outs) > 1
+    assert a.min() >= -1 and a.max() <= 1
+
+
+def test_per_sample_noise_ignores_batch_grouping():
+    together = seeding.randn([1, 2, 3, 4], seeding.NOISE, (4, 2, 2), "cpu")
+    apart = torch.cat([seeding.randn([1, 2], seeding.NOISE, (4, 2, 2), "cpu"),
+                       seeding.randn([3, 4], seeding.NOISE, (4, 2, 2), "cpu")])
+    assert torch.equal(together, apart)
+    assert not torch.equal(together[0], seeding.randn([1], seeding.TIMESTEP, (4, 2, 2), "cpu")[0])

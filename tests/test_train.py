@@ -1,0 +1,169 @@
+"""End to end on the tiny SD-1.5 model: learning, resume, accumulation, export that stock diffusers loads."""
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainers.engine import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (Path(run_dir) / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def lora_weights(trainer):
+    return {k: p.detach().clone() for k, p in trainer.params.items()}
+
+
+def test_loss_falls_over_60_steps(recipe_for, tmp_path):
+    trainer = Trainer(recipe_for("train.max_steps=60", "train.log_every=1", "train.batch_size=4",
+                                 "lr_schedule.name=constant"))
+    result = trainer.fit()
+    seq = losses(result.output_dir)
+    assert len(seq) == 60
+    first, last = sum(seq[:10]) / 10, sum(seq[-10:]) / 10
+    assert last < first, (first, last)
+    assert (result.final_dir / "pytorch_lora_weights.safetensors").is_file()
+    assert (result.final_dir / "README.md").read_text().startswith("---\n")
+    assert (result.output_dir / "recipe.yaml").is_file() and (result.final_dir / "recipe.yaml").is_file()
+
+
+def test_resume_mid_run_matches_uninterrupted(recipe_for, tmp_path):
+    args = ("train.max_steps=20", "checkpoint.every_steps=10", "lr_schedule.name=cosine",
+            "lr_schedule.warmup_steps=3", "train.batch_size=2", "ema.enabled=true", "ema.decay=0.9")
+    straight = Trainer(recipe_for(*args, out=tmp_path / "straight"))
+    straight.fit()
+    interrupted = Trainer(recipe_for(*args, out=tmp_path / "split"))
+    assert interrupted.fit(until=10).final_dir is None
+    assert (tmp_path / "split" / "checkpoints" / "step-10" / "state.json").is_file()
+    resumed = Trainer(recipe_for(*args, "resume=auto", out=tmp_path / "split"))
+    assert resumed.fit().step == 20
+    a, b = lora_weights(straight), lora_weights(resumed)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    ema_a, ema_b = straight.ema.shadow, resumed.ema.shadow
+    assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) < 1e-6
+    final = load_file(tmp_path / "split" / "final" / "pytorch_lora_weights.safetensors")
+    assert final.keys() == load_file(tmp_path / "straight" / "final" / "pytorch_lora_weights.safetensors").keys()
+
+
+def test_accumulation_gives_the_same_first_update(recipe_for, tmp_path):
+    # Adam's first step is lr * g / (|g| + eps): with the default eps it is nearly sign(g), blind to a wrongly
+    # scaled gradient and chaotic where g ~ 0. A large eps makes the update proportional to g, so this compares
+    # the accumulated gradients themselves.
+    def first_update(batch, accum, name):
+        t = Trainer(recipe_for("train.max_steps=1", f"train.batch_size={batch}", f"train.grad_accum={accum}",
+                               "optimizer.name=adamw", "optimizer.eps=1.0", "optimizer.lr=1.0",
+                               "optimizer.max_grad_norm=0", "optimizer.weight_decay=0", out=tmp_path / name))
+        before = lora_weights(t)
+        t.fit()
+        return {k: p.detach() - before[k] for k, p in t.params.items()}
+
+    a, b = first_update(4, 1, "b4"), first_update(2, 2, "b2x2")
+    assert max(v.abs().max().item() for v in a.values()) > 1e-5  # something moved
+    summed = first_update(2, 2, "b2x2_again")
+    assert all(torch.equal(b[k], summed[k]) for k in b)  # deterministic
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-7)
+
+
+LOAD_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+    base, final, out = sys.argv[1:4]
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+    g = torch.Generator().manual_seed(0)
+    z, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700])
+    ids = pipe.tokenizer(["a digit", "red"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    def run():
+        with torch.no_grad():
+            h = pipe.text_encoder(ids)[0]
+            return {"unet": pipe.unet(z, t, encoder_hidden_states=h).sample, "text": h}
+    before = run()
+    pipe.load_lora_weights(final)
+    after = run()
+    save_file({"base_unet": before["unet"], "base_text": before["text"], "unet": after["unet"], "text": after["text"]}, out)
+""")
+
+
+@pytest.mark.parametrize("text_encoder", [False, True], ids=["unet_lora", "with_text_encoder_lora"])
+def test_exported_lora_loads_in_a_fresh_process(recipe_for, tiny_sd15, tmp_path, text_encoder):
+    trainer = Trainer(recipe_for("train.max_steps=15", "optimizer.lr=5e-3", "adapter.alpha=4", "adapter.rank=8",
+                                 f"adapter.text_encoder={str(text_encoder).lower()}"))
+    final = trainer.fit().final_dir
+    script, out = tmp_path / "load.py", tmp_path / "outputs.safetensors"
+    script.write_text(LOAD_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tiny_sd15), str(final), str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fresh = load_file(out)
+    g = torch.Generator().manual_seed(0)
+    z, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700])
+    bb = trainer.backbone
+    with torch.no_grad():
+        h = bb.text_encoder(bb.tokenize(["a digit", "red"]))[0]
+        trained = bb.denoiser.eval()(z, t, encoder_hidden_states=h).sample
+    torch.testing.assert_close(fresh["unet"], trained, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fresh["text"], h, rtol=0, atol=1e-5)
+    assert (fresh["unet"] - fresh["base_unet"]).abs().max() > 1e-4
+    if text_encoder:
+        assert (fresh["text"] - fresh["base_text"]).abs().max() > 1e-4
+
+
+def test_full_finetune_exports_a_unet_folder(recipe_for, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    trainer = Trainer(recipe_for("adapter.kind=full", "train.max_steps=3", "optimizer.lr=1e-3"))
+    final = trainer.fit().final_dir
+    unet = UNet2DConditionModel.from_pretrained(final / "unet")
+    ours = trainer.backbone.denoiser.state_dict()
+    assert all(torch.equal(v, ours[k]) for k, v in unet.state_dict().items())
+    assert (final / "scheduler" / "scheduler_config.json").is_file()
+
+
+def test_validation_writes_sample_grids(recipe_for):
+    trainer = Trainer(recipe_for("train.max_steps=2", "validation.every_steps=2", "validation.steps=2",
+                                 "validation.images_per_prompt=2", "train.report_to=tensorboard"))
+    result = trainer.fit()
+    from PIL import Image
+
+    grid = Image.open(result.output_dir / "samples" / "step-2.png")
+    assert grid.size == (2 * 64, 2 * 64)
+    assert (result.final_dir / "samples.png").is_file()
+    assert list((result.output_dir / "logs").rglob("events.out.tfevents*"))
+
+
+def run_cli(*args, **kw):
+    return subprocess.run([*args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_dry_run_prints_parameter_counts(tiny_sd15, digits_data, tmp_path):
+    proc = run_cli(sys.executable, "launch/train.py", "recipes/demo/sd15_lora_tiny.yaml", "--dry-run",
+                   f"model.pretrained={tiny_sd15}", f"data.source={digits_data}", f"output_dir={tmp_path}/o")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "trainable parameters:" in proc.stdout and "frozen parameters:" in proc.stdout
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_exits_2(digits_data, tmp_path):
+    proc = run_cli(sys.executable, "launch/train.py", "recipes/demo/sd15_lora_tiny.yaml",
+                   f"model.pretrained={tmp_path}/nope", f"data.source={digits_data}", f"output_dir={tmp_path}/o")
+    assert proc.returncode == 2 and "model.pretrained" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_accelerate_launch_works_like_python(tiny_sd15, digits_data, tmp_path):
+    accelerate = Path(sys.executable).with_name("accelerate")
+    proc = run_cli(str(accelerate), "launch", "--config_file", "accelerate_configs/cpu.yaml", "launch/train.py",
+                   "recipes/demo/sd15_lora_tiny.yaml", f"model.pretrained={tiny_sd15}",
+                   f"data.source={digits_data}", f"output_dir={tmp_path}/run", "train.max_steps=3",
+                   "validation.every_steps=0", "checkpoint.every_steps=0", "data.num_workers=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step-3" / "state.json").is_file()

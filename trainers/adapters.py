@@ -1,0 +1,49 @@
+"""LoRA through peft: inject into a denoiser or text encoder, and save in diffusers' loadable format.
+
+LoRA (Hu et al. 2021) adds W0 x + (alpha / r) B A x with B initialised to zero, so training starts from the
+base model exactly. The LoraConfig travels in the safetensors metadata, so loaders use the real alpha/r scale.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainers.config import AdapterConfig
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(module: torch.nn.Module, cfg: AdapterConfig, target_modules: tuple[str, ...]) -> None:
+    """Freeze `module` and add a trainable LoRA adapter named 'default' to its target layers."""
+    from peft import LoraConfig
+
+    module.requires_grad_(False)
+    module.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                  init_lora_weights=True, target_modules=list(target_modules)))
+
+
+def lora_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights under diffusers' key names (lora_A/lora_B become .lora.down/.lora.up)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+
+
+def lora_metadata(module: torch.nn.Module) -> dict:
+    return module.peft_config["default"].to_dict()
+
+
+def save_lora(out_dir: Path, pipeline_cls, denoiser_key: str, denoiser, text_encoders: dict,
+              dtype: torch.dtype) -> Path:
+    """Write pytorch_lora_weights.safetensors that `pipe.load_lora_weights(out_dir)` loads."""
+    cast = lambda sd: {k: v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()}  # noqa: E731
+    kwargs = {f"{denoiser_key}_lora_layers": cast(lora_layers(denoiser)),
+              f"{denoiser_key}_lora_adapter_metadata": lora_metadata(denoiser)}
+    for name, encoder in text_encoders.items():
+        if getattr(encoder, "peft_config", None):
+            kwargs[f"{name}_lora_layers"] = cast(lora_layers(encoder))
+            kwargs[f"{name}_lora_adapter_metadata"] = lora_metadata(encoder)
+    pipeline_cls.save_lora_weights(str(out_dir), weight_name=LORA_WEIGHTS, safe_serialization=True, **kwargs)
+    return Path(out_dir) / LORA_WEIGHTS

@@ -1,0 +1,64 @@
+"""Where a model comes from: a local diffusers folder, a single-file checkpoint, or a hub id."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainers.config import ModelConfig
+from trainers.errors import UserError
+
+PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15"}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    ref: str                 # folder, file or hub id as the recipe gave it
+    kind: str                # "folder" | "single_file" | "hub"
+    revision: str | None = None
+    variant: str | None = None
+
+    def from_pretrained_kwargs(self) -> dict:
+        kw = {"revision": self.revision} if self.revision else {}
+        return kw | ({"variant": self.variant} if self.variant else {})
+
+
+def resolve_source(cfg: ModelConfig) -> ModelSource:
+    ref = cfg.pretrained
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"model.pretrained: {path} is not a diffusers pipeline folder (no model_index.json)")
+        return ModelSource(str(path), "folder", cfg.revision, cfg.variant)
+    if path.is_file():
+        if path.suffix not in (".safetensors",):
+            raise UserError(f"model.pretrained: {path}: only .safetensors single files are loaded "
+                            "(pickled .ckpt/.bin can run code; convert it first)")
+        return ModelSource(str(path), "single_file")
+    if _looks_like_path(ref):
+        raise UserError(f"model.pretrained: no such folder or file: {path}")
+    return ModelSource(ref, "hub", cfg.revision, cfg.variant)
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or ref.count("/") != 1 or ref.endswith((".safetensors", ".ckpt"))
+
+
+def detect_family(source: ModelSource) -> str:
+    """Read the pipeline class from model_index.json; single files default to SD-1.5."""
+    if source.kind == "single_file":
+        return "sd15"
+    try:
+        if source.kind == "folder":
+            index = json.loads((Path(source.ref) / "model_index.json").read_text())
+        else:
+            from diffusers import DiffusionPipeline
+
+            index = DiffusionPipeline.load_config(source.ref, **source.from_pretrained_kwargs())
+    except Exception as e:
+        raise UserError(f"model.pretrained: cannot read the model index of {source.ref!r}: {e}") from None
+    name = index.get("_class_name", "")
+    if name not in PIPELINE_FAMILIES:
+        raise UserError(f"model.pretrained: {source.ref!r} is a {name or 'unknown'} pipeline, "
+                        f"not one of {', '.join(PIPELINE_FAMILIES)}; set model.family to override")
+    return PIPELINE_FAMILIES[name]

@@ -1,0 +1,99 @@
+"""Stable Diffusion 1.x/2.x: one CLIP text encoder, a U-Net conditioned on its last hidden states."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainers.backbones.base import Backbone, LatentDist
+from trainers.backbones.loading import ModelSource
+from trainers.errors import UserError
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class SDBackbone(Backbone):
+    family = "sd15"
+    denoiser_key = "unet"  # the denoiser's name in pipelines and LoRA files
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict):
+        self.denoiser, self.vae, self.tokenizer = unet, vae, tokenizer
+        self.text_encoders = {"text_encoder": text_encoder}
+        self.scheduler_config = dict(scheduler_config)
+
+    @classmethod
+    def load(cls, source: ModelSource) -> "SDBackbone":
+        parts = _load_single_file(source) if source.kind == "single_file" else _load_components(source)
+        parts["unet"].requires_grad_(False)
+        parts["vae"].requires_grad_(False)
+        parts["text_encoder"].requires_grad_(False)
+        return cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
+                   parts["scheduler"].config)
+
+    @property
+    def text_encoder(self):
+        return self.text_encoders["text_encoder"]
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    def encode_prompts(self, captions, device, text_encoders=None):
+        encoder = (text_encoders or self.text_encoders)["text_encoder"]
+        ids = self.tokenize(captions).to(device)
+        return {"encoder_hidden_states": encoder(ids)[0]}  # (B, 77, D)
+
+    def encode_images(self, pixels: torch.Tensor) -> LatentDist:
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return LatentDist(dist.mean.float(), dist.std.float())
+
+    def predict(self, z_t, t, cond, denoiser=None):
+        denoiser = denoiser or self.denoiser
+        return denoiser(z_t, t, **cond).sample
+
+    @property
+    def pipeline_class(self):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
+    def pipeline(self, denoiser, text_encoders, scheduler):
+        return self.pipeline_class(
+            vae=self.vae, text_encoder=text_encoders["text_encoder"], tokenizer=self.tokenizer, unet=denoiser,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _component_classes():
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+            "tokenizer": CLIPTokenizer, "scheduler": DDPMScheduler}
+
+
+def _load_components(source: ModelSource) -> dict:
+    parts = {}
+    for name, cls in _component_classes().items():
+        if source.kind == "folder" and not (Path(source.ref) / name).is_dir():
+            raise UserError(f"model.pretrained: {source.ref} has no '{name}' component folder")
+        kw = source.from_pretrained_kwargs() if name not in ("tokenizer", "scheduler") else (
+            {"revision": source.revision} if source.revision else {})
+        try:
+            parts[name] = cls.from_pretrained(source.ref, subfolder=name, **kw)
+        except Exception as e:
+            raise UserError(f"model.pretrained: cannot load '{name}' from {source.ref!r}: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return parts
+
+
+def _load_single_file(source: ModelSource) -> dict:
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(source.ref, safety_checker=None)
+    except Exception as e:
+        raise UserError(f"model.pretrained: cannot load single file {source.ref}: {e}") from None
+    parts = {name: getattr(pipe, name) for name in COMPONENTS}
+    parts["scheduler"] = DDPMScheduler.from_config(pipe.scheduler.config)
+    return parts

@@ -1,0 +1,285 @@
+"""The typed recipe schema: one frozen dataclass per section, a default and a comment per field.
+
+A recipe is YAML; `a.b=value` overrides on the command line change single fields. An unknown key, a wrong
+type or an out-of-range value raises ConfigError naming the dotted key, so a typo never trains silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from trainers.errors import ConfigError
+
+REQUIRED: Any = "???"  # a field the recipe must set
+
+
+def _f(default: Any, *, min: float | None = None, max: float | None = None) -> Any:
+    """A field with an optional inclusive range, checked at load time."""
+    return field(default=default, metadata={"min": min, "max": max})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    pretrained: str = REQUIRED          # hub id, local diffusers folder, or single-file .safetensors/.ckpt
+    family: str = "auto"                # backbone family (sd15, ...); auto reads the model's own config
+    revision: Optional[str] = None      # hub revision: branch, tag or commit
+    variant: Optional[str] = None       # weight variant on the hub, e.g. "fp16"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = REQUIRED              # imagefolder with metadata.jsonl (file_name, text)
+    resolution: int = _f(512, min=8)    # square side in pixels after resize + crop
+    center_crop: bool = True            # False: a random crop (seeded per sample)
+    random_flip: bool = False           # horizontal flip with p=0.5; off when captions name left/right
+    image_column: str = "file_name"
+    caption_column: str = "text"
+    num_workers: int = _f(2, min=0)     # DataLoader worker processes decoding images
+    max_samples: Optional[int] = _f(None, min=1)  # use only the first N records (debugging)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    name: str = "finetune"              # which recipe trainer: see trainers/objectives/__init__.py
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None  # None: the model scheduler's
+    snr_gamma: Optional[float] = _f(None, min=0.0)  # min-SNR-gamma weighting (Hang et al. 2023); 5.0 typical
+    noise_offset: float = _f(0.0, min=0.0)          # per-channel offset noise; 0.05-0.1 helps very dark/bright
+    zero_terminal_snr: bool = False     # rescale betas so the last step is pure noise (Lin et al. 2024)
+    caption_dropout: float = _f(0.0, min=0.0, max=1.0)  # p of training on the empty prompt (for CFG)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    kind: Literal["lora", "full"] = "lora"  # full: train every U-Net weight
+    rank: int = _f(4, min=1)
+    alpha: float = _f(4.0, min=0.0)     # LoRA scale is alpha / rank
+    dropout: float = _f(0.0, min=0.0, max=1.0)
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    text_encoder: bool = False          # also a LoRA on the text encoder
+    text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes, about 1/4 the state memory
+    lr: float = _f(1e-4, min=0.0)
+    text_encoder_lr: Optional[float] = _f(None, min=0.0)  # None: same as lr
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = _f(1e-2, min=0.0)
+    eps: float = _f(1e-8, min=0.0)
+    max_grad_norm: float = _f(1.0, min=0.0)  # 0 disables clipping
+
+
+@dataclass(frozen=True)
+class LRScheduleConfig:
+    name: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = _f(0, min=0)    # linear warmup from 0, then the schedule
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = _f(1000, min=1)    # optimizer steps
+    batch_size: int = _f(1, min=1)      # per process, per micro-batch
+    grad_accum: int = _f(1, min=1)      # micro-batches per optimizer step
+    seed: int = 0                       # all randomness (data order, noise, dropout) flows from it
+    log_every: int = _f(10, min=1)      # loss is read back from the device only at these steps
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    enabled: bool = False               # keep an exponential moving average of the trained weights
+    decay: float = _f(0.9999, min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers needs the package and a GPU
+    gradient_checkpointing: bool = False  # ~30% slower steps for much less activation memory
+    allow_tf32: bool = True             # faster fp32 matmuls on Ampere+ GPUs
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    every_steps: int = _f(0, min=0)     # 0 disables sampling during training
+    prompts: tuple[str, ...] = ()
+    steps: int = _f(25, min=1)          # sampler steps
+    guidance_scale: float = _f(7.5, min=0.0)
+    images_per_prompt: int = _f(1, min=1)
+    seed: int = 0
+    scheduler: Literal["dpmsolver", "ddim", "euler"] = "dpmsolver"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = _f(500, min=0)   # 0: only the final state is saved
+    keep_last: int = _f(3, min=1)       # older checkpoints are deleted
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # dtype of the exported weights
+
+
+@dataclass(frozen=True)
+class Recipe:
+    output_dir: str = REQUIRED
+    name: str = "difftune"              # shown in the model card and logs
+    resume: str = "auto"                # auto: newest complete checkpoint in output_dir; none; or a path
+    precision: Literal["no", "fp16", "bf16"] = "no"  # mixed precision of the trained model's compute
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+# ---- loading ---------------------------------------------------------------------------------------------
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply `a.b=value` overrides, and validate it against the schema."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: malformed YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
+    for item in overrides:
+        apply_override(data, item)
+    return from_dict(data)
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 1e-4, true, [a, b] work)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        node[leaf] = raw
+
+
+def from_dict(data: dict) -> Recipe:
+    """Build a Recipe from plain data, naming the dotted key of any problem."""
+    return _build(Recipe, data, "")
+
+
+def to_dict(recipe: Recipe) -> dict:
+    """Plain data for YAML: tuples become lists."""
+    return _plain(dataclasses.asdict(recipe))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'recipe'}' must be a mapping, got {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
+    values = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in data:
+            if f.default is REQUIRED:
+                raise ConfigError(f"missing required key '{key}'")
+            if dataclasses.is_dataclass(hints[name]):  # an absent section may still have required keys
+                values[name] = _build(hints[name], {}, key + ".")
+            continue
+        values[name] = _coerce(hints[name], data[name], key)
+        _check_range(f, values[name], key)
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting lists to tuples and ints to floats."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"'{key}' must be one of {', '.join(map(repr, args))}; got {_show(value)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' must be a list, got {_show(value)}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"'{key}' must be a list of {len(args)} values, got {len(value)}")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp in (str, bool):
+        if type(value) is tp:
+            return value
+    else:
+        raise TypeError(f"schema type {tp} of '{key}' is not supported")
+    raise ConfigError(f"'{key}' must be {tp.__name__}, got {_show(value)}")
+
+
+def _check_range(f: dataclasses.Field, value: Any, key: str) -> None:
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if value is None or isinstance(value, bool):
+        return
+    if lo is not None and value < lo or hi is not None and value > hi:
+        bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+        raise ConfigError(f"'{key}' must be {bounds}, got {value!r}")
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"

@@ -1,0 +1,139 @@
+"""Training data: an image-caption dataset behind a small interface, and a resumable step sampler.
+
+The sampler walks an endless stream of positions: epoch e is a seeded permutation of the dataset, and
+optimizer step s consumes positions [s*G, (s+1)*G) with G = batch_size * grad_accum * world_size. Each
+sample's randomness is seeded by its position (trainers.seeding), so resuming at step s is exact and the
+split into micro-batches and ranks does not change what is drawn.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from trainers import seeding
+from trainers.config import DataConfig
+from trainers.errors import UserError
+
+
+class CaptionedImages(Protocol):
+    """What the training loader needs from a dataset; prepared shards and caches will plug in here."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, key: tuple[int, int]) -> dict: ...  # key = (index, per-sample seed)
+
+
+class ImageFolderDataset:
+    """An imagefolder with metadata.jsonl or metadata.csv (file_name, text), read with Hugging Face datasets."""
+
+    def __init__(self, cfg: DataConfig):
+        import datasets
+
+        root = Path(cfg.source)
+        if not root.is_dir():
+            raise UserError(f"data.source: no such folder: {root}")
+        if not any((root / f"metadata.{ext}").is_file() for ext in ("jsonl", "csv")):
+            raise UserError(f"data.source: {root} has no metadata.jsonl or metadata.csv (file_name, text)")
+        datasets.disable_progress_bars()
+        try:
+            ds = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
+        except Exception as e:  # datasets raises many types for a malformed folder
+            raise UserError(f"data.source: cannot read {root} as an imagefolder: {e}") from None
+        if cfg.caption_column not in ds.column_names:
+            raise UserError(f"data.caption_column: {cfg.caption_column!r} not in {root} metadata "
+                            f"(columns: {', '.join(ds.column_names)})")
+        if cfg.max_samples:
+            ds = ds.select(range(min(cfg.max_samples, len(ds))))
+        if len(ds) == 0:
+            raise UserError(f"data.source: {root} holds no images")
+        self.ds, self.cfg = ds, cfg
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, seed = key
+        row = self.ds[index]
+        caption = row[self.cfg.caption_column] or ""
+        pixels = square_crop(row["image"], self.cfg, seeding.numpy_rng(seed, seeding.AUGMENT))
+        return {"pixel_values": pixels, "caption": caption, "seed": seed}
+
+
+def square_crop(image: Image.Image, cfg: DataConfig, rng: np.random.Generator) -> torch.Tensor:
+    """Resize the short side to the resolution, crop a square, maybe flip; (3, R, R) in [-1, 1]."""
+    r = cfg.resolution
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = r / min(w, h)
+    nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
+    image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+    if cfg.center_crop:
+        left, top = (nw - r) // 2, (nh - r) // 2
+    else:
+        left, top = int(rng.integers(0, nw - r + 1)), int(rng.integers(0, nh - r + 1))
+    image = image.crop((left, top, left + r, top + r))
+    if cfg.random_flip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, R, R)
+    return x.float().div(127.5).sub(1.0)
+
+
+def build_dataset(cfg: DataConfig) -> CaptionedImages:
+    return ImageFolderDataset(cfg)
+
+
+@dataclass
+class StepSampler:
+    """Yields this rank's micro-batches of (index, seed), from optimizer step `start_step` on, forever."""
+
+    num_samples: int
+    batch_size: int
+    grad_accum: int
+    seed: int
+    start_step: int = 0
+    world_size: int = 1
+    rank: int = 0
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        per_step = self.batch_size * self.grad_accum * self.world_size
+        step = self.start_step
+        while True:
+            base = step * per_step
+            for micro in range(self.grad_accum):
+                first = base + (micro * self.world_size + self.rank) * self.batch_size
+                yield [self.key(p) for p in range(first, first + self.batch_size)]
+            step += 1
+
+    def key(self, position: int) -> tuple[int, int]:
+        epoch, offset = divmod(position, self.num_samples)
+        return int(self._permutation(epoch)[offset]), seeding.mix(self.seed, position)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if getattr(self, "_epoch", None) != epoch:
+            self._perm = seeding.numpy_rng(seeding.mix(self.seed, epoch), seeding.AUGMENT).permutation(self.num_samples)
+            self._epoch = epoch
+        return self._perm
+
+
+def collate(items: list[dict]) -> dict:
+    return {
+        "pixel_values": torch.stack([it["pixel_values"] for it in items]),  # (B, 3, R, R)
+        "captions": [it["caption"] for it in items],
+        "seeds": [it["seed"] for it in items],
+    }
+
+
+def make_loader(dataset: CaptionedImages, sampler: StepSampler, num_workers: int) -> torch.utils.data.DataLoader:
+    """An endless loader; its own generator keeps worker seeding off the global RNG."""
+    workers = min(num_workers, os.cpu_count() or 1)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+        pin_memory=torch.cuda.is_available(), persistent_workers=False,
+        generator=torch.Generator().manual_seed(sampler.seed),
+        prefetch_factor=4 if workers else None,
+    )

@@ -1,0 +1,231 @@
+"""The one training loop. Every recipe runs through `Trainer.fit`; objectives only say what the loss is.
+
+The engine owns the accelerator, optimizer and LR schedule, gradient accumulation, precision, clipping, EMA,
+checkpoints and resume, the progress bar, trackers and validation cadence.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from trainers import checkpoint, memory, seeding
+from trainers.backbones import load_backbone
+from trainers.config import Recipe, dump_recipe
+from trainers.data import StepSampler, build_dataset, make_loader
+from trainers.ema import EMA
+from trainers.model_card import write_model_card
+from trainers.objectives import get_objective
+from trainers.validation import sample_grid
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path | None  # None when stopped before max_steps
+    step: int
+    last_loss: float | None
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.recipe, self.out = recipe, Path(recipe.output_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=recipe.precision,
+            log_with="tensorboard" if recipe.train.report_to == "tensorboard" else None,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
+        self.device, self.is_main = self.accelerator.device, self.accelerator.is_main_process
+        seeding.seed_everything(recipe.train.seed)
+        self.backbone = load_backbone(recipe.model)
+        self.objective = get_objective(recipe.objective.name)(recipe, self.backbone)
+        self.objective.to(self.device, DTYPES[recipe.precision])
+        modules = self.objective.trained_modules()
+        memory.configure(modules, self.backbone.denoiser_key, recipe.memory)
+        self.params = self.objective.trainable_named_parameters()
+        self.ema = EMA(self.params, recipe.ema.decay) if recipe.ema.enabled else None
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, frozen) parameter counts over every component."""
+        trainable = sum(p.numel() for p in self.params.values())
+        components = [self.backbone.denoiser, self.backbone.vae, *self.backbone.text_encoders.values()]
+        total = sum(p.numel() for m in components for p in m.parameters())
+        return trainable, total - trainable
+
+    def memory_estimate(self) -> int:
+        """Bytes for weights, gradients, optimizer state and EMA; activations depend on batch and resolution."""
+        trainable, frozen = self.parameter_counts()
+        frozen_bytes = torch.finfo(DTYPES[self.recipe.precision]).bits // 8
+        state_bytes = 2 if self.recipe.optimizer.name == "adamw8bit" else 8
+        return frozen * frozen_bytes + trainable * (4 + 4 + state_bytes + (4 if self.ema else 0))
+
+    def fit(self, until: int | None = None) -> TrainResult:
+        """Train to train.max_steps and export; with `until`, stop after that step with a checkpoint only."""
+        r, acc = self.recipe, self.accelerator
+        last = min(until, r.train.max_steps) if until is not None else r.train.max_steps
+        self._prepare()
+        start = self._resume()
+        sampler = StepSampler(len(self.dataset), r.train.batch_size, r.train.grad_accum, r.train.seed,
+                              start_step=start, world_size=acc.num_processes, rank=acc.process_index)
+        batches = iter(make_loader(self.dataset, sampler, r.data.num_workers))
+        wrapped = list(self.objective.wrapped.values())
+        sums: dict[str, torch.Tensor] = {}
+        bar = tqdm(total=r.train.max_steps, initial=start, desc=r.name, disable=not self.is_main, dynamic_ncols=True)
+        tick, last_loss, step, interval = time.perf_counter(), None, start, 0
+        for step in range(start + 1, last + 1):
+            self._set_lr(step - 1)
+            for micro in range(r.train.grad_accum):
+                batch = next(batches)
+                syncing = micro == r.train.grad_accum - 1
+                with contextlib.ExitStack() as stack:
+                    if not syncing:  # DDP all-reduces gradients only on the last micro-batch
+                        for m in wrapped:
+                            stack.enter_context(acc.no_sync(m))
+                    loss, logs = self.objective.loss(batch, step)
+                    acc.backward(loss / r.train.grad_accum)
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0) + v / r.train.grad_accum
+            if r.optimizer.max_grad_norm > 0:
+                acc.clip_grad_norm_(list(self.params.values()), r.optimizer.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema:
+                self.ema.update()
+            bar.update(1)
+            interval += 1
+            if step % r.train.log_every == 0 or step == r.train.max_steps:
+                last_loss = self._log(step, sums, interval, time.perf_counter() - tick, bar)
+                sums, tick, interval = {}, time.perf_counter(), 0
+            if r.checkpoint.every_steps and step % r.checkpoint.every_steps == 0:
+                self.save_checkpoint(step)
+            if r.validation.every_steps and step % r.validation.every_steps == 0:
+                self.validate(step)
+        bar.close()
+        if not checkpoint.step_dir(self.out, step).exists():
+            self.save_checkpoint(step)
+        final = self.export() if step == r.train.max_steps else None
+        acc.end_training()
+        return TrainResult(self.out, final, step, last_loss)
+
+    def _prepare(self) -> None:
+        """Wrap the trained modules and the optimizer (DDP, autocast, loss scaling); load the data."""
+        acc, r = self.accelerator, self.recipe
+        names, modules = zip(*self.objective.trained_modules().items())
+        for m in modules:
+            m.train()
+        wrapped = acc.prepare(*modules)
+        wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+        self.objective.use_wrapped(dict(zip(names, wrapped)))
+        self.optimizer = acc.prepare(memory.make_optimizer(self.objective.param_groups(), r.optimizer))
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.lr_factor = memory.lr_factor(r.lr_schedule.name, r.lr_schedule.warmup_steps, r.train.max_steps)
+        self.dataset = build_dataset(r.data)
+        if self.is_main:
+            (self.out / "logs").mkdir(parents=True, exist_ok=True)
+            (self.out / "recipe.yaml").write_text(dump_recipe(r))
+            acc.init_trackers(r.name)
+
+    def _set_lr(self, step: int) -> None:
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * self.lr_factor(step)
+
+    def _log(self, step: int, sums: dict, interval: int, seconds: float, bar) -> float:
+        """Reduce the interval's mean metrics across processes: the only host sync of the loop."""
+        means = {k: self.accelerator.reduce(torch.as_tensor(v, device=self.device) / interval, "mean").item()
+                 for k, v in sums.items()}
+        means |= {"lr": self.optimizer.param_groups[0]["lr"], "steps_per_s": interval / max(seconds, 1e-9)}
+        self.accelerator.log(means, step=step)
+        if self.is_main:
+            bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", lr=f"{means['lr']:.2e}")
+            with open(self.out / "logs" / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **means}) + "\n")
+        return means.get("loss")
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"model.{k}": p for k, p in self.params.items()}
+        tensors |= self.ema.state_dict() if self.ema else {}
+        return tensors | {f"objective.{k}": v for k, v in self.objective.state_for_checkpoint().items()}
+
+    def save_checkpoint(self, step: int) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            state = {"optimizer": self.optimizer.state_dict()}
+            if self.accelerator.scaler is not None:
+                state["scaler"] = self.accelerator.scaler.state_dict()
+            checkpoint.save(self.out, step, self.checkpoint_tensors(), state, {"name": self.recipe.name},
+                            self.recipe.checkpoint.keep_last)
+        self.accelerator.wait_for_everyone()
+
+    def _resume(self) -> int:
+        path = checkpoint.resolve_resume(self.recipe.resume, self.out)
+        if path is None:
+            return 0
+        tensors, state, meta = checkpoint.load(path)
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(tensors[f"model.{k}"])
+        if self.ema:
+            self.ema.load_state_dict(tensors)
+        self.objective.load_checkpoint_state({k[10:]: v for k, v in tensors.items() if k.startswith("objective.")})
+        self.optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        if self.is_main:
+            tqdm.write(f"resumed from {path} (step {meta['step']})")
+        return int(meta["step"])
+
+    def validate(self, step: int) -> Path | None:
+        """Sample the validation prompts on the main process; others wait."""
+        cfg, path = self.recipe.validation, None
+        if self.is_main and cfg.prompts:
+            grid = sample_grid(self.objective.validation_pipeline(), cfg, self.recipe.data.resolution,
+                               self.accelerator.autocast)
+            path = self.out / "samples" / f"step-{step}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(path)
+            self._log_image(grid, step)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _log_image(self, grid, step: int) -> None:
+        import numpy as np
+
+        if self.recipe.train.report_to == "tensorboard":
+            tracker = self.accelerator.get_tracker("tensorboard")
+            tracker.log_images({"validation": np.asarray(grid)[None]}, step=step, dataformats="NHWC")
+
+    def export(self) -> Path:
+        """Write final/ atomically: the objective's artefacts, a model card and the resolved recipe."""
+        final = self.out / "final"
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            if self.ema:
+                self.ema.copy_to_params()
+            tmp = self.out / ".tmp-final"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self.objective.export(tmp)
+            samples = sorted((self.out / "samples").glob("step-*.png"), key=lambda p: int(p.stem[5:]))
+            if samples:
+                shutil.copy(samples[-1], tmp / "samples.png")
+            write_model_card(tmp, self.recipe, self.objective.card_tags, self.objective.usage_snippet(str(final)),
+                             "samples.png" if samples else None)
+            (tmp / "recipe.yaml").write_text(dump_recipe(self.recipe))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+
+def train(recipe: Recipe) -> TrainResult:
+    return Trainer(recipe).fit()

@@ -1,0 +1,63 @@
+"""Memory and speed options: attention backend, gradient checkpointing, TF32, 8-bit optimizers."""
+from __future__ import annotations
+
+import torch
+
+from trainers.config import MemoryConfig, OptimizerConfig
+from trainers.errors import UserError
+
+
+def configure(modules: dict[str, torch.nn.Module], denoiser_key: str, cfg: MemoryConfig) -> None:
+    """Apply the recipe's memory options to the trained modules (the denoiser first of all)."""
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    denoiser = modules[denoiser_key]
+    if cfg.attention == "xformers":
+        enable_xformers(denoiser)
+    if cfg.gradient_checkpointing:
+        for name, module in modules.items():
+            if name == denoiser_key:
+                module.enable_gradient_checkpointing()
+            else:
+                module.gradient_checkpointing_enable()
+
+
+def enable_xformers(denoiser: torch.nn.Module) -> None:
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        raise UserError("memory.attention: xformers is not installed (pip install 'difftune[xformers]'); "
+                        "use memory.attention: sdpa") from None
+    if not torch.cuda.is_available():
+        raise UserError("memory.attention: xformers needs a CUDA GPU; use memory.attention: sdpa")
+    denoiser.enable_xformers_memory_efficient_attention()
+
+
+def make_optimizer(groups: list[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    kwargs = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
+    if cfg.name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("optimizer.name: adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    fused = torch.cuda.is_available() and all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
+
+
+def lr_factor(name: str, warmup_steps: int, max_steps: int):
+    """The LR multiplier as a pure function of the optimizer step, so resuming needs only the step."""
+    import math
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        if name == "linear":
+            return max(0.0, 1.0 - progress)
+        if name == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor

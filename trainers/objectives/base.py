@@ -1,0 +1,63 @@
+"""The objective seam: what is trained and what the loss is. The engine owns everything else.
+
+Objectives never call backward, save checkpoints or log: they return a loss and detached tensors to log.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainers.backbones import Backbone
+from trainers.config import Recipe
+
+
+class Objective:
+    name = ""
+    card_tags: tuple[str, ...] = ()
+
+    def __init__(self, recipe: Recipe, backbone: Backbone):
+        self.recipe, self.backbone = recipe, backbone
+
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules holding trainable parameters; the engine wraps them (DDP, mixed precision)."""
+        raise NotImplementedError
+
+    def use_wrapped(self, modules: dict[str, torch.nn.Module]) -> None:
+        """Take back the engine's wrapped modules; `loss` calls these, export uses the unwrapped ones."""
+        self.wrapped = modules
+
+    def to(self, device: torch.device, frozen_dtype: torch.dtype) -> None:
+        """Put frozen parts on the device in the compute dtype; trainable weights stay float32."""
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer parameter groups (each may carry its own lr)."""
+        raise NotImplementedError
+
+    def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def state_for_checkpoint(self) -> dict[str, torch.Tensor]:
+        """Tensors beyond the trainable weights and optimizer (e.g. an EMA target)."""
+        return {}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def export(self, out_dir: Path) -> list[Path]:
+        """Write what users load into out_dir; returns the files written."""
+        raise NotImplementedError
+
+    def validation_pipeline(self):
+        """A diffusers pipeline over the current weights, without a scheduler swap."""
+        raise NotImplementedError
+
+    def usage_snippet(self, repo_or_dir: str) -> str:
+        """Python that loads the export, for the model card."""
+        return ""
+
+    def trainable_named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Trainable parameters by stable name, for checkpoints and EMA."""
+        return {f"{prefix}.{n}": p for prefix, m in self.trained_modules().items()
+                for n, p in m.named_parameters() if p.requires_grad}

@@ -1,0 +1,158 @@
+"""Fine-tuning: the denoising loss of Ho et al. (2020) on a LoRA or on the whole denoiser.
+
+Per sample: draw t and eps, form z_t = alpha_t x0 + sigma_t eps, and regress the model's output on its
+target (eps or v), optionally weighted by min-SNR-gamma. The caption is replaced by the empty prompt with
+probability `caption_dropout`, which is what classifier-free guidance needs at sampling time.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainers import adapters, diffusion, seeding
+from trainers.errors import ConfigError
+from trainers.objectives.base import Objective
+
+
+class FineTune(Objective):
+    name = "finetune"
+
+    def __init__(self, recipe, backbone):
+        super().__init__(recipe, backbone)
+        obj, ad = recipe.objective, recipe.adapter
+        self.prediction_type = obj.prediction_type or backbone.scheduler_config.get("prediction_type", "epsilon")
+        if obj.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ConfigError("'objective.zero_terminal_snr' needs objective.prediction_type: v_prediction "
+                              "(at SNR 0 an epsilon model cannot recover x0)")
+        self.acp = diffusion.alphas_cumprod(noise_betas(backbone.scheduler_config, obj.zero_terminal_snr)).float()
+        self.num_timesteps = len(self.acp)
+        self.denoiser = backbone.denoiser
+        self.trained_encoders: dict[str, torch.nn.Module] = {}
+        if ad.kind == "lora":
+            adapters.add_lora(self.denoiser, ad, ad.target_modules)
+            if ad.text_encoder:
+                for name, encoder in backbone.text_encoders.items():
+                    adapters.add_lora(encoder, ad, ad.text_encoder_target_modules)
+                    self.trained_encoders[name] = encoder
+        else:
+            if ad.text_encoder:
+                raise ConfigError("'adapter.text_encoder' is a LoRA option; set adapter.kind: lora")
+            self.denoiser.requires_grad_(True)
+        self.wrapped = self.trained_modules()
+
+    def trained_modules(self):
+        return {self.backbone.denoiser_key: self.denoiser, **self.trained_encoders}
+
+    def to(self, device, frozen_dtype):
+        self.device = torch.device(device)
+        full = self.recipe.adapter.kind == "full"
+        for module in [self.backbone.vae, *self.backbone.text_encoders.values(), self.denoiser]:
+            dtype = torch.float32 if full and module is self.denoiser else frozen_dtype
+            module.to(self.device)
+            if dtype != torch.float32:  # diffusers warns on any dtype cast, so cast only when needed
+                module.to(dtype)
+        for p in self.trainable_named_parameters().values():
+            p.data = p.data.float()  # master weights in float32 under mixed precision
+        self.acp = self.acp.to(self.device)
+
+    def param_groups(self):
+        opt = self.recipe.optimizer
+        groups = [{"params": [p for p in self.denoiser.parameters() if p.requires_grad], "lr": opt.lr}]
+        for encoder in self.trained_encoders.values():
+            groups.append({"params": [p for p in encoder.parameters() if p.requires_grad],
+                           "lr": opt.text_encoder_lr if opt.text_encoder_lr is not None else opt.lr})
+        return groups
+
+    def loss(self, batch, step):
+        obj, seeds, device = self.recipe.objective, batch["seeds"], self.device
+        x0 = self.encode_latents(batch["pixel_values"], seeds)  # (B, C, h, w)
+        cond = self.encode_captions(batch["captions"], seeds)
+        eps = seeding.randn(seeds, seeding.NOISE, x0.shape[1:], device)
+        if obj.noise_offset:
+            eps = diffusion.offset_noise(eps, seeding.randn(seeds, seeding.OFFSET, x0.shape[1:2], device),
+                                         obj.noise_offset)
+        t = seeding.randint(seeds, seeding.TIMESTEP, self.num_timesteps, device)
+        alpha_t, sigma_t = diffusion.alpha_sigma(self.acp, t)
+        z_t = diffusion.add_noise(x0, eps, alpha_t, sigma_t)
+        pred = self.backbone.predict(z_t, t, cond, denoiser=self.wrapped[self.backbone.denoiser_key])
+        target = diffusion.target_for(self.prediction_type, x0, eps, alpha_t, sigma_t)
+        per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        if obj.snr_gamma:
+            snr_t = diffusion.snr(alpha_t, sigma_t).clamp(min=1e-12)
+            per_sample = per_sample * diffusion.min_snr_weight(snr_t, obj.snr_gamma, self.prediction_type)
+        loss = per_sample.mean()
+        return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def encode_latents(self, pixels, seeds):
+        dist = self.backbone.encode_images(pixels.to(self.device, non_blocking=True))
+        return self.backbone.latents_from(dist, seeding.randn(seeds, seeding.LATENT, dist.mean.shape[1:], self.device))
+
+    def encode_captions(self, captions, seeds):
+        p = self.recipe.objective.caption_dropout
+        if p > 0:
+            drop = seeding.rand(seeds, seeding.DROPOUT, "cpu") < p
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        encoders = {**self.backbone.text_encoders, **{k: self.wrapped[k] for k in self.trained_encoders}}
+        with torch.set_grad_enabled(bool(self.trained_encoders)):
+            return self.backbone.encode_prompts(captions, self.device, encoders)
+
+    def sampling_scheduler_config(self) -> dict:
+        """The training schedule as the exported model samples it."""
+        cfg = dict(self.backbone.scheduler_config, prediction_type=self.prediction_type)
+        if self.recipe.objective.zero_terminal_snr:
+            cfg |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+        return cfg
+
+    def validation_pipeline(self):
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_config(self.sampling_scheduler_config())
+        return self.backbone.pipeline(self.denoiser, self.backbone.text_encoders, scheduler)
+
+    def export(self, out_dir: Path) -> list[Path]:
+        dtype = getattr(torch, self.recipe.export.dtype)
+        if self.recipe.adapter.kind == "lora":
+            return [adapters.save_lora(out_dir, self.backbone.pipeline_class, self.backbone.denoiser_key,
+                                       self.denoiser, self.trained_encoders, dtype)]
+        from diffusers import DDPMScheduler
+
+        key = self.backbone.denoiser_key
+        self.denoiser.to(dtype).save_pretrained(out_dir / key, safe_serialization=True)
+        self.denoiser.float()
+        DDPMScheduler.from_config(self.sampling_scheduler_config()).save_pretrained(out_dir / "scheduler")
+        return [out_dir / key, out_dir / "scheduler"]
+
+    def usage_snippet(self, where: str) -> str:
+        pipe = self.backbone.pipeline_class.__name__
+        base = self.recipe.model.pretrained
+        if self.recipe.adapter.kind == "lora":
+            return (f"import torch\nfrom diffusers import {pipe}\n\n"
+                    f"pipe = {pipe}.from_pretrained({base!r}, torch_dtype=torch.float16).to(\"cuda\")\n"
+                    f"pipe.load_lora_weights({where!r})\n"
+                    f"image = pipe(\"your prompt\", num_inference_steps=25).images[0]\n")
+        key = self.backbone.denoiser_key
+        cls = type(self.denoiser).__name__
+        return (f"import torch\nfrom diffusers import {pipe}, {cls}\n\n"
+                f"{key} = {cls}.from_pretrained({where!r}, subfolder={key!r}, torch_dtype=torch.float16)\n"
+                f"pipe = {pipe}.from_pretrained({base!r}, {key}={key}, torch_dtype=torch.float16).to(\"cuda\")\n"
+                f"image = pipe(\"your prompt\", num_inference_steps=25).images[0]\n")
+
+    @property
+    def card_tags(self):
+        return ("lora",) if self.recipe.adapter.kind == "lora" else ("full-finetune",)
+
+
+def noise_betas(scheduler_config: dict, zero_terminal_snr: bool) -> torch.Tensor:
+    """The model's training betas, optionally rescaled to zero terminal SNR."""
+    if scheduler_config.get("trained_betas") is not None:
+        betas = torch.tensor(scheduler_config["trained_betas"], dtype=torch.float64)
+    else:
+        betas = diffusion.make_betas(scheduler_config.get("beta_schedule", "linear"),
+                                     scheduler_config.get("beta_start", 0.0001),
+                                     scheduler_config.get("beta_end", 0.02),
+                                     scheduler_config.get("num_train_timesteps", 1000))
+    if zero_terminal_snr or scheduler_config.get("rescale_betas_zero_snr"):
+        betas = diffusion.rescale_zero_terminal_snr(betas)
+    return betas
