@@ -20,7 +20,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate, build the models, print parameter counts and memory, then exit")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
@@ -41,13 +41,17 @@ def main(argv=None) -> int:
 
 
 def dry_run_report(trainer) -> str:
+    from trainers.data import build_dataset
+
+    samples = len(build_dataset(trainer.recipe.data))
     trainable, frozen = trainer.parameter_counts()
-    gib = trainer.memory_estimate() / 2**30
+    size = trainer.memory_estimate()
+    size = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
     return (f"recipe '{trainer.recipe.name}' is valid\n"
             f"  model family: {trainer.backbone.family}, objective: {trainer.recipe.objective.name}\n"
+            f"  training samples: {samples:,}\n"
             f"  trainable parameters: {trainable:,}\n  frozen parameters: {frozen:,}\n"
-            f"  estimated memory for weights, gradients and optimizer state: {gib:.2f} GiB "
-            f"(activations not included)")
+            f"  estimated memory for weights, gradients and optimizer state: {size} (activations not included)")
 
 
 if __name__ == "__main__":

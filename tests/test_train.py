@@ -148,7 +148,8 @@ def test_dry_run_prints_parameter_counts(tiny_sd15, digits_data, tmp_path):
     proc = run_cli(sys.executable, "launch/train.py", "recipes/demo/sd15_lora_tiny.yaml", "--dry-run",
                    f"model.pretrained={tiny_sd15}", f"data.source={digits_data}", f"output_dir={tmp_path}/o")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "trainable parameters:" in proc.stdout and "frozen parameters:" in proc.stdout
+    assert "trainable parameters: 30,208" in proc.stdout and "frozen parameters:" in proc.stdout
+    assert "training samples: 64" in proc.stdout
     assert not (tmp_path / "o").exists()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,8 @@ class Trainer:
         batches = iter(make_loader(self.dataset, sampler, r.data.num_workers))
         wrapped = list(self.objective.wrapped.values())
         sums: dict[str, torch.Tensor] = {}
-        bar = tqdm(total=r.train.max_steps, initial=start, desc=r.name, disable=not self.is_main, dynamic_ncols=True)
+        bar = tqdm(total=r.train.max_steps, initial=start, desc=r.name, disable=not self.is_main, dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
         tick, last_loss, step, interval = time.perf_counter(), None, start, 0
         for step in range(start + 1, last + 1):
             self._set_lr(step - 1)
