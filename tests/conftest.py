@@ -1,6 +1,19 @@
 """Shared fixtures; the tiny pipeline is built once per session because building it takes seconds."""
 
+import sys
+
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide state (precision, device); each test may build its own Trainer."""
+    yield
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ def lora_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(module, save_embedding_layers=False))
 
 
 def lora_metadata(module: torch.nn.Module) -> dict:

@@ -129,6 +129,14 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class HubConfig:
+    push: bool = False                  # upload final/ at the end of training (token from HF_TOKEN)
+    repo_id: Optional[str] = None       # OWNER/NAME; required when push is true
+    private: bool = True
+    revision: Optional[str] = None      # branch to commit to; None: the default branch
+
+
+@dataclass(frozen=True)
 class Recipe:
     output_dir: str = REQUIRED
     name: str = "difftune"              # shown in the model card and logs
@@ -146,6 +154,7 @@ class Recipe:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
@@ -187,7 +196,17 @@ def apply_override(data: dict, item: str) -> None:
 
 def from_dict(data: dict) -> Recipe:
     """Build a Recipe from plain data, naming the dotted key of any problem."""
-    return _build(Recipe, data, "")
+    recipe = _build(Recipe, data, "")
+    _check_combinations(recipe)
+    return recipe
+
+
+def _check_combinations(r: Recipe) -> None:
+    """Settings that are valid alone but not together."""
+    if r.hub.push and not r.hub.repo_id:
+        raise ConfigError("'hub.repo_id' is required when hub.push is true")
+    if r.validation.every_steps and not r.validation.prompts:
+        raise ConfigError("'validation.prompts' is empty but validation.every_steps is set; add prompts or set 0")
 
 
 def to_dict(recipe: Recipe) -> dict:

@@ -21,6 +21,7 @@ from trainers.backbones import load_backbone
 from trainers.config import Recipe, dump_recipe
 from trainers.data import StepSampler, build_dataset, make_loader
 from trainers.ema import EMA
+from trainers.hub import push_folder
 from trainers.model_card import write_model_card
 from trainers.objectives import get_objective
 from trainers.validation import sample_grid
@@ -116,6 +117,8 @@ class Trainer:
         if not checkpoint.step_dir(self.out, step).exists():
             self.save_checkpoint(step)
         final = self.export() if step == r.train.max_steps else None
+        if final and r.hub.push and self.is_main:
+            tqdm.write(f"pushed to {push_folder(final, r.hub.repo_id, r.hub.private, r.hub.revision)}")
         acc.end_training()
         return TrainResult(self.out, final, step, last_loss)
 

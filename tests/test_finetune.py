@@ -1,0 +1,88 @@
+"""trainers/objectives/finetune.py and the options every fine-tune recipe can turn on."""
+import math
+
+import pytest
+import torch
+
+from trainers.engine import Trainer
+from trainers.errors import ConfigError
+
+
+@pytest.mark.parametrize("options", [
+    ("objective.prediction_type=v_prediction", "objective.zero_terminal_snr=true", "objective.snr_gamma=5"),
+    ("objective.snr_gamma=5", "objective.noise_offset=0.1"),
+    ("optimizer.name=adamw8bit",),
+    ("memory.gradient_checkpointing=true", "adapter.text_encoder=true"),
+    ("precision=bf16",),
+    ("adapter.kind=full", "ema.enabled=true", "lr_schedule.name=linear"),
+], ids=["v_ztsnr_minsnr", "minsnr_offset", "adamw8bit", "checkpointing_te", "bf16", "full_ema"])
+def test_options_train_with_finite_loss(recipe_for, options):
+    trainer = Trainer(recipe_for("train.max_steps=2", "train.log_every=1", "train.batch_size=2", *options))
+    before = {k: p.detach().clone() for k, p in trainer.params.items()}
+    result = trainer.fit()
+    assert result.last_loss is not None and math.isfinite(result.last_loss)
+    assert any(not torch.equal(before[k], p) for k, p in trainer.params.items())
+
+
+def test_adamw8bit_is_bitsandbytes(recipe_for):
+    import bitsandbytes as bnb
+
+    trainer = Trainer(recipe_for("optimizer.name=adamw8bit", "train.max_steps=1"))
+    trainer.fit()
+    assert isinstance(trainer.optimizer.optimizer, bnb.optim.AdamW8bit)
+
+
+def test_zero_terminal_snr_needs_v_prediction(recipe_for):
+    with pytest.raises(ConfigError, match="objective.zero_terminal_snr"):
+        Trainer(recipe_for("objective.zero_terminal_snr=true", "objective.prediction_type=epsilon"))
+
+
+def test_caption_dropout_encodes_the_empty_prompt(recipe_for):
+    trainer = Trainer(recipe_for("objective.caption_dropout=1.0"))
+    obj = trainer.objective
+    dropped = obj.encode_captions(["a red seven", "a blue two"], [1, 2])["encoder_hidden_states"]
+    empty = obj.encode_captions(["", ""], [1, 2])["encoder_hidden_states"]
+    kept = Trainer(recipe_for("objective.caption_dropout=0.0")).objective.encode_captions(["a red seven"], [1])
+    assert torch.equal(dropped, empty)
+    assert not torch.equal(kept["encoder_hidden_states"][0], empty[0])
+
+
+def test_v_prediction_target_and_zero_snr_schedule(recipe_for):
+    obj = Trainer(recipe_for("objective.prediction_type=v_prediction", "objective.zero_terminal_snr=true")).objective
+    assert obj.prediction_type == "v_prediction"
+    assert obj.acp[-1].item() < 1e-9  # the last timestep is pure noise
+    cfg = obj.sampling_scheduler_config()
+    assert cfg["prediction_type"] == "v_prediction" and cfg["rescale_betas_zero_snr"] is True
+
+
+def test_lora_starts_as_the_base_model(recipe_for, tiny_sd15):
+    from diffusers import UNet2DConditionModel
+
+    trainer = Trainer(recipe_for("adapter.rank=4"))
+    base = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+    z, t, h = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.backbone.denoiser(z, t, encoder_hidden_states=h).sample,
+                                   base(z, t, encoder_hidden_states=h).sample)
+
+
+def test_hub_push_uploads_final(recipe_for, monkeypatch):
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create", repo_id, kw))
+
+        def upload_folder(self, **kw):
+            calls.append(("upload", kw["repo_id"], sorted(p.name for p in __import__("pathlib").Path(kw["folder_path"]).iterdir())))
+            return type("Info", (), {"commit_url": "https://hub.example/commit/1"})()
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    Trainer(recipe_for("train.max_steps=1", "hub.push=true", "hub.repo_id=me/tiny-lora")).fit()
+    assert calls[0] == ("create", "me/tiny-lora", {"private": True, "exist_ok": True})
+    assert calls[1][0] == "upload" and "pytorch_lora_weights.safetensors" in calls[1][2]
+
+
+def test_hub_push_needs_a_repo_id(recipe_for):
+    with pytest.raises(ConfigError, match="hub.repo_id"):
+        recipe_for("hub.push=true")
