@@ -36,7 +36,7 @@ def test_loss_falls_over_60_steps(recipe_for, tmp_path):
 
 
 def test_resume_mid_run_matches_uninterrupted(recipe_for, tmp_path):
-    args = ("train.max_steps=20", "checkpoint.every_steps=10", "lr_schedule.name=cosine",
+    args = ("train.max_steps=20", "checkpoint.every_steps=10", "lr_schedule.name=cosine", "train.log_every=1",
             "lr_schedule.warmup_steps=3", "train.batch_size=2", "ema.enabled=true", "ema.decay=0.9")
     straight = Trainer(recipe_for(*args, out=tmp_path / "straight"))
     straight.fit()
@@ -49,6 +49,7 @@ def test_resume_mid_run_matches_uninterrupted(recipe_for, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     ema_a, ema_b = straight.ema.shadow, resumed.ema.shadow
     assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) < 1e-6
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")  # the per-step loss sequence, exactly
     final = load_file(tmp_path / "split" / "final" / "pytorch_lora_weights.safetensors")
     assert final.keys() == load_file(tmp_path / "straight" / "final" / "pytorch_lora_weights.safetensors").keys()
 

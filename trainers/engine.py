@@ -24,6 +24,7 @@ from trainers.ema import EMA
 from trainers.hub import push_folder
 from trainers.model_card import write_model_card
 from trainers.objectives import get_objective
+from trainers.signals import StopRequest
 from trainers.validation import sample_grid
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -35,6 +36,7 @@ class TrainResult:
     final_dir: Path | None  # None when stopped before max_steps
     step: int
     last_loss: float | None
+    stopped: bool = False  # a stop signal ended the run early, after a checkpoint
 
 
 class Trainer:
@@ -80,47 +82,65 @@ class Trainer:
         sampler = StepSampler(len(self.dataset), r.train.batch_size, r.train.grad_accum, r.train.seed,
                               start_step=start, world_size=acc.num_processes, rank=acc.process_index)
         batches = iter(make_loader(self.dataset, sampler, r.data.num_workers))
-        wrapped = list(self.objective.wrapped.values())
-        sums: dict[str, torch.Tensor] = {}
         bar = tqdm(total=r.train.max_steps, initial=start, desc=r.name, disable=not self.is_main, dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
-        tick, last_loss, step, interval = time.perf_counter(), None, start, 0
-        for step in range(start + 1, last + 1):
-            self._set_lr(step - 1)
-            for micro in range(r.train.grad_accum):
-                batch = next(batches)
-                syncing = micro == r.train.grad_accum - 1
-                with contextlib.ExitStack() as stack:
-                    if not syncing:  # DDP all-reduces gradients only on the last micro-batch
-                        for m in wrapped:
-                            stack.enter_context(acc.no_sync(m))
-                    loss, logs = self.objective.loss(batch, step)
-                    acc.backward(loss / r.train.grad_accum)
-                for k, v in logs.items():
-                    sums[k] = sums.get(k, 0) + v / r.train.grad_accum
-            if r.optimizer.max_grad_norm > 0:
-                acc.clip_grad_norm_(list(self.params.values()), r.optimizer.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema:
-                self.ema.update()
-            bar.update(1)
-            interval += 1
-            if step % r.train.log_every == 0 or step == r.train.max_steps:
-                last_loss = self._log(step, sums, interval, time.perf_counter() - tick, bar)
-                sums, tick, interval = {}, time.perf_counter(), 0
-            if r.checkpoint.every_steps and step % r.checkpoint.every_steps == 0:
-                self.save_checkpoint(step)
-            if r.validation.every_steps and step % r.validation.every_steps == 0:
-                self.validate(step)
+        sums: dict[str, torch.Tensor] = {}
+        tick, last_loss, step, interval, stopped = time.perf_counter(), None, start, 0, False
+        with StopRequest() as stop:
+            for step in range(start + 1, last + 1):
+                self._optimizer_step(batches, step, sums)
+                bar.update(1)
+                interval += 1
+                log_step = step % r.train.log_every == 0 or step == r.train.max_steps
+                if log_step:
+                    last_loss = self._log(step, sums, interval, time.perf_counter() - tick, bar)
+                    sums, tick, interval = {}, time.perf_counter(), 0
+                if r.checkpoint.every_steps and step % r.checkpoint.every_steps == 0:
+                    self.save_checkpoint(step)
+                if r.validation.every_steps and step % r.validation.every_steps == 0:
+                    self.validate(step)
+                if self._stop_agreed(stop.requested, log_step):
+                    stopped = True
+                    tqdm.write(f"stop signal: checkpointing step {step} and exiting")
+                    break
         bar.close()
         if not checkpoint.step_dir(self.out, step).exists():
             self.save_checkpoint(step)
-        final = self.export() if step == r.train.max_steps else None
+        final = self.export() if step == r.train.max_steps and not stopped else None
         if final and r.hub.push and self.is_main:
             tqdm.write(f"pushed to {push_folder(final, r.hub.repo_id, r.hub.private, r.hub.revision)}")
         acc.end_training()
-        return TrainResult(self.out, final, step, last_loss)
+        return TrainResult(self.out, final, step, last_loss, stopped)
+
+    def _optimizer_step(self, batches, step: int, sums: dict) -> None:
+        """One optimizer step over grad_accum micro-batches; metrics accumulate on the device, unsynced."""
+        r, acc = self.recipe, self.accelerator
+        self._set_lr(step - 1)
+        for micro in range(r.train.grad_accum):
+            batch = next(batches)
+            with contextlib.ExitStack() as stack:
+                if micro < r.train.grad_accum - 1:  # DDP all-reduces gradients only on the last micro-batch
+                    for m in self.objective.wrapped.values():
+                        stack.enter_context(acc.no_sync(m))
+                loss, logs = self.objective.loss(batch, step)
+                acc.backward(loss / r.train.grad_accum)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0) + v / r.train.grad_accum
+        if r.optimizer.max_grad_norm > 0:
+            acc.clip_grad_norm_(list(self.params.values()), r.optimizer.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema:
+            self.ema.update()
+
+    def _stop_agreed(self, requested: bool, log_step: bool) -> bool:
+        """One process stops at once; several agree at log steps, the loop's only sync points."""
+        if self.accelerator.num_processes == 1:
+            return requested
+        if not log_step:
+            return False
+        flag = torch.tensor(float(requested), device=self.device)
+        return bool(self.accelerator.reduce(flag, "sum").item() > 0)
 
     def _prepare(self) -> None:
         """Wrap the trained modules and the optimizer (DDP, autocast, loss scaling); load the data."""

@@ -1,0 +1,32 @@
+"""SIGTERM (preemption) leaves a checkpoint at the current step and exits 0; the run then resumes."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_0(tiny_sd15, digits_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["recipes/demo/sd15_lora_tiny.yaml", f"model.pretrained={tiny_sd15}", f"data.source={digits_data}",
+            f"output_dir={out}", "train.max_steps=100000", "train.log_every=1", "train.report_to=none",
+            "validation.every_steps=0", "checkpoint.every_steps=0", "data.num_workers=0", "train.batch_size=1"]
+    proc = subprocess.Popen([sys.executable, "launch/train.py", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "logs" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    saved = [int(p.name[5:]) for p in (out / "checkpoints").glob("step-*") if (p / "state.json").is_file()]
+    assert saved == [logged[-1]] and logged[-1] >= 3
+    assert not (out / "final").exists()
+    assert "stop signal" in stdout + stderr
