@@ -71,6 +71,17 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     return tensors, training_state, json.loads((path / STATE).read_text())
 
 
+def check_matches(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint whose weights do not fit this recipe's model (changed rank, targets, adapter)."""
+    missing = [k for k in expected if k not in tensors]
+    wrong = [k for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    if missing or wrong:
+        example = (missing or wrong)[0]
+        raise UserError(f"resume: {path} does not fit this recipe ({len(missing)} weights missing, "
+                        f"{len(wrong)} of another shape, e.g. {example}); was adapter.rank, adapter.kind or "
+                        "adapter.target_modules changed? Use a new output_dir or resume=none")
+
+
 def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),

@@ -14,7 +14,7 @@ from typing import Iterator, Protocol
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from trainers import seeding
 from trainers.config import DataConfig
@@ -51,7 +51,7 @@ class ImageFolderDataset:
             ds = ds.select(range(min(cfg.max_samples, len(ds))))
         if len(ds) == 0:
             raise UserError(f"data.source: {root} holds no images")
-        self.ds, self.cfg = ds, cfg
+        self.ds, self.cfg, self.root = ds.cast_column("image", datasets.Image(decode=False)), cfg, root
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -60,8 +60,21 @@ class ImageFolderDataset:
         index, seed = key
         row = self.ds[index]
         caption = row[self.cfg.caption_column] or ""
-        pixels = square_crop(row["image"], self.cfg, seeding.numpy_rng(seed, seeding.AUGMENT))
+        pixels = square_crop(self._decode(row["image"]), self.cfg, seeding.numpy_rng(seed, seeding.AUGMENT))
         return {"pixel_values": pixels, "caption": caption, "seed": seed}
+
+
+    def _decode(self, image: dict) -> Image.Image:
+        """Open one image, naming the file if it is not a readable image."""
+        import io
+
+        where = image.get("path") or f"record in {self.root}"
+        try:
+            img = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+            return ImageOps.exif_transpose(img)  # camera photos store rotation in EXIF
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+            raise UserError(f"data.source: cannot read image {where}: {e}; "
+                            "clean the data with `python -m datasets_prep prepare`") from None
 
 
 def square_crop(image: Image.Image, cfg: DataConfig, rng: np.random.Generator) -> torch.Tensor:

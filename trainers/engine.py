@@ -82,11 +82,11 @@ class Trainer:
         sampler = StepSampler(len(self.dataset), r.train.batch_size, r.train.grad_accum, r.train.seed,
                               start_step=start, world_size=acc.num_processes, rank=acc.process_index)
         batches = iter(make_loader(self.dataset, sampler, r.data.num_workers))
-        bar = tqdm(total=r.train.max_steps, initial=start, desc=r.name, disable=not self.is_main, dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
         sums: dict[str, torch.Tensor] = {}
         tick, last_loss, step, interval, stopped = time.perf_counter(), None, start, 0, False
-        with StopRequest() as stop:
+        with StopRequest() as stop, tqdm(total=r.train.max_steps, initial=start, desc=r.name, dynamic_ncols=True,
+                                         disable=not self.is_main,
+                                         mininterval=0.5 if sys.stderr.isatty() else 30) as bar:  # logs: 30 s
             for step in range(start + 1, last + 1):
                 self._optimizer_step(batches, step, sums)
                 bar.update(1)
@@ -103,7 +103,6 @@ class Trainer:
                     stopped = True
                     tqdm.write(f"stop signal: checkpointing step {step} and exiting")
                     break
-        bar.close()
         if not checkpoint.step_dir(self.out, step).exists():
             self.save_checkpoint(step)
         final = self.export() if step == r.train.max_steps and not stopped else None
@@ -196,6 +195,7 @@ class Trainer:
         if path is None:
             return 0
         tensors, state, meta = checkpoint.load(path)
+        checkpoint.check_matches(path, tensors, {f"model.{k}": p for k, p in self.params.items()})
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(tensors[f"model.{k}"])
