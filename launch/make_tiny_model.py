@@ -13,117 +13,18 @@ learnt here from a small built-in caption corpus.
 from __future__ import annotations
 
 import argparse
-import collections
-import functools
-import json
-import tempfile
+import sys
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from launch.clip_bpe import BOS, EOS, MODEL_MAX_LENGTH, build_tokenizer, clip_bpe, write_bpe_files  # noqa: E402
 
 SIZES = ("tiny", "full")
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-END_OF_WORD = "</w>"
-MODEL_MAX_LENGTH = 77
-
-# Lowercase ASCII words only: CLIP's pre-tokenizer splits them on spaces and byte-level BPE maps them to themselves.
-CAPTION_CORPUS = """
-a photo of a red circle on a white background
-a photo of a small blue square in the top left corner
-a photo of a large green triangle in the bottom right corner
-a picture of a yellow star in the center of the image
-an image of an orange rectangle on a black background
-a drawing of a purple hexagon in the middle
-a pink heart and a brown diamond on a gray background
-a cyan ellipse next to a magenta cross
-a small dark dot above a large light line
-a bright striped circle below a plain solid square
-a handwritten digit zero
-a handwritten digit one
-a handwritten digit two
-a handwritten digit three
-a handwritten digit four
-a handwritten digit five
-a handwritten digit six
-a handwritten digit seven
-a handwritten digit eight
-a handwritten digit nine
-the number zero one two three four five six seven eight nine written in white on black
-a photo of a dog and a cat in front of a house
-a photo of a person next to a car under a tree
-a photo of the sky with clouds at sunset
-a red shape in the top right and a blue shape in the bottom left
-a tiny object at the left edge and a big object at the right edge
-a medium sized outlined square with a filled circle inside
-three small green circles and two large red squares
-a close up photo of a colorful pattern with many shapes
-a black and white photo of a digit on a plain background
-"""
-
-
-def bytes_to_unicode() -> list[str]:
-    """CLIP's 256 base symbols in CLIP's vocab order: printable bytes as themselves, the rest shifted past 255."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shifted = range(256, 512 - len(printable))
-    return [chr(c) for c in (*printable, *shifted)]
-
-
-def merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
-    """Apply one BPE merge to a word, left to right, as CLIP's tokenizer does."""
-    out, i = [], 0
-    while i < len(symbols):
-        if symbols[i : i + 2] == pair:
-            out.append(pair[0] + pair[1])
-            i += 2
-        else:
-            out.append(symbols[i])
-            i += 1
-    return tuple(out)
-
-
-def train_bpe(corpus: str) -> list[tuple[str, str]]:
-    """Merge the most frequent pair until every corpus word is one token; ties break on the pair, so runs agree."""
-    counts = collections.Counter(corpus.split())
-    words = {w: (*w[:-1], w[-1] + END_OF_WORD) for w in counts}
-    merges = []
-    while True:
-        pairs = collections.Counter()
-        for word, symbols in words.items():
-            for pair in zip(symbols, symbols[1:]):
-                pairs[pair] += counts[word]
-        if not pairs:
-            break
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append(best)
-        words = {w: merge_pair(s, best) for w, s in words.items()}
-    return merges
-
-
-@functools.lru_cache(maxsize=1)
-def clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Vocabulary and merges laid out as CLIP's: bytes, bytes+</w>, merge results, then BOS and EOS."""
-    merges = train_bpe(CAPTION_CORPUS)
-    base = bytes_to_unicode()
-    tokens = [*base, *(b + END_OF_WORD for b in base), *("".join(m) for m in merges), BOS, EOS]
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
-def write_bpe_files(directory: Path) -> None:
-    """Write vocab.json and merges.txt, the files every transformers version can build a CLIPTokenizer from."""
-    vocab, merges = clip_bpe()
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    lines = ["#version: 0.2", *(" ".join(m) for m in merges)]
-    (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def build_tokenizer() -> CLIPTokenizer:
-    """Load the CLIP tokenizer from files: the one constructor shared by transformers 4 and 5."""
-    with tempfile.TemporaryDirectory() as tmp:
-        write_bpe_files(Path(tmp))
-        return CLIPTokenizer.from_pretrained(tmp, model_max_length=MODEL_MAX_LENGTH)
 
 
 def sd15_unet_config(size: str) -> dict:
@@ -258,14 +159,88 @@ def build_sd15(size: str, seed: int) -> StableDiffusionPipeline:
     )
 
 
-ARCHS = {"sd15": build_sd15}
+def sdxl_unet_config(size: str) -> dict:
+    """SDXL's U-Net: three levels, linear projections, and the text_time micro-conditioning embedding."""
+    config = {
+        "sample_size": 128,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "block_out_channels": (320, 640, 1280),
+        "layers_per_block": 2,
+        "transformer_layers_per_block": (1, 2, 10),
+        "attention_head_dim": (5, 10, 20),
+        "cross_attention_dim": 2048,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,  # 6 time ids x 256 + the 1280-d pooled text embedding
+        "norm_num_groups": 32,
+    }
+    if size == "tiny":
+        config |= {
+            "sample_size": 8,
+            "block_out_channels": (16, 32, 32),
+            "layers_per_block": 1,
+            "transformer_layers_per_block": (1, 1, 1),
+            "attention_head_dim": (2, 4, 4),
+            "cross_attention_dim": 64,  # 32 + 32 from the two text encoders
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 6 * 8 + 32,
+            "norm_num_groups": 8,
+        }
+    return config
 
 
-def write_pipeline(pipe: StableDiffusionPipeline, out: str | Path) -> Path:
+def sdxl_text_encoder_2_config(size: str) -> dict:
+    """OpenCLIP ViT-bigG's text tower, whose projected pooled output SDXL also conditions on."""
+    config = sd15_text_encoder_config(size) | {"hidden_act": "gelu"}
+    if size == "full":
+        config |= {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 20,
+                   "intermediate_size": 5120, "projection_dim": 1280}
+    return config
+
+
+def sdxl_configs(size: str) -> dict:
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    vae = sd15_vae_config(size) | {"scaling_factor": 0.13025, "force_upcast": True}
+    if size == "full":
+        vae["sample_size"] = 1024
+    scheduler = {k: v for k, v in sd15_scheduler_config().items() if k not in ("skip_prk_steps", "set_alpha_to_one")}
+    return {"unet": sdxl_unet_config(size), "vae": vae, "text_encoder": sd15_text_encoder_config(size),
+            "text_encoder_2": sdxl_text_encoder_2_config(size),
+            "scheduler": scheduler | {"interpolation_type": "linear", "use_karras_sigmas": False}}
+
+
+def build_sdxl(size: str, seed: int):
+    """A StableDiffusionXLPipeline with SDXL's structure and random weights."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    configs = sdxl_configs(size)
+    return StableDiffusionXLPipeline(
+        unet=seeded(seed, UNet2DConditionModel, **configs["unet"]),
+        vae=seeded(seed, AutoencoderKL, **configs["vae"]),
+        text_encoder=seeded(seed, CLIPTextModel, CLIPTextConfig(**configs["text_encoder"])),
+        text_encoder_2=seeded(seed + 1, CLIPTextModelWithProjection, CLIPTextConfig(**configs["text_encoder_2"])),
+        tokenizer=build_tokenizer(),
+        tokenizer_2=build_tokenizer(),
+        scheduler=EulerDiscreteScheduler.from_config(configs["scheduler"]),
+    )
+
+
+ARCHS = {"sd15": build_sd15, "sdxl": build_sdxl}
+
+
+def write_pipeline(pipe, out: str | Path) -> Path:
     """Save as safetensors, plus vocab.json/merges.txt, which transformers 5 no longer writes but 4 needs."""
     out = Path(out)
     pipe.save_pretrained(out, safe_serialization=True)
-    write_bpe_files(out / "tokenizer")
+    for name in ("tokenizer", "tokenizer_2"):
+        if getattr(pipe, name, None) is not None:
+            write_bpe_files(out / name)
     return out
 
 
@@ -276,10 +251,10 @@ def make_tiny_model(arch: str, out: str | Path, size: str = "tiny", seed: int = 
     return write_pipeline(ARCHS[arch](size, seed), out)
 
 
-def summary(pipe: StableDiffusionPipeline, out: Path) -> str:
+def summary(pipe, out: Path) -> str:
     """One line: parameter count per component and where it went."""
-    names = ("unet", "vae", "text_encoder")
-    counts = (f"{name} {sum(p.numel() for p in getattr(pipe, name).parameters()):,}" for name in names)
+    modules = {k: m for k, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    counts = (f"{name} {sum(p.numel() for p in m.parameters()):,}" for name, m in modules.items())
     return f"wrote {', '.join(counts)} params, tokenizer {len(pipe.tokenizer)} tokens -> {out}"
 
 

@@ -25,6 +25,14 @@ def tiny_sd15(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A 64x64-pixel StableDiffusionXLPipeline folder: two text encoders and micro-conditioning, tiny."""
+    from launch.make_tiny_model import make_tiny_model
+
+    return make_tiny_model(arch="sdxl", out=tmp_path_factory.mktemp("tiny_sdxl"), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
 def digits_data(tmp_path_factory):
     """64 captioned handwritten digits as an imagefolder (metadata.jsonl)."""
     from datasets_prep.digits import write_digits_dataset

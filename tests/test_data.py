@@ -38,9 +38,10 @@ def test_resume_continues_the_same_stream():
 def test_random_crop_and_flip_are_seeded_per_sample():
     cfg = DataConfig(source="x", resolution=16, center_crop=False, random_flip=True)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 40, 3), dtype=np.uint8))
-    a = square_crop(img, cfg, seeding.numpy_rng(5, seeding.AUGMENT))
-    b = square_crop(img, cfg, seeding.numpy_rng(5, seeding.AUGMENT))
-    outs = {square_crop(img, cfg, seeding.numpy_rng(s, seeding.AUGMENT)).sum().item() for s in range(8)}
+    a, crop = square_crop(img, cfg, seeding.numpy_rng(5, seeding.AUGMENT))
+    b, _ = square_crop(img, cfg, seeding.numpy_rng(5, seeding.AUGMENT))
+    outs = {square_crop(img, cfg, seeding.numpy_rng(s, seeding.AUGMENT))[0].sum().item() for s in range(8)}
+    assert crop[0] == 0 and 0 <= crop[1] <= 27 - 16  # 24x40 resized to 16x27: only horizontal room
     assert torch.equal(a, b) and a.shape == (3, 16, 16) and len(outs) > 1
     assert a.min() >= -1 and a.max() <= 1
 

@@ -40,9 +40,9 @@ def test_zero_terminal_snr_needs_v_prediction(recipe_for):
 def test_caption_dropout_encodes_the_empty_prompt(recipe_for):
     trainer = Trainer(recipe_for("objective.caption_dropout=1.0"))
     obj = trainer.objective
-    dropped = obj.encode_captions(["a red seven", "a blue two"], [1, 2])["encoder_hidden_states"]
-    empty = obj.encode_captions(["", ""], [1, 2])["encoder_hidden_states"]
-    kept = Trainer(recipe_for("objective.caption_dropout=0.0")).objective.encode_captions(["a red seven"], [1])
+    dropped = obj.condition({"captions": ["a red seven", "a blue two"]}, [1, 2])["encoder_hidden_states"]
+    empty = obj.condition({"captions": ["", ""]}, [1, 2])["encoder_hidden_states"]
+    kept = Trainer(recipe_for("objective.caption_dropout=0.0")).objective.condition({"captions": ["a red seven"]}, [1])
     assert torch.equal(dropped, empty)
     assert not torch.equal(kept["encoder_hidden_states"][0], empty[0])
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from trainers.engine import Trainer
 
@@ -22,9 +22,15 @@ def lora_weights(trainer):
     return {k: p.detach().clone() for k, p in trainer.params.items()}
 
 
-def test_loss_falls_over_60_steps(recipe_for, tmp_path):
+@pytest.fixture(params=["sd15", "sdxl"])
+def family_model(request):
+    """The tiny pipeline of each backbone family."""
+    return request.getfixturevalue(f"tiny_{request.param}")
+
+
+def test_loss_falls_over_60_steps(recipe_for, family_model):
     trainer = Trainer(recipe_for("train.max_steps=60", "train.log_every=1", "train.batch_size=4",
-                                 "lr_schedule.name=constant"))
+                                 "lr_schedule.name=constant", f"model.pretrained={family_model}"))
     result = trainer.fit()
     seq = losses(result.output_dir)
     assert len(seq) == 60
@@ -35,8 +41,8 @@ def test_loss_falls_over_60_steps(recipe_for, tmp_path):
     assert (result.output_dir / "recipe.yaml").is_file() and (result.final_dir / "recipe.yaml").is_file()
 
 
-def test_resume_mid_run_matches_uninterrupted(recipe_for, tmp_path):
-    args = ("train.max_steps=20", "checkpoint.every_steps=10", "lr_schedule.name=cosine", "train.log_every=1",
+def test_resume_mid_run_matches_uninterrupted(recipe_for, tmp_path, family_model):
+    args = (f"model.pretrained={family_model}", "train.max_steps=20", "checkpoint.every_steps=10", "lr_schedule.name=cosine", "train.log_every=1",
             "lr_schedule.warmup_steps=3", "train.batch_size=2", "ema.enabled=true", "ema.decay=0.9")
     straight = Trainer(recipe_for(*args, out=tmp_path / "straight"))
     straight.fit()
@@ -76,46 +82,68 @@ def test_accumulation_gives_the_same_first_update(recipe_for, tmp_path):
 
 LOAD_SCRIPT = textwrap.dedent("""
     import sys, torch
-    from diffusers import StableDiffusionPipeline
-    from safetensors.torch import save_file
-    base, final, out = sys.argv[1:4]
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
-    g = torch.Generator().manual_seed(0)
-    z, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700])
-    ids = pipe.tokenizer(["a digit", "red"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file, save_file
+    base, final, inputs, out = sys.argv[1:5]
+    pipe = DiffusionPipeline.from_pretrained(base)
+    x = load_file(inputs)
+    encoders = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
     def run():
         with torch.no_grad():
-            h = pipe.text_encoder(ids)[0]
-            return {"unet": pipe.unet(z, t, encoder_hidden_states=h).sample, "text": h}
+            kw = {"encoder_hidden_states": x["h"]}
+            if "text_embeds" in x:
+                kw["added_cond_kwargs"] = {"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]}
+            res = {"unet": pipe.unet(x["z"], x["t"], **kw).sample}
+            return res | {n: getattr(pipe, n)(x["ids"])[0] for n in encoders}
     before = run()
     pipe.load_lora_weights(final)
     after = run()
-    save_file({"base_unet": before["unet"], "base_text": before["text"], "unet": after["unet"], "text": after["text"]}, out)
+    save_file({**{f"base_{k}": v for k, v in before.items()}, **after}, out)
 """)
 
 
-@pytest.mark.parametrize("text_encoder", [False, True], ids=["unet_lora", "with_text_encoder_lora"])
-def test_exported_lora_loads_in_a_fresh_process(recipe_for, tiny_sd15, tmp_path, text_encoder):
+def fixed_inputs(backbone):
+    """Denoiser and text-encoder inputs that both processes feed to the model."""
+    g = torch.Generator().manual_seed(0)
+    dim = backbone.denoiser.config.cross_attention_dim
+    x = {"z": torch.randn(2, 4, 8, 8, generator=g), "t": torch.tensor([10, 700]),
+         "h": torch.randn(2, 77, dim, generator=g), "ids": backbone.tokenize(["a digit", "red"])}
+    if backbone.family == "sdxl":
+        x |= {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    return x
+
+
+def outputs_in_this_process(backbone, x):
+    kw = {"encoder_hidden_states": x["h"]}
+    if "text_embeds" in x:
+        kw["added_cond_kwargs"] = {"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]}
+    with torch.no_grad():
+        res = {"unet": backbone.denoiser.eval()(x["z"], x["t"], **kw).sample}
+        return res | {n: enc.eval()(x["ids"])[0] for n, enc in backbone.text_encoders.items()}
+
+
+@pytest.mark.parametrize("family, text_encoder", [("sd15", False), ("sd15", True), ("sdxl", True)],
+                         ids=["sd15_unet_lora", "sd15_with_text_encoder_lora", "sdxl_with_text_encoders_lora"])
+def test_exported_lora_loads_in_a_fresh_process(recipe_for, tiny_sd15, tiny_sdxl, tmp_path, family, text_encoder):
+    base = {"sd15": tiny_sd15, "sdxl": tiny_sdxl}[family]
     trainer = Trainer(recipe_for("train.max_steps=15", "optimizer.lr=5e-3", "adapter.alpha=4", "adapter.rank=8",
-                                 f"adapter.text_encoder={str(text_encoder).lower()}"))
+                                 f"adapter.text_encoder={str(text_encoder).lower()}", f"model.pretrained={base}"))
     final = trainer.fit().final_dir
-    script, out = tmp_path / "load.py", tmp_path / "outputs.safetensors"
+    script, inputs, out = tmp_path / "load.py", tmp_path / "inputs.safetensors", tmp_path / "outputs.safetensors"
     script.write_text(LOAD_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(tiny_sd15), str(final), str(out)],
+    x = fixed_inputs(trainer.backbone)
+    save_file(x, inputs)
+    proc = subprocess.run([sys.executable, str(script), str(base), str(final), str(inputs), str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    fresh = load_file(out)
-    g = torch.Generator().manual_seed(0)
-    z, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700])
-    bb = trainer.backbone
-    with torch.no_grad():
-        h = bb.text_encoder(bb.tokenize(["a digit", "red"]))[0]
-        trained = bb.denoiser.eval()(z, t, encoder_hidden_states=h).sample
-    torch.testing.assert_close(fresh["unet"], trained, rtol=0, atol=1e-5)
-    torch.testing.assert_close(fresh["text"], h, rtol=0, atol=1e-5)
+    fresh, ours = load_file(out), outputs_in_this_process(trainer.backbone, x)
+    assert fresh.keys() - {k for k in fresh if k.startswith("base_")} == ours.keys()
+    for k in ours:
+        torch.testing.assert_close(fresh[k], ours[k], rtol=0, atol=1e-5)
     assert (fresh["unet"] - fresh["base_unet"]).abs().max() > 1e-4
     if text_encoder:
-        assert (fresh["text"] - fresh["base_text"]).abs().max() > 1e-4
+        for name in trainer.backbone.text_encoders:
+            assert (fresh[name] - fresh[f"base_{name}"]).abs().max() > 1e-4
 
 
 def test_full_finetune_exports_a_unet_folder(recipe_for, tmp_path):
@@ -129,8 +157,8 @@ def test_full_finetune_exports_a_unet_folder(recipe_for, tmp_path):
     assert (final / "scheduler" / "scheduler_config.json").is_file()
 
 
-def test_validation_writes_sample_grids(recipe_for):
-    trainer = Trainer(recipe_for("train.max_steps=2", "validation.every_steps=2", "validation.steps=2",
+def test_validation_writes_sample_grids(recipe_for, family_model):
+    trainer = Trainer(recipe_for("train.max_steps=2", f"model.pretrained={family_model}", "validation.every_steps=2", "validation.steps=2",
                                  "validation.images_per_prompt=2", "train.report_to=tensorboard"))
     result = trainer.fit()
     from PIL import Image

@@ -60,8 +60,10 @@ class ImageFolderDataset:
         index, seed = key
         row = self.ds[index]
         caption = row[self.cfg.caption_column] or ""
-        pixels = square_crop(self._decode(row["image"]), self.cfg, seeding.numpy_rng(seed, seeding.AUGMENT))
-        return {"pixel_values": pixels, "caption": caption, "seed": seed}
+        image = self._decode(row["image"])
+        pixels, crop = square_crop(image, self.cfg, seeding.numpy_rng(seed, seeding.AUGMENT))
+        return {"pixel_values": pixels, "caption": caption, "seed": seed,
+                "original_size": (image.height, image.width), "crop_top_left": crop}
 
 
     def _decode(self, image: dict) -> Image.Image:
@@ -77,8 +79,12 @@ class ImageFolderDataset:
                             "clean the data with `python -m datasets_prep prepare`") from None
 
 
-def square_crop(image: Image.Image, cfg: DataConfig, rng: np.random.Generator) -> torch.Tensor:
-    """Resize the short side to the resolution, crop a square, maybe flip; (3, R, R) in [-1, 1]."""
+def square_crop(image: Image.Image, cfg: DataConfig, rng: np.random.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize the short side to the resolution, crop a square, maybe flip.
+
+    Returns (3, R, R) pixels in [-1, 1] and the crop's (top, left) in the resized image, as SDXL's
+    micro-conditioning reads it (a flip mirrors the left edge).
+    """
     r = cfg.resolution
     image = image.convert("RGB")
     w, h = image.size
@@ -92,8 +98,9 @@ def square_crop(image: Image.Image, cfg: DataConfig, rng: np.random.Generator) -
     image = image.crop((left, top, left + r, top + r))
     if cfg.random_flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = nw - left - r
     x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, R, R)
-    return x.float().div(127.5).sub(1.0)
+    return x.float().div(127.5).sub(1.0), (top, left)
 
 
 def build_dataset(cfg: DataConfig) -> CaptionedImages:
@@ -138,6 +145,8 @@ def collate(items: list[dict]) -> dict:
         "pixel_values": torch.stack([it["pixel_values"] for it in items]),  # (B, 3, R, R)
         "captions": [it["caption"] for it in items],
         "seeds": [it["seed"] for it in items],
+        "original_size": [it["original_size"] for it in items],
+        "crop_top_left": [it["crop_top_left"] for it in items],
     }
 
 

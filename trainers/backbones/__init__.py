@@ -8,10 +8,11 @@ from __future__ import annotations
 from trainers.backbones.base import Backbone
 from trainers.backbones.loading import ModelSource, detect_family, resolve_source
 from trainers.backbones.sd import SDBackbone
+from trainers.backbones.sdxl import SDXLBackbone
 from trainers.config import ModelConfig
 from trainers.errors import UserError
 
-FAMILIES: dict[str, type[Backbone]] = {"sd15": SDBackbone}
+FAMILIES: dict[str, type[Backbone]] = {"sd15": SDBackbone, "sdxl": SDXLBackbone}
 
 
 def load_backbone(cfg: ModelConfig) -> Backbone:

@@ -28,8 +28,9 @@ class Backbone:
     def load(cls, source) -> "Backbone":
         raise NotImplementedError
 
-    def encode_prompts(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        """Conditioning keyword arguments for the denoiser."""
+    def condition(self, captions: list[str], dropped: list[bool], batch: dict, device: torch.device,
+                  text_encoders: dict[str, torch.nn.Module] | None = None) -> dict:
+        """Keyword arguments for the denoiser; a dropped caption gets the family's unconditional input."""
         raise NotImplementedError
 
     def encode_images(self, pixels: torch.Tensor) -> LatentDist:
@@ -41,8 +42,16 @@ class Backbone:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (z - shift) * self.vae.config.scaling_factor
 
-    def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], denoiser=None):
-        raise NotImplementedError
+    def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: dict, denoiser=None) -> torch.Tensor:
+        return (denoiser or self.denoiser)(z_t, t, **cond).sample
+
+    pipeline_name: str = ""        # the diffusers pipeline class that samples this family
+
+    @property
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_name)
 
     def pipeline(self, denoiser, text_encoders, scheduler):
         """A diffusers pipeline around (possibly trained) components, for validation and export checks."""

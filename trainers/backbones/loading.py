@@ -8,7 +8,7 @@ from pathlib import Path
 from trainers.config import ModelConfig
 from trainers.errors import UserError
 
-PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15"}
+PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
 
 
 @dataclass(frozen=True)

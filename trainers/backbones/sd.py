@@ -15,6 +15,7 @@ COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 class SDBackbone(Backbone):
     family = "sd15"
     denoiser_key = "unet"  # the denoiser's name in pipelines and LoRA files
+    pipeline_name = "StableDiffusionPipeline"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict):
@@ -24,10 +25,8 @@ class SDBackbone(Backbone):
 
     @classmethod
     def load(cls, source: ModelSource) -> "SDBackbone":
-        parts = _load_single_file(source) if source.kind == "single_file" else _load_components(source)
-        parts["unet"].requires_grad_(False)
-        parts["vae"].requires_grad_(False)
-        parts["text_encoder"].requires_grad_(False)
+        parts = (load_single_file(source, cls.pipeline_name, COMPONENTS) if source.kind == "single_file"
+                 else load_components(source, _component_classes()))
         return cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
                    parts["scheduler"].config)
 
@@ -39,24 +38,16 @@ class SDBackbone(Backbone):
         return self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids
 
-    def encode_prompts(self, captions, device, text_encoders=None):
+    def condition(self, captions, dropped, batch, device, text_encoders=None):
+        """SD's unconditional input is the empty prompt's encoding, as its pipeline uses for guidance."""
         encoder = (text_encoders or self.text_encoders)["text_encoder"]
-        ids = self.tokenize(captions).to(device)
+        ids = self.tokenize(["" if d else c for c, d in zip(captions, dropped)]).to(device)
         return {"encoder_hidden_states": encoder(ids)[0]}  # (B, 77, D)
 
     def encode_images(self, pixels: torch.Tensor) -> LatentDist:
         dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         return LatentDist(dist.mean.float(), dist.std.float())
 
-    def predict(self, z_t, t, cond, denoiser=None):
-        denoiser = denoiser or self.denoiser
-        return denoiser(z_t, t, **cond).sample
-
-    @property
-    def pipeline_class(self):
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline
 
     def pipeline(self, denoiser, text_encoders, scheduler):
         return self.pipeline_class(
@@ -72,9 +63,10 @@ def _component_classes():
             "tokenizer": CLIPTokenizer, "scheduler": DDPMScheduler}
 
 
-def _load_components(source: ModelSource) -> dict:
+def load_components(source: ModelSource, classes: dict) -> dict:
+    """Each component from its subfolder, frozen; a missing one is named."""
     parts = {}
-    for name, cls in _component_classes().items():
+    for name, cls in classes.items():
         if source.kind == "folder" and not (Path(source.ref) / name).is_dir():
             raise UserError(f"model.pretrained: {source.ref} has no '{name}' component folder")
         kw = source.from_pretrained_kwargs() if name not in ("tokenizer", "scheduler") else (
@@ -84,16 +76,23 @@ def _load_components(source: ModelSource) -> dict:
         except Exception as e:
             raise UserError(f"model.pretrained: cannot load '{name}' from {source.ref!r}: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if isinstance(parts[name], torch.nn.Module):
+            parts[name].requires_grad_(False)
     return parts
 
 
-def _load_single_file(source: ModelSource) -> dict:
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+def load_single_file(source: ModelSource, pipeline_name: str, components: tuple[str, ...]) -> dict:
+    """A .safetensors checkpoint in the original layout, converted by diffusers (needs the hub for configs)."""
+    import diffusers
 
     try:
-        pipe = StableDiffusionPipeline.from_single_file(source.ref, safety_checker=None)
+        pipe = getattr(diffusers, pipeline_name).from_single_file(source.ref)
     except Exception as e:
-        raise UserError(f"model.pretrained: cannot load single file {source.ref}: {e}") from None
-    parts = {name: getattr(pipe, name) for name in COMPONENTS}
-    parts["scheduler"] = DDPMScheduler.from_config(pipe.scheduler.config)
+        raise UserError(f"model.pretrained: cannot load single file {source.ref}: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    parts = {name: getattr(pipe, name) for name in components}
+    parts["scheduler"] = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+    for m in parts.values():
+        if isinstance(m, torch.nn.Module):
+            m.requires_grad_(False)
     return parts

@@ -47,8 +47,10 @@ class FineTune(Objective):
     def to(self, device, frozen_dtype):
         self.device = torch.device(device)
         full = self.recipe.adapter.kind == "full"
+        vae_fp32 = self.backbone.vae.config.get("force_upcast", False)  # SDXL's VAE overflows in fp16
         for module in [self.backbone.vae, *self.backbone.text_encoders.values(), self.denoiser]:
-            dtype = torch.float32 if full and module is self.denoiser else frozen_dtype
+            fp32 = (full and module is self.denoiser) or (vae_fp32 and module is self.backbone.vae)
+            dtype = torch.float32 if fp32 else frozen_dtype
             module.to(self.device)
             if dtype != torch.float32:  # diffusers warns on any dtype cast, so cast only when needed
                 module.to(dtype)
@@ -67,7 +69,7 @@ class FineTune(Objective):
     def loss(self, batch, step):
         obj, seeds, device = self.recipe.objective, batch["seeds"], self.device
         x0 = self.encode_latents(batch["pixel_values"], seeds)  # (B, C, h, w)
-        cond = self.encode_captions(batch["captions"], seeds)
+        cond = self.condition(batch, seeds)
         eps = seeding.randn(seeds, seeding.NOISE, x0.shape[1:], device)
         if obj.noise_offset:
             eps = diffusion.offset_noise(eps, seeding.randn(seeds, seeding.OFFSET, x0.shape[1:2], device),
@@ -89,14 +91,13 @@ class FineTune(Objective):
         dist = self.backbone.encode_images(pixels.to(self.device, non_blocking=True))
         return self.backbone.latents_from(dist, seeding.randn(seeds, seeding.LATENT, dist.mean.shape[1:], self.device))
 
-    def encode_captions(self, captions, seeds):
+    def condition(self, batch, seeds):
+        """Text (and family-specific) conditioning; a caption is dropped with p = caption_dropout, seeded."""
         p = self.recipe.objective.caption_dropout
-        if p > 0:
-            drop = seeding.rand(seeds, seeding.DROPOUT, "cpu") < p
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        dropped = (seeding.rand(seeds, seeding.DROPOUT, "cpu") < p).tolist() if p > 0 else [False] * len(seeds)
         encoders = {**self.backbone.text_encoders, **{k: self.wrapped[k] for k in self.trained_encoders}}
         with torch.set_grad_enabled(bool(self.trained_encoders)):
-            return self.backbone.encode_prompts(captions, self.device, encoders)
+            return self.backbone.condition(batch["captions"], dropped, batch, self.device, encoders)
 
     def sampling_scheduler_config(self) -> dict:
         """The training schedule as the exported model samples it."""

@@ -1,0 +1,317 @@
+"""LoRA in kohya's key format, the one ComfyUI, AUTOMATIC1111 and kohya's sd-scripts load.
+
+A kohya file holds, per adapted layer, `<name>.lora_down.weight` (A, (r, in)), `<name>.lora_up.weight`
+(B, (out, r)) and `<name>.alpha` (a 0-dim tensor); every loader computes W0 x + (alpha / r) B A x. We write
+the real lora_alpha: diffusers' `convert_state_dict_to_kohya` writes alpha = r (and `lora_te1_` for SD-1.5's
+only text encoder), which changes the strength of any LoRA trained with alpha != r.
+
+`<name>` is a prefix and the layer's module path with "." turned into "_". Which module path, for the U-Net?
+- kohya-ss/sd-scripts networks/lora.py, `LoRANetwork.__init__` -> `create_modules`: `lora_name = prefix + "."
+  + name + "." + child_name`, then `.replace(".", "_")`, over the U-Net it trains. For SD 1.x that U-Net is
+  library/original_unet.py's `UNet2DConditionModel`, a copy of diffusers 0.10.2 with diffusers' module names,
+  so kohya writes `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`; only SDXL
+  (library/sdxl_original_unet.py) gives LDM names, `lora_unet_input_blocks_4_1_...`. Its loader,
+  `create_network_from_weights`, rebuilds the network from the model's own module names and looks each file
+  name up in them (`modules_dim`), so an SD-1 file with LDM names loads nothing there; `get_block_index` and
+  `prepare_optimizer_params` even read "input_blocks" in a name as "this is SDXL", and
+  `convert_diffusers_to_sai_if_needed` converts diffusers names to LDM ones for SDXL only.
+  library/sai_model_spec.py `determine_implementation` labels SD-1 LoRAs "diffusers" and SDXL ones "sgm".
+- comfyanonymous/ComfyUI comfy/lora.py `model_lora_keys_unet` maps both `lora_unet_<LDM path>` (the model's
+  state-dict keys) and `lora_unet_<diffusers path>` (through comfy/utils.py `unet_to_diffusers`) onto the same
+  weight; `model_lora_keys_clip` maps `lora_te_text_model_encoder_layers_<i>_self_attn_q_proj` (and
+  `lora_te1_`/`lora_te2_` for SDXL's two encoders).
+- AUTOMATIC1111/stable-diffusion-webui extensions-builtin/Lora/networks.py `load_network` first runs
+  `convert_diffusers_name_to_compvis`, which turns `lora_unet_down_blocks_...` into the LDM module name, and
+  only then falls back to reading the name as LDM ("SDXL loras seem to already have correct compvis keys").
+- diffusers loaders/lora_conversion_utils.py `_convert_unet_lora_key` says the same: "kohya-ss trains SD 1.x
+  on the diffusers UNet (not the sgm UNet it uses for SDXL)".
+So each family is written as kohya itself writes it (SD-1.5: diffusers paths, which all four loaders read;
+SDXL: LDM paths), and `from_kohya` reads either spelling.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from trainers.errors import UserError
+
+KOHYA_WEIGHTS = "lora_kohya.safetensors"
+UNET = "unet"  # the U-Net's component name in pipelines, diffusers LoRA files and alpha keys
+UNET_PREFIX = "lora_unet"
+
+
+@dataclass(frozen=True)
+class Family:
+    """How kohya-style tools name one model family's LoRA layers, and what they show about the file."""
+
+    unet_names: str                # "diffusers" (down_blocks_0_attentions_0) or "ldm" (input_blocks_1_1)
+    text_encoders: dict[str, str]  # pipeline component -> kohya prefix
+    layers_per_block: int          # resnets per U-Net down block: LDM block numbers depend on it
+    base_model_version: str        # ss_base_model_version
+    architecture: str              # modelspec.architecture
+    implementation: str            # modelspec.implementation
+    resolution: int                # the side modelspec.resolution defaults to
+
+
+FAMILIES = {
+    "sd15": Family("diffusers", {"text_encoder": "lora_te"}, 2, "sd_v1", "stable-diffusion-v1/lora",
+                   "diffusers", 512),
+    # The seam for SDXL: kohya's SDXL U-Net has LDM names; two text encoders, lora_te1_ (CLIP-L), lora_te2_ (bigG).
+    "sdxl": Family("ldm", {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}, 2, "sdxl_base_v1-0",
+                   "stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models", 1024),
+}
+
+# How a LoRA factor's key ends: peft (lora_A/lora_B), diffusers' U-Net and text-encoder spellings.
+_FACTOR_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up",
+                    ".lora.down.weight": "down", ".lora.up.weight": "up",
+                    ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up"}
+_KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+
+# Module-name words that hold an underscore; every other "_" in a kohya name stands for a ".".
+_WORDS = {"down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
+          "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "conv_norm_out",
+          "time_embedding", "linear_1", "linear_2", "add_embedding", "class_embedding", "input_blocks",
+          "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers", "skip_connection",
+          "time_embed", "label_emb", "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
+          "text_projection", "final_layer_norm", "layer_norm1", "layer_norm2"}
+
+
+class KohyaLora(NamedTuple):
+    """A kohya file read back into peft's terms; unpacks as (unet, text_encoders, alphas)."""
+
+    unet: dict[str, torch.Tensor]                      # "<path>.lora_A.weight" / "<path>.lora_B.weight"
+    text_encoders: dict[str, dict[str, torch.Tensor]]  # component -> the same, paths spelt "text_model...."
+    alphas: dict[str, float]                           # "<component>.<path>" -> alpha (the rank if the file had none)
+
+
+def family_of(family: str | Family) -> Family:
+    if isinstance(family, Family):
+        return family
+    if family not in FAMILIES:
+        raise UserError(f"kohya export: no kohya naming for model family {family!r} (known: {', '.join(FAMILIES)})")
+    return FAMILIES[family]
+
+
+def ldm_path(path: str, layers_per_block: int) -> str:
+    """diffusers U-Net module path -> the original SD (LDM) one: down_blocks.1.attentions.0.X -> input_blocks.4.1.X.
+
+    Down block x holds layers_per_block resnet+attention pairs and a downsampler, so its layer i is LDM input block
+    1 + (layers_per_block + 1) x + i; an up block has one pair more and no separate index for its upsampler.
+    """
+    n = layers_per_block + 1
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", path):
+        return f"input_blocks.{1 + n * int(m[1]) + int(m[2])}.1.{m[3]}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", path):
+        return f"middle_block.1.{m[1]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", path):
+        return f"output_blocks.{n * int(m[1]) + int(m[2])}.1.{m[3]}"
+    raise UserError(f"kohya export: U-Net layer {path!r} is outside the attention blocks, which is all the LDM "
+                    f"naming is written for; target attention layers only")
+
+
+def diffusers_path(path: str, layers_per_block: int) -> str:
+    """The inverse of `ldm_path`; a path already in diffusers' names comes back unchanged."""
+    n = layers_per_block + 1
+    if m := re.fullmatch(r"input_blocks\.(\d+)\.1\.(.+)", path):
+        block, layer = divmod(int(m[1]) - 1, n)
+        if layer < layers_per_block:
+            return f"down_blocks.{block}.attentions.{layer}.{m[2]}"
+    elif m := re.fullmatch(r"middle_block\.1\.(.+)", path):
+        return f"mid_block.attentions.0.{m[1]}"
+    elif m := re.fullmatch(r"output_blocks\.(\d+)\.1\.(.+)", path):
+        block, layer = divmod(int(m[1]), n)
+        return f"up_blocks.{block}.attentions.{layer}.{m[2]}"
+    if path.startswith(("input_blocks.", "middle_block.", "output_blocks.")):
+        raise UserError(f"kohya import: LDM U-Net layer {path!r} is outside the attention blocks; "
+                        f"only those can be read back")
+    return path
+
+
+def clip_path(path: str) -> str:
+    """CLIP text-model path as kohya spells it: transformers 5's CLIPTextModel dropped the `text_model.` level."""
+    return path if path.startswith(("text_model.", "text_projection")) else f"text_model.{path}"
+
+
+def dotted(name: str) -> str:
+    """A kohya module name without prefix back to a module path: 'attn1_to_out_0' -> 'attn1.to_out.0'."""
+    parts, path, i = name.split("_"), [], 0
+    while i < len(parts):
+        k = next((k for k in (3, 2) if "_".join(parts[i:i + k]) in _WORDS), 1)
+        path.append("_".join(parts[i:i + k]))
+        i += k
+    return ".".join(path)
+
+
+def to_kohya(state: dict[str, torch.Tensor], alphas: dict[str, float] | float,
+             family: str | Family = "sd15") -> dict[str, torch.Tensor]:
+    """peft/diffusers LoRA weights -> kohya keys, with each module's real alpha.
+
+    Args:
+        state: keys "<component>.<module path>.<factor>", component "unet" or a text encoder ("text_encoder"),
+            factor peft's `lora_A.weight`/`lora_B.weight` or diffusers' `lora.down.weight`/`lora.up.weight`/
+            `lora_linear_layer.down.weight`/... (what `save_lora_weights` writes, or peft state dicts prefixed).
+        alphas: one alpha for all, or a dict keyed "<component>.<module path>" or "<component>".
+        family: a name in FAMILIES or a Family.
+    Returns:
+        "<prefix>_<path with _>.lora_down.weight" / ".lora_up.weight" / ".alpha" (0-dim float32) per module.
+    """
+    fam = family_of(family)
+    prefixes = {UNET: UNET_PREFIX, **fam.text_encoders}
+    out = {}
+    for (component, path), factor in _factors(state, prefixes).items():
+        kohya_path = ldm_path(path, fam.layers_per_block) if component == UNET and fam.unet_names == "ldm" else path
+        name = f"{prefixes[component]}_{kohya_path.replace('.', '_')}"
+        out[f"{name}.lora_down.weight"] = factor["down"]
+        out[f"{name}.lora_up.weight"] = factor["up"]
+        out[f"{name}.alpha"] = torch.tensor(float(_alpha_for(alphas, component, path)))
+    return out
+
+
+def _factors(state: dict[str, torch.Tensor], prefixes: dict[str, str]) -> dict[tuple[str, str], dict]:
+    """Group LoRA factors by (component, module path); text-encoder paths in kohya's `text_model.` spelling."""
+    modules: dict[tuple[str, str], dict] = {}
+    for key, tensor in state.items():
+        component, _, rest = key.partition(".")
+        suffix = next((s for s in _FACTOR_SUFFIXES if rest.endswith(s)), None)
+        if component not in prefixes or suffix is None:
+            raise UserError(f"kohya export: {key!r} is not '<{'|'.join(prefixes)}>.<module>.lora_A.weight' "
+                            f"(or lora_B, lora.down/up, lora_linear_layer.down/up)")
+        path = rest[: -len(suffix)].removeprefix("base_model.model.")
+        path = path if component == UNET else clip_path(path)
+        modules.setdefault((component, path), {})[_FACTOR_SUFFIXES[suffix]] = tensor
+    for (component, path), factor in modules.items():
+        if set(factor) != {"down", "up"}:
+            raise UserError(f"kohya export: {component}.{path} has only its {next(iter(factor))} factor")
+    return modules
+
+
+def _alpha_for(alphas: dict[str, float] | float, component: str, path: str) -> float:
+    if not isinstance(alphas, dict):
+        return alphas
+    wanted = (f"{component}.{path}", f"{component}.{path.removeprefix('text_model.')}", component)
+    found = next((alphas[k] for k in wanted if k in alphas), None)
+    if found is None:
+        raise UserError(f"kohya export: no alpha for {component}.{path} (give one per module or per component)")
+    return found
+
+
+def from_kohya(state: dict[str, torch.Tensor], family: str | Family = "sd15") -> KohyaLora:
+    """kohya keys -> peft keys per component, plus each module's alpha; reads diffusers and LDM U-Net names."""
+    fam = family_of(family)
+    components = {prefix: component for component, prefix in {UNET: UNET_PREFIX, **fam.text_encoders}.items()}
+    modules: dict[tuple[str, str], dict] = {}
+    for key, tensor in state.items():
+        name, _, part = key.partition(".")
+        prefix = next((p for p in components if name.startswith(p + "_")), None)
+        if prefix is None or part not in _KOHYA_PARTS:
+            raise UserError(f"kohya import: {key!r} is not a plain LoRA weight "
+                            f"('<{'|'.join(components)}>_<module>.lora_down.weight', '.lora_up.weight' or '.alpha')")
+        component, path = components[prefix], dotted(name[len(prefix) + 1:])
+        path = diffusers_path(path, fam.layers_per_block) if component == UNET else clip_path(path)
+        modules.setdefault((component, path), {})[_KOHYA_PARTS[part]] = tensor
+    out = KohyaLora({}, {}, {})
+    for (component, path), part in modules.items():
+        if not {"down", "up"} <= set(part):
+            raise UserError(f"kohya import: {component}.{path} lacks lora_down or lora_up")
+        target = out.unet if component == UNET else out.text_encoders.setdefault(component, {})
+        target[f"{path}.lora_A.weight"] = part["down"]
+        target[f"{path}.lora_B.weight"] = part["up"]
+        rank = part["down"].shape[0]
+        out.alphas[f"{component}.{path}"] = float(part["alpha"].item()) if "alpha" in part else float(rank)
+    return out
+
+
+def peft_lora(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The 'default' peft adapter of each component as (state, alphas), both keyed "<component>.<path>..."."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import get_peft_model_state_dict
+
+    state, alphas = {}, {}
+    for component, module in modules.items():
+        weights = get_peft_model_state_dict(module, save_embedding_layers=False)
+        state |= {f"{component}.{key}": value for key, value in weights.items()}
+        for path, layer in module.named_modules():
+            if isinstance(layer, LoraLayer) and "default" in layer.r:
+                alpha, r = layer.lora_alpha["default"], layer.r["default"]
+                if not math.isclose(layer.scaling["default"], alpha / r):
+                    alpha = layer.scaling["default"] * r  # rsLoRA scales by alpha/sqrt(r); kohya's scale is alpha/r
+                alphas[f"{component}.{path}"] = float(alpha)
+    return state, alphas
+
+
+def load_lora(module: torch.nn.Module, state: dict[str, torch.Tensor], alphas: dict[str, float],
+              component: str) -> None:
+    """Freeze `module` and add a trainable peft adapter 'default' shaped like `state` (per-layer r and alpha).
+
+    `state` is one component of `from_kohya`; `alphas` its alphas, keyed "<component>.<path>". Text-encoder paths
+    lose their `text_model.` level where the module has none (transformers 5's CLIPTextModel), as diffusers does.
+    """
+    from peft.utils import set_peft_model_state_dict
+
+    if component != UNET and not hasattr(module, "text_model"):
+        state = {key.removeprefix("text_model."): value for key, value in state.items()}
+        alphas = {key.replace(".text_model.", ".", 1): value for key, value in alphas.items()}
+    ranks = {key.removesuffix(".lora_A.weight"): value.shape[0] for key, value in state.items()
+             if key.endswith(".lora_A.weight")}
+    module.requires_grad_(False)
+    module.add_adapter(lora_config(ranks, {path: alphas[f"{component}.{path}"] for path in ranks}))
+    result = set_peft_model_state_dict(module, state)
+    if result.unexpected_keys:
+        raise UserError(f"kohya import: {component} has no layer for {', '.join(result.unexpected_keys[:3])}")
+
+
+def lora_config(ranks: dict[str, int], alphas: dict[str, float]):
+    """A LoraConfig for exactly these layers; layers off the most common r or alpha go in rank/alpha_pattern."""
+    from peft import LoraConfig
+
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(ranks),
+                      rank_pattern={path: v for path, v in ranks.items() if v != r},
+                      alpha_pattern={path: v for path, v in alphas.items() if v != alpha})
+
+
+def kohya_metadata(rank: int, alpha: float, title: str, family: str | Family = "sd15",
+                   resolution: int | None = None, base_model: str | None = None,
+                   date: datetime.datetime | None = None) -> dict[str, str]:
+    """The safetensors metadata kohya-style tools show (ss_* of sd-scripts, modelspec.* of Stability's ModelSpec)."""
+    fam = family_of(family)
+    side = resolution or fam.resolution
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_base_model_version": fam.base_model_version,
+        "ss_resolution": str((side, side)),  # sd-scripts writes str() of its (width, height) tuple
+        "ss_training_comment": "difftune",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": fam.architecture,
+        "modelspec.implementation": fam.implementation,
+        "modelspec.title": title,
+        "modelspec.resolution": f"{side}x{side}",
+        "modelspec.date": (date or datetime.datetime.now()).isoformat(timespec="seconds"),
+    }
+    if base_model:
+        meta["ss_sd_model_name"] = base_model
+    return meta
+
+
+def save_kohya(path: str | Path, state: dict[str, torch.Tensor], alphas: dict[str, float] | float,
+               metadata: dict[str, str], family: str | Family = "sd15") -> Path:
+    """Convert with `to_kohya` and write safetensors atomically: a temp file beside `path`, then a rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in to_kohya(state, alphas, family).items()}
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
