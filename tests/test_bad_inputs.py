@@ -22,7 +22,7 @@ def run_train(capsys, *args):
 
 def base(tiny, data, tmp):
     return [f"model.pretrained={tiny}", f"data.source={data}", f"output_dir={tmp}/run", "train.max_steps=2",
-            "train.report_to=none", "data.num_workers=0", "validation.every_steps=0"]
+            "train.report_to=none", "data.num_workers=0", "validation.every_steps=0", "train.batch_size=1"]
 
 
 def assert_one_line_error(code, err, *needles):

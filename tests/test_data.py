@@ -1,38 +1,59 @@
 """trainers/data.py: the step sampler's order, sharding and resume; per-sample augmentation."""
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from trainers import seeding
 from trainers.config import DataConfig
 from trainers.data import StepSampler, square_crop
+from trainers.errors import UserError
 
 
 def step_keys(sampler, steps):
-    """The set of (index, seed) keys each optimizer step consumes."""
-    it, per_step = iter(sampler), sampler.grad_accum
-    return [sorted(k for _ in range(per_step) for k in next(it)) for _ in range(steps)]
+    """The sorted (index, seed) keys each optimizer step consumes on this rank."""
+    it = iter(sampler)
+    return [sorted(k for _ in range(sampler.grad_accum) for k in next(it)) for _ in range(steps)]
+
+
+def one_bucket(n):
+    return [np.arange(n)]
 
 
 def test_batch_layout_does_not_change_what_a_step_sees():
-    one = step_keys(StepSampler(10, batch_size=4, grad_accum=1, seed=3), 6)
-    accum = step_keys(StepSampler(10, batch_size=2, grad_accum=2, seed=3), 6)
-    ranks = [step_keys(StepSampler(10, batch_size=2, grad_accum=1, seed=3, world_size=2, rank=r), 6) for r in (0, 1)]
+    one = step_keys(StepSampler(one_bucket(10), batch_size=4, grad_accum=1, seed=3), 6)
+    accum = step_keys(StepSampler(one_bucket(10), batch_size=2, grad_accum=2, seed=3), 6)
+    ranks = [step_keys(StepSampler(one_bucket(10), batch_size=2, grad_accum=1, seed=3, world_size=2, rank=r), 6)
+             for r in (0, 1)]
     assert one == accum == [sorted(a + b) for a, b in zip(*ranks)]
     assert not set(map(tuple, ranks[0][0])) & set(map(tuple, ranks[1][0]))  # ranks see distinct samples
 
 
 def test_each_epoch_is_a_permutation_and_epochs_differ():
-    keys = [k for step in step_keys(StepSampler(8, batch_size=4, grad_accum=1, seed=0), 4) for k in step]
+    keys = [k for step in step_keys(StepSampler(one_bucket(8), batch_size=4, grad_accum=1, seed=0), 4) for k in step]
     first, second = [i for i, _ in keys[:8]], [i for i, _ in keys[8:]]
     assert sorted(first) == sorted(second) == list(range(8)) and first != second
-    assert len({s for _, s in keys}) == 16  # every position has its own seed
+    assert len({s for _, s in keys}) == 16  # every sample slot has its own seed
 
 
 def test_resume_continues_the_same_stream():
-    full = step_keys(StepSampler(7, batch_size=3, grad_accum=2, seed=1), 5)
-    resumed = step_keys(StepSampler(7, batch_size=3, grad_accum=2, seed=1, start_step=3), 2)
+    full = step_keys(StepSampler(one_bucket(7), batch_size=3, grad_accum=2, seed=1), 5)
+    resumed = step_keys(StepSampler(one_bucket(7), batch_size=3, grad_accum=2, seed=1, start_step=3), 2)
     assert full[3:] == resumed
+
+
+def test_batches_never_mix_buckets_and_small_buckets_are_counted():
+    buckets = [np.arange(0, 9), np.arange(9, 14), np.arange(14, 16)]  # 9, 5 and 2 images
+    sampler = StepSampler(buckets, batch_size=2, grad_accum=2, seed=0)  # global batch 4
+    assert sampler.steps_per_epoch == 2 + 1 and sampler.unused() == 2
+    which = {i: b for b, idx in enumerate(buckets) for i in idx}
+    for step in step_keys(sampler, 9):
+        assert len({which[i] for i, _ in step}) == 1
+
+
+def test_no_bucket_big_enough_is_a_clear_error():
+    with pytest.raises(UserError, match="train.batch_size"):
+        StepSampler([np.arange(3)], batch_size=4, grad_accum=1, seed=0)
 
 
 def test_random_crop_and_flip_are_seeded_per_sample():

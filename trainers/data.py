@@ -1,14 +1,12 @@
 """Training data: an image-caption dataset behind a small interface, and a resumable step sampler.
 
-The sampler walks an endless stream of positions: epoch e is a seeded permutation of the dataset, and
-optimizer step s consumes positions [s*G, (s+1)*G) with G = batch_size * grad_accum * world_size. Each
-sample's randomness is seeded by its position (trainers.seeding), so resuming at step s is exact and the
-split into micro-batches and ranks does not change what is drawn.
+The sampler (StepSampler) maps an optimizer step to a global batch without state, so resuming at step s is
+exact, and seeds each sample's randomness by its place in that batch (trainers.seeding), so the split into
+micro-batches and ranks does not change what is drawn.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -26,6 +24,7 @@ class CaptionedImages(Protocol):
 
     def __len__(self) -> int: ...
     def __getitem__(self, key: tuple[int, int]) -> dict: ...  # key = (index, per-sample seed)
+    def buckets(self) -> list[np.ndarray]: ...  # indices grouped by image size
 
 
 class ImageFolderDataset:
@@ -55,6 +54,9 @@ class ImageFolderDataset:
 
     def __len__(self) -> int:
         return len(self.ds)
+
+    def buckets(self) -> list[np.ndarray]:
+        return [np.arange(len(self.ds))]  # every image is cropped to one square size
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, seed = key
@@ -107,37 +109,56 @@ def build_dataset(cfg: DataConfig) -> CaptionedImages:
     return ImageFolderDataset(cfg)
 
 
-@dataclass
 class StepSampler:
-    """Yields this rank's micro-batches of (index, seed), from optimizer step `start_step` on, forever."""
+    """Yields this rank's micro-batches of (index, seed), from optimizer step `start_step` on, forever.
 
-    num_samples: int
-    batch_size: int
-    grad_accum: int
-    seed: int
-    start_step: int = 0
-    world_size: int = 1
-    rank: int = 0
+    An epoch shuffles each bucket, cuts it into global batches of G = batch_size * grad_accum * world_size
+    (a batch never mixes buckets, so its images share one size), and shuffles the order of those batches.
+    Optimizer step s takes global batch s of the endless sequence of epochs; micro-batch a of rank r takes
+    slots [(a * world_size + r) * batch_size, ...) of it. A sample's seed is (seed, step, slot), so neither
+    the split over ranks and micro-batches nor a resume changes what any sample sees.
+    """
+
+    def __init__(self, buckets: list[np.ndarray], batch_size: int, grad_accum: int, seed: int,
+                 start_step: int = 0, world_size: int = 1, rank: int = 0):
+        self.buckets = [np.asarray(b) for b in buckets]
+        self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
+        self.start_step, self.world_size, self.rank = start_step, world_size, rank
+        self.global_batch = batch_size * grad_accum * world_size
+        self.steps_per_epoch = sum(len(b) // self.global_batch for b in self.buckets)
+        if self.steps_per_epoch == 0:
+            sizes = sorted((len(b) for b in self.buckets), reverse=True)
+            raise UserError(f"train.batch_size: no bucket holds a global batch of {self.global_batch} images "
+                            f"(batch_size x grad_accum x processes); the largest holds {sizes[0]}")
+        self._epoch, self._plan = None, []
+
+    def unused(self) -> int:
+        """Images in buckets smaller than a global batch: never trained on."""
+        return sum(len(b) for b in self.buckets if len(b) < self.global_batch)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        per_step = self.batch_size * self.grad_accum * self.world_size
         step = self.start_step
         while True:
-            base = step * per_step
+            batch = self.global_batch_at(step)
             for micro in range(self.grad_accum):
-                first = base + (micro * self.world_size + self.rank) * self.batch_size
-                yield [self.key(p) for p in range(first, first + self.batch_size)]
+                first = (micro * self.world_size + self.rank) * self.batch_size
+                yield [(int(batch[j]), seeding.mix(self.seed, step, j)) for j in range(first, first + self.batch_size)]
             step += 1
 
-    def key(self, position: int) -> tuple[int, int]:
-        epoch, offset = divmod(position, self.num_samples)
-        return int(self._permutation(epoch)[offset]), seeding.mix(self.seed, position)
+    def global_batch_at(self, step: int) -> np.ndarray:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._plan, self._epoch = self._epoch_plan(epoch), epoch
+        return self._plan[k]
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if getattr(self, "_epoch", None) != epoch:
-            self._perm = seeding.numpy_rng(seeding.mix(self.seed, epoch), seeding.AUGMENT).permutation(self.num_samples)
-            self._epoch = epoch
-        return self._perm
+    def _epoch_plan(self, epoch: int) -> list[np.ndarray]:
+        rng = seeding.numpy_rng(seeding.mix(self.seed, epoch), seeding.AUGMENT)
+        batches = []
+        for bucket in self.buckets:
+            shuffled = rng.permutation(bucket)
+            n = len(bucket) // self.global_batch
+            batches += [shuffled[i * self.global_batch:(i + 1) * self.global_batch] for i in range(n)]
+        return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def collate(items: list[dict]) -> dict:

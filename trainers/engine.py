@@ -79,8 +79,11 @@ class Trainer:
         last = min(until, r.train.max_steps) if until is not None else r.train.max_steps
         self._prepare()
         start = self._resume()
-        sampler = StepSampler(len(self.dataset), r.train.batch_size, r.train.grad_accum, r.train.seed,
+        sampler = StepSampler(self.dataset.buckets(), r.train.batch_size, r.train.grad_accum, r.train.seed,
                               start_step=start, world_size=acc.num_processes, rank=acc.process_index)
+        if sampler.unused() and self.is_main:
+            tqdm.write(f"warning: {sampler.unused()} images sit in buckets smaller than a global batch "
+                       f"({sampler.global_batch}) and are never trained on")
         batches = iter(make_loader(self.dataset, sampler, r.data.num_workers))
         sums: dict[str, torch.Tensor] = {}
         tick, last_loss, step, interval, stopped = time.perf_counter(), None, start, 0, False

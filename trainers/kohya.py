@@ -30,6 +30,7 @@ SDXL: LDM paths), and `from_kohya` reads either spelling.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import os
@@ -98,6 +99,11 @@ def family_of(family: str | Family) -> Family:
     if family not in FAMILIES:
         raise UserError(f"kohya export: no kohya naming for model family {family!r} (known: {', '.join(FAMILIES)})")
     return FAMILIES[family]
+
+
+def family_for(name: str, unet: torch.nn.Module) -> Family:
+    """FAMILIES[name] with this U-Net's layers_per_block (LDM block numbers depend on it; tiny models have 1)."""
+    return dataclasses.replace(family_of(name), layers_per_block=unet.config.layers_per_block)
 
 
 def ldm_path(path: str, layers_per_block: int) -> str:
@@ -211,9 +217,12 @@ def from_kohya(state: dict[str, torch.Tensor], family: str | Family = "sd15") ->
     for key, tensor in state.items():
         name, _, part = key.partition(".")
         prefix = next((p for p in components if name.startswith(p + "_")), None)
-        if prefix is None or part not in _KOHYA_PARTS:
-            raise UserError(f"kohya import: {key!r} is not a plain LoRA weight "
-                            f"('<{'|'.join(components)}>_<module>.lora_down.weight', '.lora_up.weight' or '.alpha')")
+        if prefix is None:
+            raise UserError(f"kohya import: {key!r} starts with none of {', '.join(components)} (the prefixes of "
+                            f"family {family if isinstance(family, str) else 'given'})")
+        if part not in _KOHYA_PARTS:
+            raise UserError(f"kohya import: {key!r} is not a plain LoRA weight (lora_down.weight, lora_up.weight, "
+                            f"alpha); LoHa, LoKr, DoRA and the like cannot start a run")
         component, path = components[prefix], dotted(name[len(prefix) + 1:])
         path = diffusers_path(path, fam.layers_per_block) if component == UNET else clip_path(path)
         modules.setdefault((component, path), {})[_KOHYA_PARTS[part]] = tensor
