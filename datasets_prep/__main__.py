@@ -1,7 +1,9 @@
 """`python -m datasets_prep <command>`: each command is one function plus one subparser."""
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from trainers.errors import UserError
 
@@ -33,7 +35,77 @@ def add_digits(commands) -> None:
     parser.set_defaults(run=run_digits)
 
 
-COMMANDS = (add_digits,)
+def run_prepare(args: argparse.Namespace) -> int:
+    """Prepare shards from a raw source; Ctrl-C leaves a resumable folder and says so."""
+    from datasets_prep.prepare import PrepareOptions, prepare
+    from datasets_prep.sources import Columns
+
+    if not 1 <= args.jpeg_quality <= 100:
+        raise UserError(f"--jpeg-quality must be between 1 and 100, got {args.jpeg_quality}")
+    columns = Columns(image=args.image_column, caption=args.caption_column, conditioning=args.conditioning_column)
+    options = PrepareOptions(
+        resolution=args.resolution, buckets=args.buckets, caption_policy=args.caption_policy,
+        max_pixels=args.max_pixels, min_size=args.min_size, image_format=args.image_format,
+        jpeg_quality=args.jpeg_quality, columns=columns, shard_rows=args.shard_rows, group_rows=args.row_group_rows)
+    try:
+        report = prepare(args.source, args.out, options, workers=args.workers, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print(f"interrupted: re-run the same command to continue where {args.out} stopped", file=sys.stderr)
+        return 130
+    except OSError as error:  # permissions, a full disk: the message names the file; inputs report their own problems
+        raise UserError(f"prepare stopped on a file system error: {error}") from None
+    reasons = ", ".join(f"{k} {v}" for k, v in report["skipped_by_reason"].items())
+    print(f"kept {report['kept']} of {report['inputs']} inputs in {args.out}"
+          + (f"; skipped {reasons} (see skipped.jsonl)" if reasons else ""))
+    return 0
+
+
+def add_prepare(commands) -> None:
+    """Register `prepare`: raw images and captions to validated, bucketed parquet shards."""
+    parser = commands.add_parser("prepare", help="validate, bucket and resize a raw source into parquet shards")
+    parser.add_argument("--source", required=True, nargs="+", metavar="SRC",
+                        help="caption folder, imagefolder, saved HF dataset, parquet file(s) or folder, "
+                             ".tar shard(s) or folder")
+    parser.add_argument("--out", required=True, help="output folder; re-running on it resumes")
+    parser.add_argument("--resolution", type=positive_int, default=1024, help="target side; bucket areas are about R^2")
+    parser.add_argument("--buckets", choices=("sdxl", "square"), default="sdxl",
+                        help="sdxl: multi-aspect buckets (1:4..4:1, multiples of 64); square: one R x R bucket")
+    parser.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1), help="worker processes")
+    parser.add_argument("--caption-policy", choices=("skip", "empty"), default="skip",
+                        help="inputs without a caption: skip them, or keep them with an empty caption")
+    parser.add_argument("--max-pixels", type=positive_int, default=178_956_970,
+                        help="refuse larger images from their header, before decoding (decompression bombs)")
+    parser.add_argument("--min-size", type=positive_int, default=64, help="skip images whose short side is smaller")
+    parser.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg", help="encoding of stored images")
+    parser.add_argument("--jpeg-quality", type=positive_int, default=95, help="JPEG quality (1-100)")
+    parser.add_argument("--image-column", default="image", help="image column (datasets, parquet)")
+    parser.add_argument("--caption-column", default="text",
+                        help="caption column (metadata, datasets, parquet, tar .json)")
+    parser.add_argument("--conditioning-column", default="conditioning_image",
+                        help="ControlNet conditioning image column")
+    parser.add_argument("--shard-rows", type=positive_int, default=1000, help="rows per parquet shard")
+    parser.add_argument("--row-group-rows", type=positive_int, default=16,
+                        help="rows per parquet row group, the unit of random access: smaller reads less per record")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output prepared differently")
+    parser.set_defaults(run=run_prepare)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """Print report.md of a prepared dataset."""
+    from datasets_prep.report import summary_text
+
+    print(summary_text(Path(args.dir)), end="")
+    return 0
+
+
+def add_inspect(commands) -> None:
+    """Register `inspect`: what a prepared dataset holds and what was skipped."""
+    parser = commands.add_parser("inspect", help="print the report of a prepared dataset")
+    parser.add_argument("dir", help="a folder written by prepare")
+    parser.set_defaults(run=run_inspect)
+
+
+COMMANDS = (add_digits, add_prepare, add_inspect)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,6 +37,7 @@ def test_loss_falls_over_60_steps(recipe_for, family_model):
     first, last = sum(seq[:10]) / 10, sum(seq[-10:]) / 10
     assert last < first, (first, last)
     assert (result.final_dir / "pytorch_lora_weights.safetensors").is_file()
+    assert (result.final_dir / "lora_kohya.safetensors").is_file()
     assert (result.final_dir / "README.md").read_text().startswith("---\n")
     assert (result.output_dir / "recipe.yaml").is_file() and (result.final_dir / "recipe.yaml").is_file()
 
@@ -98,7 +99,10 @@ LOAD_SCRIPT = textwrap.dedent("""
     before = run()
     pipe.load_lora_weights(final)
     after = run()
-    save_file({**{f"base_{k}": v for k, v in before.items()}, **after}, out)
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(final, weight_name="lora_kohya.safetensors")
+    kohya = {f"kohya_{k}": v for k, v in run().items()}
+    save_file({**{f"base_{k}": v for k, v in before.items()}, **after, **kohya}, out)
 """)
 
 
@@ -122,12 +126,18 @@ def outputs_in_this_process(backbone, x):
         return res | {n: enc.eval()(x["ids"])[0] for n, enc in backbone.text_encoders.items()}
 
 
-@pytest.mark.parametrize("family, text_encoder", [("sd15", False), ("sd15", True), ("sdxl", True)],
-                         ids=["sd15_unet_lora", "sd15_with_text_encoder_lora", "sdxl_with_text_encoders_lora"])
-def test_exported_lora_loads_in_a_fresh_process(recipe_for, tiny_sd15, tiny_sdxl, tmp_path, family, text_encoder):
+@pytest.mark.parametrize("family, text_encoder, targets", [
+    ("sd15", False, "[to_q, to_k, to_v, to_out.0, proj_in, ff.net.2]"),
+    ("sd15", True, "[to_q, to_k, to_v, to_out.0]"),
+    ("sdxl", True, "[to_q, to_k, to_v, to_out.0]"),
+], ids=["sd15_unet_lora_wide_targets", "sd15_with_text_encoder_lora", "sdxl_with_text_encoders_lora"])
+def test_exported_lora_loads_in_a_fresh_process(recipe_for, tiny_sd15, tiny_sdxl, tmp_path, family, text_encoder,
+                                                targets):
+    """Both files, diffusers format and kohya format, reproduce the trained model in stock diffusers."""
     base = {"sd15": tiny_sd15, "sdxl": tiny_sdxl}[family]
     trainer = Trainer(recipe_for("train.max_steps=15", "optimizer.lr=5e-3", "adapter.alpha=4", "adapter.rank=8",
-                                 f"adapter.text_encoder={str(text_encoder).lower()}", f"model.pretrained={base}"))
+                                 f"adapter.text_encoder={str(text_encoder).lower()}", f"model.pretrained={base}",
+                                 f"adapter.target_modules={targets}"))
     final = trainer.fit().final_dir
     script, inputs, out = tmp_path / "load.py", tmp_path / "inputs.safetensors", tmp_path / "outputs.safetensors"
     script.write_text(LOAD_SCRIPT)
@@ -137,9 +147,10 @@ def test_exported_lora_loads_in_a_fresh_process(recipe_for, tiny_sd15, tiny_sdxl
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     fresh, ours = load_file(out), outputs_in_this_process(trainer.backbone, x)
-    assert fresh.keys() - {k for k in fresh if k.startswith("base_")} == ours.keys()
+    assert {k for k in fresh if not k.startswith(("base_", "kohya_"))} == ours.keys()
     for k in ours:
         torch.testing.assert_close(fresh[k], ours[k], rtol=0, atol=1e-5)
+        torch.testing.assert_close(fresh[f"kohya_{k}"], ours[k], rtol=0, atol=1e-5)
     assert (fresh["unet"] - fresh["base_unet"]).abs().max() > 1e-4
     if text_encoder:
         for name in trainer.backbone.text_encoders:

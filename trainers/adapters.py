@@ -24,11 +24,18 @@ def add_lora(module: torch.nn.Module, cfg: AdapterConfig, target_modules: tuple[
 
 
 def lora_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights under diffusers' key names (lora_A/lora_B become .lora.down/.lora.up)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapter's weights in peft spelling (lora_A/lora_B), which diffusers loads for every target layer.
+
+    (diffusers' own .lora.down/.lora.up spelling covers attention projections only; a mixed file loses the
+    rest on load.) CLIP keys get back the `text_model.` level that transformers 5 dropped, as ComfyUI expects.
+    """
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(module, save_embedding_layers=False))
+    state = get_peft_model_state_dict(module, save_embedding_layers=False)
+    if hasattr(module, "text_model"):
+        return state
+    return {("text_model." + k if k.startswith(("encoder.", "embeddings.", "final_layer_norm.")) else k): v
+            for k, v in state.items()}
 
 
 def lora_metadata(module: torch.nn.Module) -> dict:

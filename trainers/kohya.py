@@ -9,7 +9,8 @@ only text encoder), which changes the strength of any LoRA trained with alpha !=
 - kohya-ss/sd-scripts networks/lora.py, `LoRANetwork.__init__` -> `create_modules`: `lora_name = prefix + "."
   + name + "." + child_name`, then `.replace(".", "_")`, over the U-Net it trains. For SD 1.x that U-Net is
   library/original_unet.py's `UNet2DConditionModel`, a copy of diffusers 0.10.2 with diffusers' module names,
-  so kohya writes `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`; only SDXL
+  even when training from an original .ckpt (library/train_util.py `_load_target_model` converts it), so
+  kohya writes `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`; only SDXL
   (library/sdxl_original_unet.py) gives LDM names, `lora_unet_input_blocks_4_1_...`. Its loader,
   `create_network_from_weights`, rebuilds the network from the model's own module names and looks each file
   name up in them (`modules_dim`), so an SD-1 file with LDM names loads nothing there; `get_block_index` and
@@ -24,19 +25,20 @@ only text encoder), which changes the strength of any LoRA trained with alpha !=
   `convert_diffusers_name_to_compvis`, which turns `lora_unet_down_blocks_...` into the LDM module name, and
   only then falls back to reading the name as LDM ("SDXL loras seem to already have correct compvis keys").
 - diffusers loaders/lora_conversion_utils.py `_convert_unet_lora_key` says the same: "kohya-ss trains SD 1.x
-  on the diffusers UNet (not the sgm UNet it uses for SDXL)".
+  on the diffusers UNet (not the sgm UNet it uses for SDXL)"; and `StableDiffusionPipeline.load_lora_weights`
+  (diffusers 0.42) rejects an SD-1.5 file with LDM names: `lora_state_dict` remaps input_blocks only when given
+  `unet_config`, which only the SDXL pipeline passes.
 So each family is written as kohya itself writes it (SD-1.5: diffusers paths, which all four loaders read;
 SDXL: LDM paths), and `from_kohya` reads either spelling.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import math
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -103,7 +105,7 @@ def family_of(family: str | Family) -> Family:
 
 def family_for(name: str, unet: torch.nn.Module) -> Family:
     """FAMILIES[name] with this U-Net's layers_per_block (LDM block numbers depend on it; tiny models have 1)."""
-    return dataclasses.replace(family_of(name), layers_per_block=unet.config.layers_per_block)
+    return replace(family_of(name), layers_per_block=unet.config.layers_per_block)
 
 
 def ldm_path(path: str, layers_per_block: int) -> str:
@@ -218,8 +220,7 @@ def from_kohya(state: dict[str, torch.Tensor], family: str | Family = "sd15") ->
         name, _, part = key.partition(".")
         prefix = next((p for p in components if name.startswith(p + "_")), None)
         if prefix is None:
-            raise UserError(f"kohya import: {key!r} starts with none of {', '.join(components)} (the prefixes of "
-                            f"family {family if isinstance(family, str) else 'given'})")
+            raise UserError(f"kohya import: {key!r} starts with none of {', '.join(components)}")
         if part not in _KOHYA_PARTS:
             raise UserError(f"kohya import: {key!r} is not a plain LoRA weight (lora_down.weight, lora_up.weight, "
                             f"alpha); LoHa, LoKr, DoRA and the like cannot start a run")

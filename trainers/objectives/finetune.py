@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from trainers import adapters, diffusion, seeding
+from trainers import adapters, diffusion, kohya, seeding
 from trainers.errors import ConfigError
 from trainers.objectives.base import Objective
 
@@ -115,8 +115,11 @@ class FineTune(Objective):
     def export(self, out_dir: Path) -> list[Path]:
         dtype = getattr(torch, self.recipe.export.dtype)
         if self.recipe.adapter.kind == "lora":
-            return [adapters.save_lora(out_dir, self.backbone.pipeline_class, self.backbone.denoiser_key,
-                                       self.denoiser, self.trained_encoders, dtype)]
+            files = [adapters.save_lora(out_dir, self.backbone.pipeline_class, self.backbone.denoiser_key,
+                                        self.denoiser, self.trained_encoders, dtype)]
+            if self.backbone.family in kohya.FAMILIES:  # kohya names exist for the U-Net families only
+                files.append(self.export_kohya(out_dir / kohya.KOHYA_WEIGHTS, dtype))
+            return files
         from diffusers import DDPMScheduler
 
         key = self.backbone.denoiser_key
@@ -124,6 +127,16 @@ class FineTune(Objective):
         self.denoiser.float()
         DDPMScheduler.from_config(self.sampling_scheduler_config()).save_pretrained(out_dir / "scheduler")
         return [out_dir / key, out_dir / "scheduler"]
+
+    def export_kohya(self, path: Path, dtype: torch.dtype) -> Path:
+        """The same LoRA under kohya's key names with its real alpha, for ComfyUI, AUTOMATIC1111 and sd-scripts."""
+        state, alphas = kohya.peft_lora(self.trained_modules())
+        state = {k: v.detach().to("cpu", dtype) for k, v in state.items()}
+        family = kohya.family_for(self.backbone.family, self.denoiser)
+        ad = self.recipe.adapter
+        meta = kohya.kohya_metadata(ad.rank, ad.alpha, self.recipe.name, family,
+                                    resolution=self.recipe.data.resolution, base_model=self.recipe.model.pretrained)
+        return kohya.save_kohya(path, state, alphas, meta, family)
 
     def usage_snippet(self, where: str) -> str:
         pipe = self.backbone.pipeline_class.__name__
