@@ -73,3 +73,27 @@ def test_per_sample_noise_ignores_batch_grouping():
                        seeding.randn([3, 4], seeding.NOISE, (4, 2, 2), "cpu")])
     assert torch.equal(together, apart)
     assert not torch.equal(together[0], seeding.randn([1], seeding.TIMESTEP, (4, 2, 2), "cpu")[0])
+
+
+def test_prepared_dataset_trains_in_buckets(recipe_for, digits_data, tmp_path):
+    """`datasets_prep prepare` output is a data.source: batches come from one bucket at their stored size."""
+    from datasets_prep.__main__ import main as prep
+    from trainers.engine import Trainer
+
+    out = tmp_path / "prepared"
+    assert prep(["prepare", "--source", str(digits_data), "--out", str(out), "--resolution", "64",
+                 "--min-size", "8", "--image-format", "png"]) in (0, None)
+    trainer = Trainer(recipe_for(f"data.source={out}", "train.max_steps=2", "train.batch_size=4"))
+    result = trainer.fit()
+    assert result.step == 2 and result.final_dir.is_dir()
+    item = trainer.dataset[(0, 1)]
+    assert item["pixel_values"].shape == (3, 64, 64) and item["original_size"] == (64, 64)
+    with pytest.raises(UserError, match="data.resolution"):
+        Trainer(recipe_for(f"data.source={out}", "data.resolution=128")).fit()
+
+
+def test_flip_mirrors_the_crop_left_edge():
+    cfg = DataConfig(source="x", resolution=16, center_crop=False, random_flip=True)
+    img = Image.fromarray(np.zeros((16, 40, 3), dtype=np.uint8))
+    lefts = {square_crop(img, cfg, seeding.numpy_rng(s, seeding.AUGMENT))[1][1] for s in range(20)}
+    assert all(0 <= left <= 40 - 16 for left in lefts)

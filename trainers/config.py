@@ -35,8 +35,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = REQUIRED              # imagefolder with metadata.jsonl (file_name, text)
-    resolution: int = _f(512, min=8)    # square side in pixels after resize + crop
+    source: str = REQUIRED              # `datasets_prep prepare` output, or an imagefolder with metadata.jsonl
+    resolution: int = _f(512, min=8)    # imagefolder: square side after resize + crop; prepared: must match
     center_crop: bool = True            # False: a random crop (seeded per sample)
     random_flip: bool = False           # horizontal flip with p=0.5; off when captions name left/right
     image_column: str = "file_name"

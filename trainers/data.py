@@ -6,6 +6,7 @@ micro-batches and ranks does not change what is drawn.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -101,11 +102,53 @@ def square_crop(image: Image.Image, cfg: DataConfig, rng: np.random.Generator) -
     if cfg.random_flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         left = nw - left - r
-    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, R, R)
-    return x.float().div(127.5).sub(1.0), (top, left)
+    return to_tensor(image), (top, left)
+
+
+class PreparedImages:
+    """Shards written by `python -m datasets_prep prepare`: clean, already resized to their buckets."""
+
+    def __init__(self, cfg: DataConfig):
+        from datasets_prep.reader import PreparedDataset
+
+        self.ds, self.cfg = PreparedDataset(cfg.source), cfg
+        prepared = json.loads((Path(cfg.source) / "progress.json").read_text())["params"]["resolution"]
+        if prepared != cfg.resolution:
+            raise UserError(f"data.resolution is {cfg.resolution} but {cfg.source} was prepared at {prepared}; "
+                            f"set data.resolution: {prepared} or prepare again")
+        if len(self.ds) == 0:
+            raise UserError(f"data.source: {cfg.source} holds no records (see its report.md)")
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def buckets(self) -> list[np.ndarray]:
+        column = self.ds.bucket_column
+        return [np.flatnonzero(column == b) for b in np.unique(column)]
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, seed = key
+        rec = self.ds.record(index)
+        image, left = rec["image"], rec["crop_left"]
+        if self.cfg.random_flip and seeding.numpy_rng(seed, seeding.AUGMENT).random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            scale = max(rec["width"] / rec["original_width"], rec["height"] / rec["original_height"])
+            left = max(rec["width"], round(rec["original_width"] * scale)) - left - rec["width"]
+        return {"pixel_values": to_tensor(image), "caption": rec["caption"], "seed": seed,
+                "original_size": (rec["original_height"], rec["original_width"]),
+                "crop_top_left": (rec["crop_top"], left)}
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float in [-1, 1]."""
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+    return x.float().div(127.5).sub(1.0)
 
 
 def build_dataset(cfg: DataConfig) -> CaptionedImages:
+    """A prepared dataset (has progress.json) or a raw imagefolder."""
+    if (Path(cfg.source) / "progress.json").is_file():
+        return PreparedImages(cfg)
     return ImageFolderDataset(cfg)
 
 
