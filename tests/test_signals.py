@@ -6,10 +6,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_sigterm_checkpoints_the_current_step_and_exits_0(tiny_sd15, digits_data, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=lambda s: s.name)
+def test_stop_signal_checkpoints_the_current_step_and_exits_0(tiny_sd15, digits_data, tmp_path, sig):
     out = tmp_path / "run"
     args = ["recipes/demo/sd15_lora_tiny.yaml", f"model.pretrained={tiny_sd15}", f"data.source={digits_data}",
             f"output_dir={out}", "train.max_steps=100000", "train.log_every=1", "train.report_to=none",
@@ -22,7 +25,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_0(tiny_sd15, digits_data
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
     logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
@@ -30,3 +33,16 @@ def test_sigterm_checkpoints_the_current_step_and_exits_0(tiny_sd15, digits_data
     assert saved == [logged[-1]] and logged[-1] >= 3
     assert not (out / "final").exists()
     assert "stop signal" in stdout + stderr
+
+
+def test_second_ctrl_c_aborts_at_once():
+    import os
+
+    from trainers.signals import StopRequest
+
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

@@ -90,6 +90,7 @@ class TrainConfig:
     grad_accum: int = _f(1, min=1)      # micro-batches per optimizer step
     seed: int = 0                       # all randomness (data order, noise, dropout) flows from it
     log_every: int = _f(10, min=1)      # loss is read back from the device only at these steps
+    max_nonfinite_steps: int = _f(20, min=1)  # NaN/inf updates are skipped; this many in a row stops the run
     report_to: Literal["tensorboard", "none"] = "tensorboard"
 
 

@@ -10,11 +10,12 @@ class EMA:
         self.shadow = {k: p.detach().float().clone() for k, p in params.items()}
 
     @torch.no_grad()
-    def update(self) -> None:
-        """shadow <- decay * shadow + (1 - decay) * param, one fused op for all tensors."""
+    def update(self, keep: torch.Tensor | None = None) -> None:
+        """shadow <- decay * shadow + (1 - decay) * param in one fused op; keep=0 (a skipped step) leaves it."""
         keys = list(self.shadow)
+        weight = 1.0 - self.decay if keep is None else keep.float() * (1.0 - self.decay)
         torch._foreach_lerp_([self.shadow[k] for k in keys], [self.params[k].detach().float() for k in keys],
-                             1.0 - self.decay)
+                             weight)
 
     @torch.no_grad()
     def copy_to_params(self) -> None:

@@ -21,6 +21,7 @@ from trainers.backbones import load_backbone
 from trainers.config import Recipe, dump_recipe
 from trainers.data import StepSampler, build_dataset, make_loader
 from trainers.ema import EMA
+from trainers.guards import NonFiniteGuard
 from trainers.hub import push_folder
 from trainers.model_card import write_model_card
 from trainers.objectives import get_objective
@@ -58,6 +59,7 @@ class Trainer:
         memory.configure(modules, self.backbone.denoiser_key, recipe.memory)
         self.params = self.objective.trainable_named_parameters()
         self.ema = EMA(self.params, recipe.ema.decay) if recipe.ema.enabled else None
+        self.nonfinite = NonFiniteGuard(self.device, recipe.train.max_nonfinite_steps)
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, frozen) parameter counts over every component."""
@@ -104,7 +106,8 @@ class Trainer:
                     self.validate(step)
                 if self._stop_agreed(stop.requested, log_step):
                     stopped = True
-                    tqdm.write(f"stop signal: checkpointing step {step} and exiting")
+                    tqdm.write(f"stop signal: checkpointed step {step}; run the same command again to resume "
+                               "(resume: auto)")
                     break
         if not checkpoint.step_dir(self.out, step).exists():
             self.save_checkpoint(step)
@@ -128,12 +131,18 @@ class Trainer:
                 acc.backward(loss / r.train.grad_accum)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0) + v / r.train.grad_accum
+        params = list(self.params.values())
         if r.optimizer.max_grad_norm > 0:
-            acc.clip_grad_norm_(list(self.params.values()), r.optimizer.max_grad_norm)
-        self.optimizer.step()
+            norm = acc.clip_grad_norm_(params, r.optimizer.max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None])))
+        finite = torch.isfinite(norm)
+        self.nonfinite.record(finite)
+        if self.nonfinite.allows_step(self.optimizer, finite, acc.scaler is not None):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema:
-            self.ema.update()
+            self.ema.update(keep=finite)
 
     def _stop_agreed(self, requested: bool, log_step: bool) -> bool:
         """One process stops at once; several agree at log steps, the loop's only sync points."""
@@ -170,7 +179,8 @@ class Trainer:
         """Reduce the interval's mean metrics across processes: the only host sync of the loop."""
         means = {k: self.accelerator.reduce(torch.as_tensor(v, device=self.device) / interval, "mean").item()
                  for k, v in sums.items()}
-        means |= {"lr": self.optimizer.param_groups[0]["lr"], "steps_per_s": interval / max(seconds, 1e-9)}
+        means |= {"lr": self.optimizer.param_groups[0]["lr"], "steps_per_s": interval / max(seconds, 1e-9),
+                  "skipped_steps": self.nonfinite.check(step)}
         self.accelerator.log(means, step=step)
         if self.is_main:
             bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", lr=f"{means['lr']:.2e}")

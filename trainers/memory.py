@@ -42,7 +42,8 @@ def make_optimizer(groups: list[dict], cfg: OptimizerConfig) -> torch.optim.Opti
         except ImportError:
             raise UserError("optimizer.name: adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
         return bnb.optim.AdamW8bit(groups, **kwargs)
-    fused = torch.cuda.is_available() and all(p.is_cuda for g in groups for p in g["params"])
+    # fused AdamW skips a step on the device when told of non-finite gradients (engine: no host sync)
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
 
 
