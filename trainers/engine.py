@@ -5,8 +5,8 @@ checkpoints and resume, the progress bar, trackers and validation cadence.
 """
 from __future__ import annotations
 
-import contextlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -21,6 +21,7 @@ from trainers.backbones import load_backbone
 from trainers.config import Recipe, dump_recipe
 from trainers.data import StepSampler, build_dataset, make_loader
 from trainers.ema import EMA
+from trainers.errors import UserError
 from trainers.guards import NonFiniteGuard
 from trainers.hub import push_folder
 from trainers.model_card import write_model_card
@@ -47,10 +48,18 @@ class Trainer:
 
         self.recipe, self.out = recipe, Path(recipe.output_dir)
         self.accelerator = Accelerator(
+            cpu=_cpu_processes(),
+            gradient_accumulation_steps=recipe.train.grad_accum,
             mixed_precision=recipe.precision,
             log_with="tensorboard" if recipe.train.report_to == "tensorboard" else None,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
+        if self.accelerator.num_processes != _launched_processes():
+            raise UserError(f"{_launched_processes()} processes were launched but accelerate joined "
+                            f"{self.accelerator.num_processes} ({self.accelerator.distributed_type}): each would train "
+                            "alone into the same output_dir. Without GPUs use accelerate_configs/cpu_ddp.yaml "
+                            "(DeepSpeed and FSDP need GPUs)")
         self.device, self.is_main = self.accelerator.device, self.accelerator.is_main_process
+        self.deepspeed = self.accelerator.distributed_type == "DEEPSPEED"
         seeding.seed_everything(recipe.train.seed)
         self.backbone = load_backbone(recipe.model)
         self.objective = get_objective(recipe.objective.name)(recipe, self.backbone)
@@ -121,14 +130,13 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; metrics accumulate on the device, unsynced."""
         r, acc = self.recipe, self.accelerator
         self._set_lr(step - 1)
-        for micro in range(r.train.grad_accum):
+        for _ in range(r.train.grad_accum):
             batch = next(batches)
-            with contextlib.ExitStack() as stack:
-                if micro < r.train.grad_accum - 1:  # DDP all-reduces gradients only on the last micro-batch
-                    for m in self.objective.wrapped.values():
-                        stack.enter_context(acc.no_sync(m))
+            # accumulate(): gradients are all-reduced (DDP) and DeepSpeed steps only on the last micro-batch;
+            # backward() divides the loss by grad_accum (DeepSpeed by its own, equal, gradient_accumulation_steps)
+            with acc.accumulate(*self.objective.wrapped.values()):
                 loss, logs = self.objective.loss(batch, step)
-                acc.backward(loss / r.train.grad_accum)
+                acc.backward(loss)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0) + v / r.train.grad_accum
         params = list(self.params.values())
@@ -159,10 +167,21 @@ class Trainer:
         names, modules = zip(*self.objective.trained_modules().items())
         for m in modules:
             m.train()
-        wrapped = acc.prepare(*modules)
-        wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+        optimizer = memory.make_optimizer(self.objective.param_groups(), r.optimizer)
+        if self.deepspeed:  # one engine: the model and its optimizer in one call; the recipe fills the "auto"s
+            if len(modules) != 1:
+                raise UserError(f"DeepSpeed trains one module, this recipe trains {', '.join(names)}: "
+                                "set adapter.text_encoder: false or use accelerate_configs/multi_gpu.yaml")
+            acc.state.deepspeed_plugin.deepspeed_config.update(
+                train_micro_batch_size_per_gpu=r.train.batch_size, gradient_accumulation_steps=r.train.grad_accum,
+                gradient_clipping=r.optimizer.max_grad_norm)
+            wrapped, self.optimizer = acc.prepare(modules[0], optimizer)
+            wrapped = (wrapped,)
+        else:
+            wrapped = acc.prepare(*modules)
+            wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+            self.optimizer = acc.prepare(optimizer)
         self.objective.use_wrapped(dict(zip(names, wrapped)))
-        self.optimizer = acc.prepare(memory.make_optimizer(self.objective.param_groups(), r.optimizer))
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.lr_factor = memory.lr_factor(r.lr_schedule.name, r.lr_schedule.warmup_steps, r.train.max_steps)
         self.dataset = build_dataset(r.data)
@@ -263,6 +282,21 @@ class Trainer:
             tmp.rename(final)
         self.accelerator.wait_for_everyone()
         return final
+
+
+def _launched_processes() -> int:
+    """How many processes the launcher (torchrun, mpirun) started; 1 for plain `python launch/train.py`."""
+    from accelerate.utils import get_int_from_env
+
+    return get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+
+
+def _cpu_processes() -> bool:
+    """torchrun started several processes on a machine without GPUs (accelerate would leave each alone)."""
+    acc = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
+    has_device = acc.is_available() if acc is not None else torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"  # its own CPU backend
+    return _launched_processes() > 1 and not has_device and not deepspeed
 
 
 def train(recipe: Recipe) -> TrainResult:

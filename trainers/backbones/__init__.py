@@ -9,10 +9,11 @@ from trainers.backbones.base import Backbone
 from trainers.backbones.loading import ModelSource, detect_family, resolve_source
 from trainers.backbones.sd import SDBackbone
 from trainers.backbones.sdxl import SDXLBackbone
+from trainers.backbones.uvit import UViTBackbone
 from trainers.config import ModelConfig
 from trainers.errors import UserError
 
-FAMILIES: dict[str, type[Backbone]] = {"sd15": SDBackbone, "sdxl": SDXLBackbone}
+FAMILIES: dict[str, type[Backbone]] = {"sd15": SDBackbone, "sdxl": SDXLBackbone, "uvit": UViTBackbone}
 
 
 def load_backbone(cfg: ModelConfig) -> Backbone:

@@ -8,7 +8,7 @@ from pathlib import Path
 from trainers.config import ModelConfig
 from trainers.errors import UserError
 
-PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
+PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl", "UViTPipeline": "uvit"}
 
 
 @dataclass(frozen=True)
