@@ -322,3 +322,36 @@ def test_sdxl_seam_writes_ldm_names_and_two_text_encoders(tiny_sdxl):
     for got in (outputs(loaded), outputs(started)):
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kohya_file_starts_a_run_from_the_same_model(recipe_for, tmp_path):
+    """`adapter.init_from` with an exported kohya LoRA: the new run's model equals the trained one before step 1."""
+    from trainers.engine import Trainer
+
+    first = Trainer(recipe_for("train.max_steps=5", "optimizer.lr=5e-3", "adapter.rank=8", "adapter.alpha=4",
+                               "adapter.text_encoder=true", out=tmp_path / "first"))
+    final = first.fit().final_dir
+    second = Trainer(recipe_for(f"adapter.init_from={final / 'lora_kohya.safetensors'}", "adapter.rank=2",
+                                out=tmp_path / "second"))
+    g = torch.Generator().manual_seed(0)
+    z, t, h = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3, 600]), torch.randn(2, 77, 32, generator=g)
+    ids = first.backbone.tokenize(["a red seven", "two"])
+    with torch.no_grad():
+        for a, b in [(first, second)]:
+            torch.testing.assert_close(a.backbone.denoiser.eval()(z, t, encoder_hidden_states=h).sample,
+                                       b.backbone.denoiser.eval()(z, t, encoder_hidden_states=h).sample,
+                                       rtol=0, atol=1e-6)
+            torch.testing.assert_close(a.backbone.text_encoder.eval()(ids)[0], b.backbone.text_encoder.eval()(ids)[0],
+                                       rtol=0, atol=1e-6)
+    assert set(second.objective.trained_modules()) == {"unet", "text_encoder"}
+    assert second.parameter_counts()[0] == first.parameter_counts()[0]  # the file's rank 8, not the recipe's 2
+
+
+def test_init_from_an_unreadable_file_is_a_clear_error(recipe_for, tmp_path):
+    from trainers.engine import Trainer
+    from trainers.errors import ConfigError
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not safetensors")
+    with pytest.raises(ConfigError, match="adapter.init_from"):
+        Trainer(recipe_for(f"adapter.init_from={bad}"))

@@ -64,6 +64,7 @@ class AdapterConfig:
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     text_encoder: bool = False          # also a LoRA on the text encoder
     text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    init_from: Optional[str] = None     # a kohya-format LoRA (.safetensors) to start from; its ranks win
 
 
 @dataclass(frozen=True)

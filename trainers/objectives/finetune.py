@@ -30,16 +30,38 @@ class FineTune(Objective):
         self.denoiser = backbone.denoiser
         self.trained_encoders: dict[str, torch.nn.Module] = {}
         if ad.kind == "lora":
-            adapters.add_lora(self.denoiser, ad, ad.target_modules)
-            if ad.text_encoder:
-                for name, encoder in backbone.text_encoders.items():
+            start = self.load_kohya(ad.init_from) if ad.init_from else None
+            if start is None:
+                adapters.add_lora(self.denoiser, ad, ad.target_modules)
+            for name, encoder in backbone.text_encoders.items():
+                if start is not None and name in start.text_encoders:
+                    kohya.load_lora(encoder, start.text_encoders[name], start.alphas, name)
+                elif ad.text_encoder:
                     adapters.add_lora(encoder, ad, ad.text_encoder_target_modules)
-                    self.trained_encoders[name] = encoder
+                else:
+                    continue
+                self.trained_encoders[name] = encoder
         else:
             if ad.text_encoder:
                 raise ConfigError("'adapter.text_encoder' is a LoRA option; set adapter.kind: lora")
             self.denoiser.requires_grad_(True)
         self.wrapped = self.trained_modules()
+
+    def load_kohya(self, path: str):
+        """Start from a kohya-format LoRA: the U-Net adapter now, the text encoders' ones for the caller."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if self.backbone.family not in kohya.FAMILIES:
+            raise ConfigError(f"'adapter.init_from': kohya LoRAs exist for {', '.join(kohya.FAMILIES)}, "
+                              f"not {self.backbone.family}")
+        try:
+            state = load_file(path)
+        except (OSError, SafetensorError) as e:
+            raise ConfigError(f"'adapter.init_from': cannot read {path}: {e}") from None
+        start = kohya.from_kohya(state, kohya.family_for(self.backbone.family, self.denoiser))
+        kohya.load_lora(self.denoiser, start.unet, start.alphas, kohya.UNET)
+        return start
 
     def trained_modules(self):
         return {self.backbone.denoiser_key: self.denoiser, **self.trained_encoders}
