@@ -41,9 +41,7 @@ def main(argv=None) -> int:
 
 
 def dry_run_report(trainer) -> str:
-    from trainers.data import build_dataset
-
-    samples = len(build_dataset(trainer.recipe.data))
+    samples = len(trainer.dataset)
     trainable, frozen = trainer.parameter_counts()
     size = trainer.memory_estimate()
     size = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"

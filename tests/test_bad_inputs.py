@@ -124,3 +124,27 @@ def test_one_line_unwraps_worker_tracebacks():
     wrapped = ("Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
                "  File \"x.py\", line 1, in f\ntrainers.errors.UserError: data.source: cannot read image a.png")
     assert one_line(wrapped) == "data.source: cannot read image a.png"
+
+
+def test_unwritable_output_dir(capsys, tiny_sd15, digits_data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    args = base(tiny_sd15, digits_data, tmp_path)
+    assert_one_line_error(*run_train(capsys, TINY, *args, f"output_dir={blocker}/run"), "output_dir", "not a folder")
+
+
+def test_incomplete_model_folder_fails_before_loading(capsys, tiny_sd15, digits_data, tmp_path):
+    broken = tmp_path / "partial"
+    shutil.copytree(tiny_sd15, broken)
+    shutil.rmtree(broken / "scheduler")  # the last component diffusers would load
+    assert_one_line_error(*run_train(capsys, TINY, *base(broken, digits_data, tmp_path)), "'scheduler'")
+
+
+def test_too_little_disk_for_checkpoints(monkeypatch):
+    from trainers import preflight
+    from trainers.errors import UserError
+
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: type("U", (), {"free": 10 * 2**20})())
+    with pytest.raises(UserError, match="two must fit"):
+        preflight.check_disk(Path("."), preflight.checkpoint_bytes(10_000_000, "adamw", ema=True))
+    preflight.check_disk(Path("."), preflight.checkpoint_bytes(10_000, "adamw", ema=False))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from trainers import checkpoint, memory, seeding
+from trainers import checkpoint, memory, preflight, seeding
 from trainers.backbones import load_backbone
 from trainers.config import Recipe, dump_recipe
 from trainers.data import StepSampler, build_dataset, make_loader
@@ -60,6 +60,9 @@ class Trainer:
                             "(DeepSpeed and FSDP need GPUs)")
         self.device, self.is_main = self.accelerator.device, self.accelerator.is_main_process
         self.deepspeed = self.accelerator.distributed_type == "DEEPSPEED"
+        preflight.check_output_dir(self.out)
+        preflight.check_model_folder(recipe)
+        self.dataset = build_dataset(recipe.data)  # bad data fails before the models load
         seeding.seed_everything(recipe.train.seed)
         self.backbone = load_backbone(recipe.model)
         self.objective = get_objective(recipe.objective.name)(recipe, self.backbone)
@@ -69,6 +72,8 @@ class Trainer:
         self.params = self.objective.trainable_named_parameters()
         self.ema = EMA(self.params, recipe.ema.decay) if recipe.ema.enabled else None
         self.nonfinite = NonFiniteGuard(self.device, recipe.train.max_nonfinite_steps)
+        preflight.check_disk(self.out, preflight.checkpoint_bytes(self.parameter_counts()[0], recipe.optimizer.name,
+                                                                  recipe.ema.enabled))
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, frozen) parameter counts over every component."""
@@ -184,7 +189,6 @@ class Trainer:
         self.objective.use_wrapped(dict(zip(names, wrapped)))
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.lr_factor = memory.lr_factor(r.lr_schedule.name, r.lr_schedule.warmup_steps, r.train.max_steps)
-        self.dataset = build_dataset(r.data)
         if self.is_main:
             (self.out / "logs").mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.yaml").write_text(dump_recipe(r))
