@@ -66,23 +66,30 @@ def test_lora_starts_as_the_base_model(recipe_for, tiny_sd15):
                                    base(z, t, encoder_hidden_states=h).sample)
 
 
-def test_hub_push_uploads_final(recipe_for, monkeypatch):
-    calls = []
+def test_hub_push_uploads_final(recipe_for, monkeypatch, tmp_path):
+    """hub.push: true commits final/ at the end of fit: the real client against tests/test_hub.py's local hub."""
+    from test_hub import LocalHub, point_at
 
-    class FakeApi:
-        def create_repo(self, repo_id, **kw):
-            calls.append(("create", repo_id, kw))
-
-        def upload_folder(self, **kw):
-            calls.append(("upload", kw["repo_id"], sorted(p.name for p in __import__("pathlib").Path(kw["folder_path"]).iterdir())))
-            return type("Info", (), {"commit_url": "https://hub.example/commit/1"})()
-
-    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
-    Trainer(recipe_for("train.max_steps=1", "hub.push=true", "hub.repo_id=me/tiny-lora")).fit()
-    assert calls[0] == ("create", "me/tiny-lora", {"private": True, "exist_ok": True})
-    assert calls[1][0] == "upload" and "pytorch_lora_weights.safetensors" in calls[1][2]
+    with LocalHub() as hub:
+        point_at(monkeypatch, hub.url, tmp_path)
+        result = Trainer(recipe_for("train.max_steps=1", "hub.push=true", "hub.repo_id=me/tiny-lora",
+                                    "hub.revision=exp")).fit()
+    (commit,) = hub.commits
+    assert hub.repos["me/tiny-lora"]["private"] is True and commit["revision"] == "exp"
+    assert {"README.md", "recipe.yaml", "pytorch_lora_weights.safetensors"} <= set(commit["files"])
+    weights = result.final_dir / "pytorch_lora_weights.safetensors"
+    assert commit["files"]["pytorch_lora_weights.safetensors"] == weights.read_bytes()
+    assert "load_lora_weights('me/tiny-lora')" in commit["files"]["README.md"].decode()
 
 
 def test_hub_push_needs_a_repo_id(recipe_for):
     with pytest.raises(ConfigError, match="hub.repo_id"):
         recipe_for("hub.push=true")
+
+
+def test_card_carries_the_recipe_trigger_words(recipe_for):
+    import yaml
+
+    final = Trainer(recipe_for("train.max_steps=1", "data.trigger_words=[ohwx]")).fit().final_dir
+    front = yaml.safe_load((final / "README.md").read_text().split("---")[1])
+    assert front["instance_prompt"] == "ohwx" and "lora" in front["tags"]

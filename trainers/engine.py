@@ -127,7 +127,11 @@ class Trainer:
             self.save_checkpoint(step)
         final = self.export() if step == r.train.max_steps and not stopped else None
         if final and r.hub.push and self.is_main:
-            tqdm.write(f"pushed to {push_folder(final, r.hub.repo_id, r.hub.private, r.hub.revision)}")
+            try:
+                tqdm.write(f"pushed to {push_folder(final, r.hub.repo_id, r.hub.private, r.hub.revision)}")
+            except UserError as e:
+                raise UserError(f"{e} (final/ is saved: push it later with "
+                                f"`python launch/push.py {self.out} --repo-id {r.hub.repo_id}`)") from None
         acc.end_training()
         return TrainResult(self.out, final, step, last_loss, stopped)
 
@@ -280,7 +284,8 @@ class Trainer:
             if samples:
                 shutil.copy(samples[-1], tmp / "samples.png")
             write_model_card(tmp, self.recipe, self.objective.card_tags, self.objective.usage_snippet(str(final)),
-                             "samples.png" if samples else None)
+                             "samples.png" if samples else None, trigger_words=self.recipe.data.trigger_words,
+                             num_processes=self.accelerator.num_processes)
             (tmp / "recipe.yaml").write_text(dump_recipe(self.recipe))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)

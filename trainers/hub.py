@@ -43,7 +43,7 @@ def redact(text: str, *secrets: str | None) -> str:
 def files_to_upload(folder: Path) -> list[str]:
     """Paths (relative, POSIX) of what users need: weights, loader configs, card, recipe, sample grids."""
     folder = Path(folder)
-    picked = {p for p in folder.rglob(WEIGHTS)} | {p for p in folder.rglob("*") if p.name in LOADER_FILES}
+    picked = set(folder.rglob(WEIGHTS)) | {p for p in folder.rglob("*") if p.name in LOADER_FILES}
     for pattern in TOP_LEVEL:
         picked |= set(folder.glob(pattern))
     rel = {p.relative_to(folder).as_posix() for p in picked if p.is_file()}
@@ -94,7 +94,7 @@ def push_folder(folder: Path, repo_id: str, private: bool = True, revision: str 
     api = HfApi(endpoint=endpoint, token=token)
     call = _Caller(repo_id, api.endpoint, token, tries, backoff_s)
     call("create the repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True))
-    if revision:
+    if revision and revision != "main":
         call(f"create branch {revision!r}", lambda: api.create_branch(repo_id, branch=revision, exist_ok=True))
     info = call("commit", lambda: api.create_commit(
         repo_id, operations=_operations(folder, files, repo_id, token), revision=revision,
@@ -156,21 +156,24 @@ class _Caller:
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         return redact(first.strip(), self.token)
 
+    def _one_line(self, e: Exception) -> str:
+        return redact(" ".join(str(e).split()), self.token)
+
     def _user_error(self, what: str, e: Exception, status: int | None, attempt: int) -> Exception:
         if status in (401, 403):
             who = ("no token was found" if not self._have_token()
                    else "the token was refused or cannot write there")
             return UserError(f"hub: not allowed to write {self.repo_id} at {self.endpoint} (HTTP {status}): {who}; "
                              f"set HF_TOKEN to a write token (https://huggingface.co/settings/tokens)")
-        if isinstance(e, ValueError) and "metadata" in str(e):  # huggingface_hub's validate-yaml rejection
-            return UserError(f"hub: {self.repo_id} rejected the model card metadata: "
-                             f"{redact(' '.join(str(e).split()), self.token)}")
+        if status is None and isinstance(e, ValueError):  # card metadata rejected, a repo id refused, not JSON
+            return UserError(f"hub: {what} on {self.repo_id} failed: {self._one_line(e)}")
         if status is None and not _is_transport_error(e):
-            return e  # a bug here or in the client: keep its traceback type, but never the token
+            return e  # a bug here or in the client: keep its type and traceback
         tried = f" after {attempt} tries" if attempt > 1 else ""
         detail = redact(" ".join((getattr(e, "server_message", None) or "").split()), self.token)
+        hint = " (is the repo id right, and may this token write to its owner?)" if status == 404 else ""
         return UserError(f"hub: {what} on {self.repo_id} at {self.endpoint} failed{tried}: "
-                         f"{self._why(e, status)}{': ' + detail if detail else ''}")
+                         f"{self._why(e, status)}{': ' + detail if detail else ''}{hint}")
 
     def _have_token(self) -> bool:
         if self.token:

@@ -34,10 +34,10 @@ def write_model_card(final_dir: Path, recipe: Recipe, tags: Sequence[str], usage
         tags: the objective's tags (lora, lcm, controlnet, ...), after difftune's own.
         usage: Python that loads the export (the objective's `usage_snippet`).
         sample_image: a grid beside the card (relative path), shown and used as the hub widget's output.
-        trigger_words: words the training captions carry; empty falls back to `recipe.data.trigger_words`.
+        trigger_words: words the training captions carry (the recipe's data.trigger_words).
         num_processes: data-parallel processes, for the effective batch size.
     """
-    words = tuple(trigger_words) or tuple(getattr(recipe.data, "trigger_words", ()) or ())
+    words = tuple(trigger_words)
     front = front_matter(recipe, tags, words, sample_image, license, pipeline_tag)
     files = sorted(p.relative_to(final_dir).as_posix() for p in Path(final_dir).rglob("*.safetensors"))
     lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "",
