@@ -7,7 +7,7 @@ script writes such a directory with random weights, either tiny (fast on CPU, ab
 SD-1.5's full size (for GPU benchmarks). Nothing is downloaded: even the CLIP BPE tokenizer is
 learnt here from a small built-in caption corpus.
 
-    python launch/make_tiny_model.py --arch sd15 --out DIR [--size tiny|full] [--seed N]
+    python launch/make_tiny_model.py --arch sd15|sdxl|uvit --out DIR [--size tiny|full] [--seed N]
 """
 
 from __future__ import annotations
@@ -231,7 +231,54 @@ def build_sdxl(size: str, seed: int):
     )
 
 
-ARCHS = {"sd15": build_sd15, "sdxl": build_sdxl}
+def uvit_transformer_config(size: str) -> dict:
+    """U-ViT-H/2 (Bao et al. 2023) on 32x32 latents of 256 px images; tiny keeps every kind of block."""
+    config = {
+        "sample_size": 32,
+        "patch_size": 2,
+        "in_channels": 4,
+        "hidden_size": 1152,
+        "num_layers": 29,  # 14 in blocks, 1 mid block, 14 out blocks
+        "num_attention_heads": 16,
+        "mlp_ratio": 4.0,
+        "qkv_bias": False,
+        "cross_attention_dim": 768,  # CLIP ViT-L/14's last hidden states
+        "num_text_tokens": MODEL_MAX_LENGTH,
+        "use_conv_out": True,
+    }
+    if size == "tiny":
+        config |= {"sample_size": 8, "hidden_size": 64, "num_layers": 5, "num_attention_heads": 4,
+                   "cross_attention_dim": 32}
+    return config
+
+
+def uvit_configs(size: str) -> dict:
+    """U-ViT on SD-1.5's VAE and CLIP text encoder, trained on SD-1.5's noise schedule."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    vae = sd15_vae_config(size) | ({"sample_size": 256} if size == "full" else {})
+    scheduler = {k: v for k, v in sd15_scheduler_config().items() if k not in ("skip_prk_steps", "set_alpha_to_one")}
+    return {"transformer": uvit_transformer_config(size), "vae": vae,
+            "text_encoder": sd15_text_encoder_config(size), "scheduler": scheduler}
+
+
+def build_uvit(size: str, seed: int):
+    """A UViTPipeline (trainers.backbones.uvit_pipeline) with random weights."""
+    from diffusers import DDPMScheduler
+
+    from trainers.backbones.uvit_pipeline import UViT2DModel, UViTPipeline
+
+    configs = uvit_configs(size)
+    return UViTPipeline(
+        vae=seeded(seed, AutoencoderKL, **configs["vae"]),
+        text_encoder=seeded(seed, CLIPTextModel, CLIPTextConfig(**configs["text_encoder"])),
+        tokenizer=build_tokenizer(),
+        transformer=seeded(seed, UViT2DModel, **configs["transformer"]),
+        scheduler=DDPMScheduler.from_config(configs["scheduler"]),
+    )
+
+
+ARCHS = {"sd15": build_sd15, "sdxl": build_sdxl, "uvit": build_uvit}
 
 
 def write_pipeline(pipe, out: str | Path) -> Path:

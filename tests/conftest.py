@@ -1,8 +1,14 @@
-"""Shared fixtures; the tiny pipeline is built once per session because building it takes seconds."""
+"""Shared fixtures; the tiny pipelines are built once per session because building them takes seconds."""
 
+import os
 import sys
 
-import pytest
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models gain nothing from threads; subprocesses inherit this
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # on a loaded 2-core box, intra-op spin-waits made tiny steps 10-60x slower
 
 
 @pytest.fixture(autouse=True)
@@ -54,3 +60,11 @@ def recipe_for(tiny_sd15, digits_data, tmp_path):
         return load_recipe("recipes/demo/sd15_lora_tiny.yaml", base + list(overrides))
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_uvit(tmp_path_factory):
+    """A 64x64-pixel UViTPipeline folder: a 5-block U-ViT (width 64, 2x2 patches) on the tiny SD VAE and CLIP."""
+    from launch.make_tiny_model import make_tiny_model
+
+    return make_tiny_model(arch="uvit", out=tmp_path_factory.mktemp("tiny_uvit"), size="tiny", seed=0)

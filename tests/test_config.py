@@ -32,7 +32,7 @@ def test_recipes_exist():
 def test_defaults_fill_everything_but_required():
     r = from_dict(minimal())
     assert r.train.batch_size == 1 and r.adapter.kind == "lora" and r.resume == "auto"
-    assert r.adapter.target_modules == ("to_q", "to_k", "to_v", "to_out.0")
+    assert r.adapter.target_modules is None  # the family's own LoRA targets
 
 
 @pytest.mark.parametrize("data, message", [

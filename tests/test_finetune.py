@@ -93,3 +93,11 @@ def test_card_carries_the_recipe_trigger_words(recipe_for):
     final = Trainer(recipe_for("train.max_steps=1", "data.trigger_words=[ohwx]")).fit().final_dir
     front = yaml.safe_load((final / "README.md").read_text().split("---")[1])
     assert front["instance_prompt"] == "ohwx" and "lora" in front["tags"]
+
+
+def test_lora_targets_default_to_the_family_and_typos_are_named(recipe_for):
+    trainer = Trainer(recipe_for("adapter.target_modules=null"))
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in trainer.backbone.denoiser.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == {"to_q", "to_k", "to_v", "0"}  # to_out.0
+    with pytest.raises(ConfigError, match="to_qq"):
+        Trainer(recipe_for("adapter.target_modules=[to_qq, to_k]"))

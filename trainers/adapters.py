@@ -18,6 +18,13 @@ def add_lora(module: torch.nn.Module, cfg: AdapterConfig, target_modules: tuple[
     """Freeze `module` and add a trainable LoRA adapter named 'default' to its target layers."""
     from peft import LoraConfig
 
+    from trainers.errors import ConfigError
+
+    names = [name for name, _ in module.named_modules()]
+    unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        raise ConfigError(f"'adapter.target_modules': {', '.join(unmatched)} match no layer of "
+                          f"{type(module).__name__} (e.g. {', '.join(n for n in names[-3:] if n)})")
     module.requires_grad_(False)
     module.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                   init_lora_weights=True, target_modules=list(target_modules)))

@@ -62,7 +62,7 @@ class AdapterConfig:
     rank: int = _f(4, min=1)
     alpha: float = _f(4.0, min=0.0)     # LoRA scale is alpha / rank
     dropout: float = _f(0.0, min=0.0, max=1.0)
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    target_modules: Optional[tuple[str, ...]] = None  # None: the family's attention projections
     text_encoder: bool = False          # also a LoRA on the text encoder
     text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     init_from: Optional[str] = None     # a kohya-format LoRA (.safetensors) to start from; its ranks win

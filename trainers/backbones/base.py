@@ -28,10 +28,31 @@ class Backbone:
     def load(cls, source) -> "Backbone":
         raise NotImplementedError
 
-    def condition(self, captions: list[str], dropped: list[bool], batch: dict, device: torch.device,
-                  text_encoders: dict[str, torch.nn.Module] | None = None) -> dict:
-        """Keyword arguments for the denoiser; a dropped caption gets the family's unconditional input."""
+    def encode_text(self, captions: list[str], device, text_encoders=None) -> dict[str, torch.Tensor]:
+        """Per-caption text tensors (B, ...): what a cache stores and `denoiser_kwargs` consumes."""
         raise NotImplementedError
+
+    def unconditional(self, device, text_encoders=None) -> dict[str, torch.Tensor]:
+        """The (1, ...) text tensors a dropped caption trains on: the family's input for CFG's uncond pass."""
+        return self.encode_text([""], device, text_encoders)
+
+    def denoiser_kwargs(self, text: dict[str, torch.Tensor], batch: dict, device) -> dict:
+        """Keyword arguments for the denoiser from text tensors and the batch's records."""
+        raise NotImplementedError
+
+    def condition(self, captions: list[str], dropped: list[bool], batch: dict, device, text_encoders=None,
+                  text: dict | None = None, uncond: dict | None = None) -> dict:
+        """Denoiser kwargs with dropped captions replaced by the unconditional input.
+
+        `text` (e.g. from a cache) skips the encoders; `uncond` reuses an unconditional input computed once.
+        """
+        text = text if text is not None else self.encode_text(captions, device, text_encoders)
+        if any(dropped):
+            uncond = uncond if uncond is not None else self.unconditional(device, text_encoders)
+            mask = torch.tensor(dropped, device=device)
+            text = {k: torch.where(mask.view(-1, *[1] * (v.dim() - 1)), uncond[k].to(v.dtype), v)
+                    for k, v in text.items()}
+        return self.denoiser_kwargs(text, batch, device)
 
     def encode_images(self, pixels: torch.Tensor) -> LatentDist:
         raise NotImplementedError

@@ -38,16 +38,17 @@ class SDBackbone(Backbone):
         return self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids
 
-    def condition(self, captions, dropped, batch, device, text_encoders=None):
-        """SD's unconditional input is the empty prompt's encoding, as its pipeline uses for guidance."""
+    def encode_text(self, captions, device, text_encoders=None):
+        """The last hidden states of CLIP; SD's unconditional input is the empty prompt's, as its pipeline uses."""
         encoder = (text_encoders or self.text_encoders)["text_encoder"]
-        ids = self.tokenize(["" if d else c for c, d in zip(captions, dropped)]).to(device)
-        return {"encoder_hidden_states": encoder(ids)[0]}  # (B, 77, D)
+        return {"hidden": encoder(self.tokenize(captions).to(device))[0]}  # (B, 77, D)
+
+    def denoiser_kwargs(self, text, batch, device):
+        return {"encoder_hidden_states": text["hidden"]}
 
     def encode_images(self, pixels: torch.Tensor) -> LatentDist:
         dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         return LatentDist(dist.mean.float(), dist.std.float())
-
 
     def pipeline(self, denoiser, text_encoders, scheduler):
         return self.pipeline_class(

@@ -36,8 +36,8 @@ class SDXLBackbone(SDBackbone):
             "text_encoder_2": CLIPTextModelWithProjection, "tokenizer": CLIPTokenizer,
             "tokenizer_2": CLIPTokenizer, "scheduler": DDPMScheduler}))
 
-    def condition(self, captions, dropped, batch, device, text_encoders=None):
-        """Dropped captions get zero embeddings, as SDXL's pipeline does for guidance (force_zeros_for_empty_prompt)."""
+    def encode_text(self, captions, device, text_encoders=None):
+        """Both encoders' penultimate hidden states, concatenated, and the second's projected pooled output."""
         encoders = text_encoders or self.text_encoders
         hidden, pooled = [], None
         for name, encoder in encoders.items():
@@ -47,10 +47,15 @@ class SDXLBackbone(SDBackbone):
             out = encoder(ids, output_hidden_states=True)
             hidden.append(out.hidden_states[-2])  # penultimate layer, (B, 77, D_i)
             pooled = out[0]  # the last encoder's projected pooled output, (B, D_pool)
-        keep = (~torch.tensor(dropped, device=device)).to(hidden[0].dtype)
-        prompt = torch.cat(hidden, dim=-1) * keep[:, None, None]
-        return {"encoder_hidden_states": prompt,
-                "added_cond_kwargs": {"text_embeds": pooled * keep[:, None], "time_ids": time_ids(batch, device)}}
+        return {"hidden": torch.cat(hidden, dim=-1), "pooled": pooled}
+
+    def unconditional(self, device, text_encoders=None):
+        """Zeros, as SDXL's pipeline uses for guidance (force_zeros_for_empty_prompt)."""
+        return {k: torch.zeros_like(v) for k, v in self.encode_text([""], device, text_encoders).items()}
+
+    def denoiser_kwargs(self, text, batch, device):
+        return {"encoder_hidden_states": text["hidden"],
+                "added_cond_kwargs": {"text_embeds": text["pooled"], "time_ids": time_ids(batch, device)}}
 
     def pipeline(self, denoiser, text_encoders, scheduler):
         return self.pipeline_class(

@@ -148,9 +148,11 @@ class UViT2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
                 encoder_hidden_states: torch.Tensor, return_dict: bool = True):
-        """eps (or v) for latents `sample` (B, C, H, W) at `timestep` (scalar or (B,)), given text states (B, 77, D_text)."""
+        """The prediction (eps or v) for latents (B, C, H, W) at `timestep` (scalar or (B,)), text (B, 77, D_text)."""
         B, C, H, W = sample.shape
         p = self.config.patch_size
+        if H % p or W % p:
+            raise ValueError(f"latents of {H}x{W} do not split into {p}x{p} patches")
         if encoder_hidden_states.shape[1] != self.config.num_text_tokens:
             raise ValueError(f"U-ViT expects {self.config.num_text_tokens} text tokens, "
                              f"got {encoder_hidden_states.shape[1]}")

@@ -32,7 +32,7 @@ class FineTune(Objective):
         if ad.kind == "lora":
             start = self.load_kohya(ad.init_from) if ad.init_from else None
             if start is None:
-                adapters.add_lora(self.denoiser, ad, ad.target_modules)
+                adapters.add_lora(self.denoiser, ad, ad.target_modules or backbone.lora_targets)
             for name, encoder in backbone.text_encoders.items():
                 if start is not None and name in start.text_encoders:
                     kohya.load_lora(encoder, start.text_encoders[name], start.alphas, name)
@@ -46,6 +46,7 @@ class FineTune(Objective):
                 raise ConfigError("'adapter.text_encoder' is a LoRA option; set adapter.kind: lora")
             self.denoiser.requires_grad_(True)
         self.wrapped = self.trained_modules()
+        self._uncond = None  # the unconditional text input, once (frozen text encoders only)
 
     def load_kohya(self, path: str):
         """Start from a kohya-format LoRA: the U-Net adapter now, the text encoders' ones for the caller."""
@@ -114,12 +115,22 @@ class FineTune(Objective):
         return self.backbone.latents_from(dist, seeding.randn(seeds, seeding.LATENT, dist.mean.shape[1:], self.device))
 
     def condition(self, batch, seeds):
-        """Text (and family-specific) conditioning; a caption is dropped with p = caption_dropout, seeded."""
+        """Text (and family-specific) conditioning; a caption is dropped with p = caption_dropout, seeded.
+
+        Frozen text encoders: cached text tensors are used when the batch has them, and the unconditional
+        input is computed once.
+        """
         p = self.recipe.objective.caption_dropout
         dropped = (seeding.rand(seeds, seeding.DROPOUT, "cpu") < p).tolist() if p > 0 else [False] * len(seeds)
-        encoders = {**self.backbone.text_encoders, **{k: self.wrapped[k] for k in self.trained_encoders}}
-        with torch.set_grad_enabled(bool(self.trained_encoders)):
+        if self.trained_encoders:
+            encoders = {**self.backbone.text_encoders, **{k: self.wrapped[k] for k in self.trained_encoders}}
             return self.backbone.condition(batch["captions"], dropped, batch, self.device, encoders)
+        with torch.no_grad():
+            if any(dropped) and self._uncond is None:
+                self._uncond = self.backbone.unconditional(self.device)
+            text = {k: v.to(self.device, non_blocking=True) for k, v in batch["text"].items()} if "text" in batch else None
+            return self.backbone.condition(batch["captions"], dropped, batch, self.device, text=text,
+                                           uncond=self._uncond)
 
     def sampling_scheduler_config(self) -> dict:
         """The training schedule as the exported model samples it."""
@@ -161,17 +172,19 @@ class FineTune(Objective):
         return kohya.save_kohya(path, state, alphas, meta, family)
 
     def usage_snippet(self, where: str) -> str:
-        pipe = self.backbone.pipeline_class.__name__
+        cls = self.backbone.pipeline_class
+        pipe = cls.__name__
+        lib = "diffusers" if cls.__module__.startswith("diffusers") else cls.__module__  # our own pipelines
         base = self.recipe.model.pretrained
         if self.recipe.adapter.kind == "lora":
-            return (f"import torch\nfrom diffusers import {pipe}\n\n"
+            return (f"import torch\nfrom {lib} import {pipe}\n\n"
                     f"pipe = {pipe}.from_pretrained({base!r}, torch_dtype=torch.float16).to(\"cuda\")\n"
                     f"pipe.load_lora_weights({where!r})\n"
                     f"image = pipe(\"your prompt\", num_inference_steps=25).images[0]\n")
         key = self.backbone.denoiser_key
-        cls = type(self.denoiser).__name__
-        return (f"import torch\nfrom diffusers import {pipe}, {cls}\n\n"
-                f"{key} = {cls}.from_pretrained({where!r}, subfolder={key!r}, torch_dtype=torch.float16)\n"
+        model = type(self.denoiser).__name__
+        return (f"import torch\nfrom {lib} import {pipe}, {model}\n\n"
+                f"{key} = {model}.from_pretrained({where!r}, subfolder={key!r}, torch_dtype=torch.float16)\n"
                 f"pipe = {pipe}.from_pretrained({base!r}, {key}={key}, torch_dtype=torch.float16).to(\"cuda\")\n"
                 f"image = pipe(\"your prompt\", num_inference_steps=25).images[0]\n")
 
