@@ -91,16 +91,24 @@ class PreparedDataset:
             self._group = (k, self._file(s).read_row_group(g, columns=RECORD_COLUMNS))
         return self._group[1]
 
-    def record(self, i: int) -> dict:
-        """Row i with its image (and conditioning image, or None) decoded to RGB PIL images."""
+    def record(self, i: int, decode: bool = True) -> dict:
+        """Row i with its image (and conditioning image, or None) decoded to RGB PIL images (or left as bytes)."""
         if not -self._len <= i < self._len:
             raise IndexError(f"index {i} out of range for {self._len} records")
         i %= self._len
         k = bisect_right(self._starts, i) - 1
         row = {name: column[0] for name, column in self._row_group(k).slice(i - self._starts[k], 1).to_pydict().items()}
-        row["image"] = decode_image(row["image"])
-        row["conditioning_image"] = decode_image(row["conditioning_image"])
+        if decode:
+            row["image"] = decode_image(row["image"])
+            row["conditioning_image"] = decode_image(row["conditioning_image"])
         return row
+
+    def shard_rows(self) -> list[tuple[Path, int]]:
+        """(shard file, row count) in index order, for files that sit beside the shards row for row."""
+        counts = [0] * len(self.files)
+        for (s, _), start, end in zip(self._where, self._starts, [*self._starts[1:], self._len]):
+            counts[s] += end - start
+        return list(zip(self.files, counts))
 
     def __getstate__(self) -> dict:
         """Open files and the cached group stay behind when a DataLoader worker receives a copy."""

@@ -43,6 +43,7 @@ class DataConfig:
     caption_column: str = "text"
     num_workers: int = _f(2, min=0)     # DataLoader worker processes decoding images
     max_samples: Optional[int] = _f(None, min=1)  # use only the first N records (debugging)
+    use_cache: bool = True              # use `datasets_prep cache` latents/text of this model when present
     trigger_words: tuple[str, ...] = ()  # words the captions use for the new concept (e.g. "sks"); on the card
 
 

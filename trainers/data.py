@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps
 
 from trainers import seeding
-from trainers.config import DataConfig
+from trainers.config import DataConfig, ModelConfig
 from trainers.errors import UserError
 
 
@@ -65,7 +65,7 @@ class ImageFolderDataset:
         caption = row[self.cfg.caption_column] or ""
         image = self._decode(row["image"])
         pixels, crop = square_crop(image, self.cfg, seeding.numpy_rng(seed, seeding.AUGMENT))
-        return {"pixel_values": pixels, "caption": caption, "seed": seed,
+        return {"pixel_values": pixels, "caption": caption, "seed": seed, "target_size": tuple(pixels.shape[-2:]),
                 "original_size": (image.height, image.width), "crop_top_left": crop}
 
 
@@ -106,9 +106,14 @@ def square_crop(image: Image.Image, cfg: DataConfig, rng: np.random.Generator) -
 
 
 class PreparedImages:
-    """Shards written by `python -m datasets_prep prepare`: clean, already resized to their buckets."""
+    """Shards written by `python -m datasets_prep prepare`: clean, already resized to their buckets.
 
-    def __init__(self, cfg: DataConfig):
+    With a matching `datasets_prep cache` for the model, items carry the VAE posterior and text tensors instead
+    of pixels, and nothing is decoded.
+    """
+
+    def __init__(self, cfg: DataConfig, model: ModelConfig | None = None):
+        from datasets_prep.cache import CacheReader, find_cache
         from datasets_prep.reader import PreparedDataset
 
         self.ds, self.cfg = PreparedDataset(cfg.source), cfg
@@ -118,6 +123,11 @@ class PreparedImages:
                             f"set data.resolution: {prepared} or prepare again")
         if len(self.ds) == 0:
             raise UserError(f"data.source: {cfg.source} holds no records (see its report.md)")
+        found = find_cache(cfg.source, model, prepared) if model is not None and cfg.use_cache else None
+        self.cache = CacheReader(found, self.ds.shard_rows()) if found else None
+        if self.cache and cfg.random_flip:
+            raise UserError(f"data.random_flip: the cache {found} holds unflipped latents; set data.random_flip: "
+                            "false, or data.use_cache: false to flip images")
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -128,13 +138,19 @@ class PreparedImages:
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, seed = key
-        rec = self.ds.record(index)
+        rec = self.ds.record(index, decode=self.cache is None)
+        if self.cache is not None:
+            return self.cache.get(index) | {
+                "caption": rec["caption"], "seed": seed, "target_size": (rec["height"], rec["width"]),
+                "original_size": (rec["original_height"], rec["original_width"]),
+                "crop_top_left": (rec["crop_top"], rec["crop_left"])}
         image, left = rec["image"], rec["crop_left"]
         if self.cfg.random_flip and seeding.numpy_rng(seed, seeding.AUGMENT).random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             scale = max(rec["width"] / rec["original_width"], rec["height"] / rec["original_height"])
             left = max(rec["width"], round(rec["original_width"] * scale)) - left - rec["width"]
         return {"pixel_values": to_tensor(image), "caption": rec["caption"], "seed": seed,
+                "target_size": (rec["height"], rec["width"]),
                 "original_size": (rec["original_height"], rec["original_width"]),
                 "crop_top_left": (rec["crop_top"], left)}
 
@@ -145,10 +161,10 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return x.float().div(127.5).sub(1.0)
 
 
-def build_dataset(cfg: DataConfig) -> CaptionedImages:
-    """A prepared dataset (has progress.json) or a raw imagefolder."""
+def build_dataset(cfg: DataConfig, model: ModelConfig | None = None) -> CaptionedImages:
+    """A prepared dataset (has progress.json; cached for `model` if a cache exists) or a raw imagefolder."""
     if (Path(cfg.source) / "progress.json").is_file():
-        return PreparedImages(cfg)
+        return PreparedImages(cfg, model)
     return ImageFolderDataset(cfg)
 
 
@@ -205,13 +221,16 @@ class StepSampler:
 
 
 def collate(items: list[dict]) -> dict:
-    return {
-        "pixel_values": torch.stack([it["pixel_values"] for it in items]),  # (B, 3, R, R)
-        "captions": [it["caption"] for it in items],
-        "seeds": [it["seed"] for it in items],
-        "original_size": [it["original_size"] for it in items],
-        "crop_top_left": [it["crop_top_left"] for it in items],
-    }
+    """Stack tensors (a batch shares one bucket, so one size); keep per-sample records as lists."""
+    batch = {"captions": [it["caption"] for it in items], "seeds": [it["seed"] for it in items]}
+    for key in ("original_size", "crop_top_left", "target_size"):
+        batch[key] = [it[key] for it in items]
+    for key in ("pixel_values", "latent_mean", "latent_std"):  # (B, 3, H, W) pixels or (B, C, h, w) posteriors
+        if key in items[0]:
+            batch[key] = torch.stack([it[key] for it in items])
+    if "text" in items[0]:
+        batch["text"] = {k: torch.stack([it["text"][k] for it in items]) for k in items[0]["text"]}
+    return batch
 
 
 def make_loader(dataset: CaptionedImages, sampler: StepSampler, num_workers: int) -> torch.utils.data.DataLoader:

@@ -62,11 +62,12 @@ class Trainer:
         self.deepspeed = self.accelerator.distributed_type == "DEEPSPEED"
         preflight.check_output_dir(self.out)
         preflight.check_model_folder(recipe)
-        self.dataset = build_dataset(recipe.data)  # bad data fails before the models load
+        self.dataset = build_dataset(recipe.data, recipe.model)  # bad data fails before the models load
         seeding.seed_everything(recipe.train.seed)
         self.backbone = load_backbone(recipe.model)
         self.objective = get_objective(recipe.objective.name)(recipe, self.backbone)
-        self.objective.to(self.device, DTYPES[recipe.precision])
+        self.objective.to(self.device, DTYPES[recipe.precision],
+                          inputs_cached=getattr(self.dataset, "cache", None) is not None)
         modules = self.objective.trained_modules()
         memory.configure(modules, self.backbone.denoiser_key, recipe.memory)
         self.params = self.objective.trainable_named_parameters()
@@ -253,8 +254,9 @@ class Trainer:
         """Sample the validation prompts on the main process; others wait."""
         cfg, path = self.recipe.validation, None
         if self.is_main and cfg.prompts:
-            grid = sample_grid(self.objective.validation_pipeline(), cfg, self.recipe.data.resolution,
-                               self.accelerator.autocast)
+            with self.objective.on_device_for_sampling():
+                grid = sample_grid(self.objective.validation_pipeline(), cfg, self.recipe.data.resolution,
+                                   self.accelerator.autocast)
             path = self.out / "samples" / f"step-{step}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             grid.save(path)

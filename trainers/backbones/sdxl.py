@@ -66,6 +66,6 @@ class SDXLBackbone(SDBackbone):
 
 def time_ids(batch: dict, device) -> torch.Tensor:
     """(B, 6): original (h, w), crop top-left (top, left), target (h, w), from the data records."""
-    target = batch["pixel_values"].shape[-2:]
-    rows = [[*orig, *crop, *target] for orig, crop in zip(batch["original_size"], batch["crop_top_left"])]
+    rows = [[*orig, *crop, *target] for orig, crop, target in
+            zip(batch["original_size"], batch["crop_top_left"], batch["target_size"])]
     return torch.tensor(rows, dtype=torch.float32, device=device)

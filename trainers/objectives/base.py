@@ -4,6 +4,7 @@ Objectives never call backward, save checkpoints or log: they return a loss and 
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -27,9 +28,16 @@ class Objective:
         """Take back the engine's wrapped modules; `loss` calls these, export uses the unwrapped ones."""
         self.wrapped = modules
 
-    def to(self, device: torch.device, frozen_dtype: torch.dtype) -> None:
-        """Put frozen parts on the device in the compute dtype; trainable weights stay float32."""
+    def to(self, device: torch.device, frozen_dtype: torch.dtype, inputs_cached: bool = False) -> None:
+        """Put frozen parts on the device in the compute dtype; trainable weights stay float32.
+
+        inputs_cached: the batches carry latents and text tensors, so encoders may stay off the device.
+        """
         raise NotImplementedError
+
+    def on_device_for_sampling(self):
+        """A context in which every part a sampling pipeline needs is on the device."""
+        return contextlib.nullcontext()
 
     def param_groups(self) -> list[dict]:
         """Optimizer parameter groups (each may carry its own lr)."""

@@ -6,11 +6,13 @@ probability `caption_dropout`, which is what classifier-free guidance needs at s
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
 from trainers import adapters, diffusion, kohya, seeding
+from trainers.backbones.base import LatentDist
 from trainers.errors import ConfigError
 from trainers.objectives.base import Objective
 
@@ -67,19 +69,34 @@ class FineTune(Objective):
     def trained_modules(self):
         return {self.backbone.denoiser_key: self.denoiser, **self.trained_encoders}
 
-    def to(self, device, frozen_dtype):
+    def to(self, device, frozen_dtype, inputs_cached: bool = False):
+        """Frozen parts in the compute dtype; with cached inputs the VAE and frozen encoders stay on the CPU."""
         self.device = torch.device(device)
         full = self.recipe.adapter.kind == "full"
         vae_fp32 = self.backbone.vae.config.get("force_upcast", False)  # SDXL's VAE overflows in fp16
+        frozen_encoders = [m for k, m in self.backbone.text_encoders.items() if k not in self.trained_encoders]
+        self.offloaded = [self.backbone.vae, *frozen_encoders] if inputs_cached else []
         for module in [self.backbone.vae, *self.backbone.text_encoders.values(), self.denoiser]:
             fp32 = (full and module is self.denoiser) or (vae_fp32 and module is self.backbone.vae)
             dtype = torch.float32 if fp32 else frozen_dtype
-            module.to(self.device)
+            if module not in self.offloaded:
+                module.to(self.device)
             if dtype != torch.float32:  # diffusers warns on any dtype cast, so cast only when needed
                 module.to(dtype)
         for p in self.trainable_named_parameters().values():
             p.data = p.data.float()  # master weights in float32 under mixed precision
         self.acp = self.acp.to(self.device)
+
+    @contextlib.contextmanager
+    def on_device_for_sampling(self):
+        """Bring offloaded parts to the device while a pipeline samples, then back to the CPU."""
+        for m in self.offloaded:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in self.offloaded:
+                m.to("cpu")
 
     def param_groups(self):
         opt = self.recipe.optimizer
@@ -91,7 +108,7 @@ class FineTune(Objective):
 
     def loss(self, batch, step):
         obj, seeds, device = self.recipe.objective, batch["seeds"], self.device
-        x0 = self.encode_latents(batch["pixel_values"], seeds)  # (B, C, h, w)
+        x0 = self.encode_latents(batch, seeds)  # (B, C, h, w)
         cond = self.condition(batch, seeds)
         eps = seeding.randn(seeds, seeding.NOISE, x0.shape[1:], device)
         if obj.noise_offset:
@@ -110,8 +127,13 @@ class FineTune(Objective):
         return loss, {"loss": loss.detach()}
 
     @torch.no_grad()
-    def encode_latents(self, pixels, seeds):
-        dist = self.backbone.encode_images(pixels.to(self.device, non_blocking=True))
+    def encode_latents(self, batch, seeds):
+        """z ~ q(z|x) with seeded noise, from the cached posterior when the batch carries one."""
+        if "latent_mean" in batch:
+            dist = LatentDist(batch["latent_mean"].to(self.device, non_blocking=True),
+                              batch["latent_std"].to(self.device, non_blocking=True))
+        else:
+            dist = self.backbone.encode_images(batch["pixel_values"].to(self.device, non_blocking=True))
         return self.backbone.latents_from(dist, seeding.randn(seeds, seeding.LATENT, dist.mean.shape[1:], self.device))
 
     def condition(self, batch, seeds):
@@ -127,7 +149,8 @@ class FineTune(Objective):
             return self.backbone.condition(batch["captions"], dropped, batch, self.device, encoders)
         with torch.no_grad():
             if any(dropped) and self._uncond is None:
-                self._uncond = self.backbone.unconditional(self.device)
+                where = "cpu" if self.offloaded else self.device
+                self._uncond = {k: v.to(self.device) for k, v in self.backbone.unconditional(where).items()}
             text = {k: v.to(self.device, non_blocking=True) for k, v in batch["text"].items()} if "text" in batch else None
             return self.backbone.condition(batch["captions"], dropped, batch, self.device, text=text,
                                            uncond=self._uncond)
