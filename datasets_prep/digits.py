@@ -28,9 +28,12 @@ def render_digit(pixels: np.ndarray, size: int, colour: tuple, background: tuple
     return Image.fromarray(np.round(rgb).astype(np.uint8), mode="RGB")
 
 
-def caption(digit: int, colour: str, background: str) -> str:
-    """Describe class, colour and background, so captions carry more than the label."""
-    return f"a handwritten digit {DIGIT_WORDS[digit]} in {colour} on a {background} background"
+def caption(digit: int, colour: str, background: str, subject: str | None = None) -> str:
+    """Describe class, colour and background, so captions carry more than the label.
+
+    `subject` replaces "handwritten digit <word>" (a DreamBooth instance set names its subject "sks digit").
+    """
+    return f"a {subject or 'handwritten digit ' + DIGIT_WORDS[digit]} in {colour} on a {background} background"
 
 
 def plan(targets: np.ndarray, seed: int) -> list[tuple[int, str, str]]:
@@ -63,12 +66,16 @@ def remove_stale(images: Path, keep: set[str]) -> None:
             path.unlink()
 
 
-def write_digits_dataset(out, n: int | None = None, size: int = 64, seed: int = 0) -> int:
-    """Write an imagefolder (images/*.png + metadata.jsonl) that training can load with no download."""
+def write_digits_dataset(out, n: int | None = None, size: int = 64, seed: int = 0, only: int | None = None,
+                         subject: str | None = None) -> int:
+    """Write an imagefolder (images/*.png + metadata.jsonl) that training can load with no download.
+
+    only: keep one digit class; subject: its name in the captions (see `caption`).
+    """
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    chosen = plan(digits.target, seed)[:n]
+    chosen = [c for c in plan(digits.target, seed) if only is None or digits.target[c[0]] == only][:n]
     images = Path(out) / "images"
     images.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -76,7 +83,7 @@ def write_digits_dataset(out, n: int | None = None, size: int = 64, seed: int = 
         name = f"{k:05d}.png"
         image = render_digit(digits.images[index], size, COLOURS[colour], BACKGROUNDS[background])
         write_atomically(images / name, png_bytes(image))
-        rows.append({"file_name": f"images/{name}", "text": caption(int(digits.target[index]), colour, background)})
+        rows.append({"file_name": f"images/{name}", "text": caption(int(digits.target[index]), colour, background, subject)})
     remove_stale(images, {Path(r["file_name"]).name for r in rows})
     text = "".join(json.dumps(r) + "\n" for r in rows)
     write_atomically(Path(out) / "metadata.jsonl", text.encode("utf-8"))

@@ -7,6 +7,7 @@ from PIL import Image
 from trainers import seeding
 from trainers.config import DataConfig
 from trainers.data import StepSampler, square_crop
+from trainers.engine import Trainer
 from trainers.errors import UserError
 
 
@@ -97,3 +98,31 @@ def test_flip_mirrors_the_crop_left_edge():
     img = Image.fromarray(np.zeros((16, 40, 3), dtype=np.uint8))
     lefts = {square_crop(img, cfg, seeding.numpy_rng(s, seeding.AUGMENT))[1][1] for s in range(20)}
     assert all(0 <= left <= 40 - 16 for left in lefts)
+
+
+def test_mixed_sources_repeat_and_weight(recipe_for, digits_data, tmp_path):
+    """DreamBooth with prior preservation: instance images repeated, class images weighted by lambda."""
+    from datasets_prep.digits import write_digits_dataset
+    from trainers.config import load_recipe
+    from trainers.engine import Trainer
+
+    sevens = tmp_path / "sevens"
+    assert write_digits_dataset(sevens, n=4, only=7, subject="sks digit") == 4
+    assert all("sks digit" in line for line in (sevens / "metadata.jsonl").read_text().splitlines())
+    recipe = load_recipe("recipes/demo/sd15_dreambooth_tiny.yaml", [
+        f"model.pretrained={recipe_for().model.pretrained}", f"data.source={sevens}",
+        f"data.extra_sources=[{{source: {digits_data}, loss_weight: 0.5}}]", "data.repeats=3",
+        f"output_dir={tmp_path}/run", "train.max_steps=2", "train.report_to=none", "validation.every_steps=0"])
+    trainer = Trainer(recipe)
+    data = trainer.dataset
+    assert len(data) == 4 + 64 and sorted(map(len, data.buckets())) == [12, 64]  # 4 sevens x 3 repeats
+    assert data[(0, 1)]["loss_weight"] == 1.0 and data[(4, 1)]["loss_weight"] == 0.5
+    assert trainer.fit().final_dir.is_dir()
+
+
+def test_zero_loss_weight_silences_a_source(recipe_for, tmp_path):
+    args = ("train.max_steps=2", "train.log_every=1", "data.loss_weight=0.0", "optimizer.weight_decay=0")
+    trainer = Trainer(recipe_for(*args))
+    before = {k: p.detach().clone() for k, p in trainer.params.items()}
+    trainer.fit()
+    assert all(torch.equal(before[k], p) for k, p in trainer.params.items())

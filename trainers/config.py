@@ -34,12 +34,21 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    source: str = REQUIRED              # another prepared dataset or imagefolder
+    repeats: int = _f(1, min=1)         # how often each image appears per epoch (kohya's repeats)
+    loss_weight: float = _f(1.0, min=0.0)  # e.g. prior preservation's lambda for class images
+
+
+@dataclass(frozen=True)
 class DataConfig:
     source: str = REQUIRED              # `datasets_prep prepare` output, or an imagefolder with metadata.jsonl
+    repeats: int = _f(1, min=1)         # of data.source, relative to extra_sources
+    loss_weight: float = _f(1.0, min=0.0)
+    extra_sources: tuple[SourceConfig, ...] = ()  # trained together with data.source (DreamBooth: class images)
     resolution: int = _f(512, min=8)    # imagefolder: square side after resize + crop; prepared: must match
     center_crop: bool = True            # False: a random crop (seeded per sample)
     random_flip: bool = False           # horizontal flip with p=0.5; off when captions name left/right
-    image_column: str = "file_name"
     caption_column: str = "text"
     num_workers: int = _f(2, min=0)     # DataLoader worker processes decoding images
     max_samples: Optional[int] = _f(None, min=1)  # use only the first N records (debugging)

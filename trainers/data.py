@@ -6,6 +6,7 @@ micro-batches and ranks does not change what is drawn.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -161,7 +162,42 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return x.float().div(127.5).sub(1.0)
 
 
+class MixedSources:
+    """Several sources as one index space; each keeps its buckets, repeats and loss weight."""
+
+    def __init__(self, parts: list[CaptionedImages], repeats: list[int], loss_weights: list[float]):
+        self.parts, self.repeats, self.loss_weights = parts, repeats, loss_weights
+        self.offsets = np.cumsum([0, *map(len, parts)])[:-1]
+        self.cache = getattr(parts[0], "cache", None)
+        kinds = {type(p).__name__ + str(getattr(p, "cache", None) is not None) for p in parts}
+        if len(kinds) > 1:  # a batch must stack: all pixels, or all cached latents
+            raise UserError("data.extra_sources: mix only sources of one kind (all prepared and cached, "
+                            "all prepared, or all imagefolders)")
+
+    def __len__(self) -> int:
+        return int(sum(map(len, self.parts)))
+
+    def buckets(self) -> list[np.ndarray]:
+        return [np.tile(b + off, reps) for part, off, reps in zip(self.parts, self.offsets, self.repeats)
+                for b in part.buckets()]
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, seed = key
+        s = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.parts[s][(index - int(self.offsets[s]), seed)] | {"loss_weight": self.loss_weights[s]}
+
+
 def build_dataset(cfg: DataConfig, model: ModelConfig | None = None) -> CaptionedImages:
+    """The recipe's data: one source, or several mixed with repeats and loss weights."""
+    sources = [(cfg.source, cfg.repeats, cfg.loss_weight),
+               *((s.source, s.repeats, s.loss_weight) for s in cfg.extra_sources)]
+    parts = [build_source(dataclasses.replace(cfg, source=src), model) for src, _, _ in sources]
+    if len(parts) == 1 and cfg.repeats == 1 and cfg.loss_weight == 1.0:
+        return parts[0]
+    return MixedSources(parts, [r for _, r, _ in sources], [w for _, _, w in sources])
+
+
+def build_source(cfg: DataConfig, model: ModelConfig | None) -> CaptionedImages:
     """A prepared dataset (has progress.json; cached for `model` if a cache exists) or a raw imagefolder."""
     if (Path(cfg.source) / "progress.json").is_file():
         return PreparedImages(cfg, model)
@@ -228,6 +264,8 @@ def collate(items: list[dict]) -> dict:
     for key in ("pixel_values", "latent_mean", "latent_std"):  # (B, 3, H, W) pixels or (B, C, h, w) posteriors
         if key in items[0]:
             batch[key] = torch.stack([it[key] for it in items])
+    if "loss_weight" in items[0]:
+        batch["loss_weight"] = torch.tensor([it["loss_weight"] for it in items])
     if "text" in items[0]:
         batch["text"] = {k: torch.stack([it["text"][k] for it in items]) for k in items[0]["text"]}
     return batch

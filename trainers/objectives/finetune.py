@@ -123,6 +123,8 @@ class FineTune(Objective):
         if obj.snr_gamma:
             snr_t = diffusion.snr(alpha_t, sigma_t).clamp(min=1e-12)
             per_sample = per_sample * diffusion.min_snr_weight(snr_t, obj.snr_gamma, self.prediction_type)
+        if "loss_weight" in batch:  # per-source weights, e.g. prior preservation
+            per_sample = per_sample * batch["loss_weight"].to(device, non_blocking=True)
         loss = per_sample.mean()
         return loss, {"loss": loss.detach()}
 
