@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trainers.devices import host_to_device
+
 
 @dataclass
 class LatentDist:
@@ -49,7 +51,7 @@ class Backbone:
         text = text if text is not None else self.encode_text(captions, device, text_encoders)
         if any(dropped):
             uncond = uncond if uncond is not None else self.unconditional(device, text_encoders)
-            mask = torch.tensor(dropped, device=device)
+            mask = host_to_device(dropped, device)
             text = {k: torch.where(mask.view(-1, *[1] * (v.dim() - 1)), uncond[k].to(v.dtype), v)
                     for k, v in text.items()}
         return self.denoiser_kwargs(text, batch, device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from trainers.backbones.loading import ModelSource
+from trainers.devices import host_to_device
 from trainers.backbones.sd import SDBackbone, load_components, load_single_file
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -68,4 +69,4 @@ def time_ids(batch: dict, device) -> torch.Tensor:
     """(B, 6): original (h, w), crop top-left (top, left), target (h, w), from the data records."""
     rows = [[*orig, *crop, *target] for orig, crop, target in
             zip(batch["original_size"], batch["crop_top_left"], batch["target_size"])]
-    return torch.tensor(rows, dtype=torch.float32, device=device)
+    return host_to_device(rows, device, torch.float32)
