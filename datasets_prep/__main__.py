@@ -16,11 +16,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """Like positive_int, for thresholds where 0 is meaningful."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def run_digits(args: argparse.Namespace) -> int:
     """Write the scikit-learn digits imagefolder; imported here so other commands skip sklearn."""
     from datasets_prep.digits import write_digits_dataset
 
-    count = write_digits_dataset(args.out, n=args.n, size=args.size, seed=args.seed)
+    count = write_digits_dataset(args.out, n=args.n, size=args.size, seed=args.seed, only=args.only,
+                                 subject=args.subject)
     print(f"wrote {count} images to {args.out}")
     return 0
 
@@ -32,6 +41,9 @@ def add_digits(commands) -> None:
     parser.add_argument("--n", type=positive_int, default=None, help="number of images (default: all 1797)")
     parser.add_argument("--size", type=positive_int, default=64, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="seed for order, colours and backgrounds")
+    parser.add_argument("--only", type=int, choices=range(10), default=None, help="keep one digit class")
+    parser.add_argument("--subject", default=None, help='caption name instead of "handwritten digit <word>", '
+                        'e.g. "sks digit" for a DreamBooth instance set')
     parser.set_defaults(run=run_digits)
 
 
@@ -42,11 +54,15 @@ def run_prepare(args: argparse.Namespace) -> int:
 
     if not 1 <= args.jpeg_quality <= 100:
         raise UserError(f"--jpeg-quality must be between 1 and 100, got {args.jpeg_quality}")
+    canny = {k: v for k, v in (("canny_low", args.canny_low), ("canny_high", args.canny_high)) if v is not None}
+    if canny and args.conditioning != "canny":
+        raise UserError("--canny-low/--canny-high apply only with --conditioning canny")
     columns = Columns(image=args.image_column, caption=args.caption_column, conditioning=args.conditioning_column)
     options = PrepareOptions(
         resolution=args.resolution, buckets=args.buckets, caption_policy=args.caption_policy,
         max_pixels=args.max_pixels, min_size=args.min_size, image_format=args.image_format,
-        jpeg_quality=args.jpeg_quality, columns=columns, shard_rows=args.shard_rows, group_rows=args.row_group_rows)
+        jpeg_quality=args.jpeg_quality, columns=columns, shard_rows=args.shard_rows, group_rows=args.row_group_rows,
+        conditioning=args.conditioning, **canny)
     try:
         report = prepare(args.source, args.out, options, workers=args.workers, overwrite=args.overwrite)
     except KeyboardInterrupt:
@@ -83,6 +99,13 @@ def add_prepare(commands) -> None:
                         help="caption column (metadata, datasets, parquet, tar .json)")
     parser.add_argument("--conditioning-column", default="conditioning_image",
                         help="ControlNet conditioning image column")
+    parser.add_argument("--conditioning", choices=("canny",), default=None,
+                        help="derive a conditioning image for inputs without one: canny = white edges on black, "
+                             "found on the resized and cropped image (needs opencv-python-headless)")
+    parser.add_argument("--canny-low", type=non_negative_int, default=None,
+                        help="Canny's lower hysteresis threshold (default 100)")
+    parser.add_argument("--canny-high", type=non_negative_int, default=None,
+                        help="Canny's upper hysteresis threshold (default 200)")
     parser.add_argument("--shard-rows", type=positive_int, default=1000, help="rows per parquet shard")
     parser.add_argument("--row-group-rows", type=positive_int, default=16,
                         help="rows per parquet row group, the unit of random access: smaller reads less per record")
@@ -105,7 +128,31 @@ def add_inspect(commands) -> None:
     parser.set_defaults(run=run_inspect)
 
 
-COMMANDS = (add_digits, add_prepare, add_inspect)
+def run_cache(args: argparse.Namespace) -> int:
+    """Encode latents and text once for one model, beside the prepared shards."""
+    from datasets_prep.cache import write_cache
+    from trainers.config import ModelConfig
+
+    model = ModelConfig(pretrained=args.model, revision=args.revision, variant=args.variant)
+    print(f"cache written to {write_cache(args.data, model, args.batch_size, args.dtype, args.device)}")
+    return 0
+
+
+def add_cache(commands) -> None:
+    """Register `cache`: VAE posteriors and text embeddings, so training skips those encoders."""
+    parser = commands.add_parser("cache", help="precompute latents and text embeddings for one model")
+    parser.add_argument("--data", required=True, type=Path, help="a folder written by prepare")
+    parser.add_argument("--model", required=True, help="the model.pretrained the recipe will train")
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--variant", default=None)
+    parser.add_argument("--batch-size", default=16, type=positive_int)
+    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+                        help="storage dtype (float32 reproduces uncached training exactly)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.set_defaults(run=run_cache)
+
+
+COMMANDS = (add_digits, add_prepare, add_inspect, add_cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

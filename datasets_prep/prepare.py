@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from datasets_prep import conditioning
 from datasets_prep.buckets import make_buckets
 from datasets_prep.parallel import results
 from datasets_prep.process import ProcessConfig, Skipped
@@ -17,6 +18,7 @@ from datasets_prep.sources import Columns, Source, open_source
 from trainers.errors import UserError
 
 FORMAT = 1  # bump when the shard layout changes, so old outputs are not resumed into new ones
+CONDITIONING = ("conditioning", "canny_low", "canny_high")  # PrepareOptions fields recorded only with --conditioning
 
 
 @dataclass(frozen=True)
@@ -33,12 +35,19 @@ class PrepareOptions:
     columns: Columns = field(default_factory=Columns)
     shard_rows: int = 1000
     group_rows: int = 16  # rows per parquet row group: the unit the reader fetches for one record
+    conditioning: str | None = None  # canny: derive an edge map for inputs without a conditioning image
+    canny_low: int = 100  # Canny hysteresis thresholds (diffusers' ControlNet examples use 100 and 200)
+    canny_high: int = 200
 
     def params(self, sources: list[str]) -> dict:
-        """A flat, JSON-able record of the options and the resolved source paths."""
-        flat = {k: v for k, v in vars(self).items() if k != "columns"}
+        """A flat, JSON-able record of the options and the resolved source paths.
+
+        The conditioning options appear only when used, so outputs prepared before they existed still resume.
+        """
+        flat = {k: v for k, v in vars(self).items() if k not in ("columns", *CONDITIONING)}
         columns = {f"{k}_column": v for k, v in vars(self.columns).items() if k != "require_caption"}
-        return {"format": FORMAT, "source": [str(Path(s).resolve()) for s in sources], **flat, **columns}
+        derived = {k: getattr(self, k) for k in CONDITIONING} if self.conditioning else {}
+        return {"format": FORMAT, "source": [str(Path(s).resolve()) for s in sources], **flat, **columns, **derived}
 
 
 def bucket_list(options: PrepareOptions) -> list[tuple[int, int]]:
@@ -135,6 +144,8 @@ def prepare(sources: list[str], out, options: PrepareOptions = PrepareOptions(),
     out = Path(out)
     check_paths(sources, out)
     buckets = bucket_list(options)
+    if options.conditioning:
+        conditioning.check(options.conditioning, options.canny_low, options.canny_high)
     columns = replace(options.columns, require_caption=options.caption_policy == "skip")
     source = open_source(sources, columns)
     progress = open_output(out, options.params(sources), overwrite)
@@ -142,6 +153,7 @@ def prepare(sources: list[str], out, options: PrepareOptions = PrepareOptions(),
     write_atomically(out / "buckets.json", json.dumps(bucket_file) + "\n")
     if progress.finished is None:
         config = ProcessConfig(tuple(buckets), options.caption_policy, options.max_pixels, options.min_size,
-                               options.image_format, options.jpeg_quality)
+                               options.image_format, options.jpeg_quality, options.conditioning,
+                               options.canny_low, options.canny_high)
         run(source, out, progress, config, options, workers)
     return write_report(out, progress, source.describe(), buckets)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from datasets_prep import sanitize
+from datasets_prep import conditioning, sanitize
 from datasets_prep.buckets import cover_crop, nearest_bucket
 from datasets_prep.sanitize import Rejected
 from datasets_prep.sources import SourceItem
@@ -26,6 +26,9 @@ class ProcessConfig:
     min_size: int = 64
     image_format: str = "jpeg"  # jpeg | png
     jpeg_quality: int = 95
+    conditioning: str | None = None  # derive a conditioning image (canny) for inputs that have none
+    canny_low: int = 100  # Canny hysteresis thresholds on the gradient magnitude
+    canny_high: int = 200
 
 
 @dataclass
@@ -120,6 +123,15 @@ def conditioning_image(value: bytes | Path, resized, crop, bucket, config: Proce
         raise Rejected(f"conditioning_{error.reason}", error.detail) from None
 
 
+def derived_conditioning(image: Image.Image, config: ProcessConfig) -> bytes:
+    """A conditioning image computed from the final image at the bucket size, which is what the ControlNet sees.
+
+    Edges found after resizing stay one pixel wide and binary; edges found on the source and then resized would
+    be blurred to grey by the resampling and thinned or lost when shrinking. PNG, like given conditioning images.
+    """
+    return encode(conditioning.derive(image, config.conditioning, config.canny_low, config.canny_high), "png", 0)
+
+
 def build_row(item: SourceItem, config: ProcessConfig) -> dict:
     """Validate, decode, bucket, resize and encode one input; raises Rejected with the reason to skip it."""
     if item.error:
@@ -135,9 +147,9 @@ def build_row(item: SourceItem, config: ProcessConfig) -> dict:
         bucket = config.buckets[index]
         rw, rh, left, top = cover_crop(width, height, bucket)
         image = sanitize.to_rgb(sanitize.decode(image, (rw, rh)))
+    image = fit(image, (rw, rh), (left, top), bucket)
     row = {
-        "key": item.key, "image": encode(fit(image, (rw, rh), (left, top), bucket), config.image_format,
-                                         config.jpeg_quality),
+        "key": item.key, "image": encode(image, config.image_format, config.jpeg_quality),
         "caption": caption, "width": bucket[0], "height": bucket[1], "original_width": width,
         "original_height": height, "crop_top": top, "crop_left": left, "bucket": index,
         "sha256": hashlib.sha256(data).hexdigest(), "conditioning_image": None,
@@ -145,6 +157,8 @@ def build_row(item: SourceItem, config: ProcessConfig) -> dict:
     }
     if item.conditioning is not None:
         row["conditioning_image"] = conditioning_image(item.conditioning, (rw, rh), (left, top), bucket, config)
+    elif config.conditioning:  # the source's own conditioning image, when it has one, always wins
+        row["conditioning_image"] = derived_conditioning(image, config)
     return row
 
 
