@@ -52,3 +52,16 @@ def test_flip_with_a_cache_is_refused(prepared, tiny_sd15, recipe_for):
     assert prep(["cache", "--data", str(prepared), "--model", str(tiny_sd15), "--dtype", "float32"]) == 0
     with pytest.raises(UserError, match="data.random_flip"):
         Trainer(recipe_for(f"data.source={prepared}", "data.random_flip=true"))
+
+
+def test_sdxl_cache_holds_both_encoders_and_the_pooled_output(prepared, tiny_sdxl, recipe_for, tmp_path):
+    from safetensors import safe_open
+
+    assert prep(["cache", "--data", str(prepared), "--model", str(tiny_sdxl), "--dtype", "float32"]) == 0
+    path = find_cache(prepared, ModelConfig(pretrained=str(tiny_sdxl)), 64)
+    with safe_open(str(next(path.glob("*.safetensors"))), framework="pt") as f:
+        assert f.get_tensor("0.text.hidden").shape == (77, 64)  # 32 + 32 from the two encoders
+        assert f.get_tensor("0.text.pooled").shape == (32,)
+    trainer = Trainer(recipe_for(f"model.pretrained={tiny_sdxl}", f"data.source={prepared}", "train.max_steps=2",
+                                 "train.batch_size=4", "objective.caption_dropout=0.5"))
+    assert trainer.dataset.cache is not None and trainer.fit().step == 2
