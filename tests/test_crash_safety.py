@@ -18,7 +18,7 @@ KILLS = 20
 def test_sigkill_at_20_random_moments_then_resume_finishes(tiny_sd15, digits_data, tmp_path):
     out, rng = tmp_path / "run", random.Random(0)
     args = [sys.executable, "launch/train.py", "recipes/demo/sd15_lora_tiny.yaml", f"model.pretrained={tiny_sd15}",
-            f"data.source={digits_data}", f"output_dir={out}", "train.max_steps=60", "checkpoint.every_steps=1",
+            f"data.source={digits_data}", f"output_dir={out}", "train.max_steps=300", "checkpoint.every_steps=1",
             "checkpoint.keep_last=2", "train.log_every=1", "train.report_to=none", "validation.every_steps=0",
             "data.num_workers=0", "train.batch_size=2", "lr_schedule.name=constant"]
     metrics, seen_tmp, resumed_from = out / "logs" / "metrics.jsonl", 0, []
@@ -43,5 +43,5 @@ def test_sigkill_at_20_random_moments_then_resume_finishes(tiny_sd15, digits_dat
     finish = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert finish.returncode == 0, finish.stderr[-2000:]
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
-    assert resumed_from == sorted(resumed_from) and resumed_from[-1] < 60
+    assert resumed_from == sorted(resumed_from) and resumed_from[-1] < 300  # still mid-run at the last kill
     assert seen_tmp >= 1, "no kill landed inside a checkpoint write; raise KILLS or the write share"

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from trainers import adapters, kohya
-from trainers.config import AdapterConfig
 from trainers.errors import UserError
 
 RANK, ALPHA = 4, 8.0  # alpha != rank on purpose: a file carrying alpha = rank loads at half strength
@@ -76,8 +75,10 @@ def add_lora(tiny_sd15, unet_targets):
 
 @pytest.fixture(scope="module")
 def trained(tiny_sd15):
-    """LoRA on the recipes' default U-Net targets (attention projections)."""
-    return add_lora(tiny_sd15, list(AdapterConfig().target_modules))
+    """LoRA on SD's default U-Net targets (attention projections)."""
+    from trainers.backbones.sd import SDBackbone
+
+    return add_lora(tiny_sd15, list(SDBackbone.lora_targets))
 
 
 @pytest.fixture(scope="module")

@@ -157,10 +157,11 @@ def test_exported_lora_loads_in_a_fresh_process(recipe_for, tiny_sd15, tiny_sdxl
             assert (fresh[name] - fresh[f"base_{name}"]).abs().max() > 1e-4
 
 
-def test_full_finetune_exports_a_unet_folder(recipe_for, tmp_path):
+def test_full_finetune_exports_a_unet_folder(recipe_for, family_model):
     from diffusers import UNet2DConditionModel
 
-    trainer = Trainer(recipe_for("adapter.kind=full", "train.max_steps=3", "optimizer.lr=1e-3"))
+    trainer = Trainer(recipe_for("adapter.kind=full", "train.max_steps=3", "optimizer.lr=1e-3",
+                                 f"model.pretrained={family_model}"))
     final = trainer.fit().final_dir
     unet = UNet2DConditionModel.from_pretrained(final / "unet")
     ours = trainer.backbone.denoiser.state_dict()
