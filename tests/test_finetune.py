@@ -12,10 +12,12 @@ from trainers.errors import ConfigError
     ("objective.prediction_type=v_prediction", "objective.zero_terminal_snr=true", "objective.snr_gamma=5"),
     ("objective.snr_gamma=5", "objective.noise_offset=0.1"),
     ("optimizer.name=adamw8bit",),
+    ("optimizer.name=paged_adamw8bit",),
+    ("optimizer.name=lion8bit", "optimizer.lr=1e-4", "optimizer.betas=[0.9, 0.99]"),
     ("memory.gradient_checkpointing=true", "adapter.text_encoder=true"),
     ("precision=bf16",),
     ("adapter.kind=full", "ema.enabled=true", "lr_schedule.name=linear"),
-], ids=["v_ztsnr_minsnr", "minsnr_offset", "adamw8bit", "checkpointing_te", "bf16", "full_ema"])
+], ids=["v_ztsnr_minsnr", "minsnr_offset", "adamw8bit", "paged_adamw8bit", "lion8bit", "checkpointing_te", "bf16", "full_ema"])
 def test_options_train_with_finite_loss(recipe_for, options):
     trainer = Trainer(recipe_for("train.max_steps=2", "train.log_every=1", "train.batch_size=2", *options))
     before = {k: p.detach().clone() for k, p in trainer.params.items()}

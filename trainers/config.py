@@ -80,7 +80,9 @@ class AdapterConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    name: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes, about 1/4 the state memory
+    # 8-bit (bitsandbytes) states take ~1/4 the memory; paged_ pages them to CPU under pressure (CUDA only);
+    # lion8bit keeps one state (use ~3-10x lower lr than AdamW and betas [0.9, 0.99])
+    name: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion8bit"] = "adamw"
     lr: float = _f(1e-4, min=0.0)
     text_encoder_lr: Optional[float] = _f(None, min=0.0)  # None: same as lr
     betas: tuple[float, float] = (0.9, 0.999)

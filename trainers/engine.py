@@ -87,7 +87,7 @@ class Trainer:
         """Bytes for weights, gradients, optimizer state and EMA; activations depend on batch and resolution."""
         trainable, frozen = self.parameter_counts()
         frozen_bytes = torch.finfo(DTYPES[self.recipe.precision]).bits // 8
-        state_bytes = 2 if self.recipe.optimizer.name == "adamw8bit" else 8
+        state_bytes = memory.optimizer_state_bytes(self.recipe.optimizer.name)
         return frozen * frozen_bytes + trainable * (4 + 4 + state_bytes + (4 if self.ema else 0))
 
     def fit(self, until: int | None = None) -> TrainResult:
@@ -182,6 +182,9 @@ class Trainer:
             if len(modules) != 1:
                 raise UserError(f"DeepSpeed trains one module, this recipe trains {', '.join(names)}: "
                                 "set adapter.text_encoder: false or use accelerate_configs/multi_gpu.yaml")
+            if r.optimizer.name in memory.BNB_OPTIMIZERS:
+                raise UserError(f"optimizer.name: {r.optimizer.name} (bitsandbytes) cannot be sharded by DeepSpeed "
+                                "ZeRO; use optimizer.name: adamw with DeepSpeed, or a DDP config")
             acc.state.deepspeed_plugin.deepspeed_config.update(
                 train_micro_batch_size_per_gpu=r.train.batch_size, gradient_accumulation_steps=r.train.grad_accum,
                 gradient_clipping=r.optimizer.max_grad_norm)

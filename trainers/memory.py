@@ -34,14 +34,24 @@ def enable_xformers(denoiser: torch.nn.Module) -> None:
     denoiser.enable_xformers_memory_efficient_attention()
 
 
+BNB_OPTIMIZERS = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit", "lion8bit": "Lion8bit"}
+
+
+def optimizer_state_bytes(name: str) -> int:
+    """Bytes of optimizer state per trainable parameter."""
+    return {"adamw": 8, "lion8bit": 1}.get(name, 2)
+
+
 def make_optimizer(groups: list[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
     kwargs = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
-    if cfg.name == "adamw8bit":
+    if cfg.name in BNB_OPTIMIZERS:
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise UserError("optimizer.name: adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
-        return bnb.optim.AdamW8bit(groups, **kwargs)
+            raise UserError(f"optimizer.name: {cfg.name} needs bitsandbytes (pip install bitsandbytes)") from None
+        if cfg.name == "lion8bit":
+            kwargs.pop("eps")  # Lion has no denominator
+        return getattr(bnb.optim, BNB_OPTIMIZERS[cfg.name])(groups, **kwargs)
     # fused AdamW skips a step on the device when told of non-finite gradients (engine: no host sync)
     fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, fused=fused or None, **kwargs)

@@ -49,5 +49,6 @@ def check_disk(output_dir: Path, checkpoint_bytes: int) -> None:
 
 def checkpoint_bytes(trainable: int, optimizer: str, ema: bool) -> int:
     """Trainable weights in float32, the optimizer's two moments, and the EMA copy."""
-    moments = 2 if optimizer == "adamw8bit" else 8
-    return trainable * (4 + moments + (4 if ema else 0))
+    from trainers.memory import optimizer_state_bytes
+
+    return trainable * (4 + optimizer_state_bytes(optimizer) + (4 if ema else 0))
