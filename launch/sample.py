@@ -5,14 +5,7 @@ import sys
 from pathlib import Path
 
 from trainers.errors import UserError
-
-SCHEDULERS = {
-    "default": None,
-    "dpmsolver": "DPMSolverMultistepScheduler",
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "lcm": "LCMScheduler",
-}
+from trainers.schedulers import SCHEDULERS, set_scheduler
 
 
 def positive_int(text: str) -> int:
@@ -28,7 +21,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--pipeline", required=True, type=Path, help="diffusers pipeline folder (model_index.json)")
     parser.add_argument("--lora", type=Path, help="LoRA folder or weights file to load on top")
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default="default")
+    parser.add_argument("--scheduler", choices=["default", *SCHEDULERS], default="default")
     parser.add_argument("--steps", required=True, type=positive_int, help="inference steps")
     parser.add_argument("--prompt", required=True, action="append", help="repeat for more rows")
     parser.add_argument("--guidance", type=float, default=7.5)
@@ -76,15 +69,6 @@ def load_pipeline(path: Path, device: str, dtype: str):
     return pipe.to(device)
 
 
-def set_scheduler(pipe, name: str) -> None:
-    """Swap the scheduler, keeping the trained noise schedule from the current one's config."""
-    if SCHEDULERS[name] is None:
-        return
-    import diffusers
-
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
-
-
 def check_size(pipe, args: argparse.Namespace) -> None:
     """Refuse sizes the VAE cannot map to latents, naming the factor instead of a traceback."""
     factor = getattr(pipe, "vae_scale_factor", 1)
@@ -115,7 +99,8 @@ def sample(args: argparse.Namespace) -> Path:
     check_paths(args)
     pipe = load_pipeline(args.pipeline, resolve_device(args.device), args.dtype)
     check_size(pipe, args)
-    set_scheduler(pipe, args.scheduler)
+    if args.scheduler != "default":
+        set_scheduler(pipe, args.scheduler)
     if args.lora is not None:
         pipe.load_lora_weights(str(args.lora))
     grid = make_grid(generate(pipe, args), rows=len(args.prompt), cols=args.images_per_prompt)

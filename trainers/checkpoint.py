@@ -54,7 +54,7 @@ def save(output_dir: Path, step: int, tensors: dict[str, torch.Tensor], training
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp / "weights.safetensors")
     torch.save(training_state | {"rng": rng_state()}, tmp / "training_state.pt")
     (tmp / STATE).write_text(json.dumps(meta | {"step": step}, indent=2))
-    _fsync_dir(tmp)
+    _fsync_files(tmp)
     if final.exists():  # a re-save of the same step (e.g. a final save after a periodic one)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -104,7 +104,8 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def _fsync_dir(folder: Path) -> None:
+def _fsync_files(folder: Path) -> None:
+    """Flush every file to disk before the rename makes the checkpoint visible."""
     for f in folder.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

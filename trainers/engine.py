@@ -87,8 +87,9 @@ class Trainer:
         """Bytes for weights, gradients, optimizer state and EMA; activations depend on batch and resolution."""
         trainable, frozen = self.parameter_counts()
         frozen_bytes = torch.finfo(DTYPES[self.recipe.precision]).bits // 8
-        state_bytes = memory.optimizer_state_bytes(self.recipe.optimizer.name)
-        return frozen * frozen_bytes + trainable * (4 + 4 + state_bytes + (4 if self.ema else 0))
+        gradients = trainable * 4
+        return frozen * frozen_bytes + gradients + preflight.checkpoint_bytes(
+            trainable, self.recipe.optimizer.name, self.ema is not None)
 
     def fit(self, until: int | None = None) -> TrainResult:
         """Train to train.max_steps and export; with `until`, stop after that step with a checkpoint only."""
@@ -172,7 +173,7 @@ class Trainer:
         return bool(self.accelerator.reduce(flag, "sum").item() > 0)
 
     def _prepare(self) -> None:
-        """Wrap the trained modules and the optimizer (DDP, autocast, loss scaling); load the data."""
+        """Wrap the trained modules and the optimizer (DDP, autocast, loss scaling, DeepSpeed)."""
         acc, r = self.accelerator, self.recipe
         names, modules = zip(*self.objective.trained_modules().items())
         for m in modules:

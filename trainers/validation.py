@@ -8,17 +8,12 @@ from PIL import Image
 
 from trainers.config import ValidationConfig
 from trainers.images import make_grid
-
-SCHEDULERS = {"dpmsolver": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler",
-              "euler": "EulerDiscreteScheduler"}
-
+from trainers.schedulers import set_scheduler
 
 @torch.no_grad()
 def sample_grid(pipeline, cfg: ValidationConfig, resolution: int, autocast=contextlib.nullcontext) -> Image.Image:
     """One row per prompt, `images_per_prompt` columns; the global RNG is left untouched."""
-    import diffusers
-
-    pipeline.scheduler = getattr(diffusers, SCHEDULERS[cfg.scheduler]).from_config(pipeline.scheduler.config)
+    set_scheduler(pipeline, cfg.scheduler)
     pipeline.set_progress_bar_config(disable=True)
     modules = [m for m in pipeline.components.values() if isinstance(m, torch.nn.Module)]
     modes = [m.training for m in modules]

@@ -1,6 +1,8 @@
 """The interface every backbone family presents to objectives and the engine."""
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +18,7 @@ class LatentDist:
     std: torch.Tensor   # (B, C, h, w)
 
 
-class Backbone:
+class Backbone(abc.ABC):
     """Components of one model family plus the two encoders training needs."""
 
     family: str = ""
@@ -27,20 +29,21 @@ class Backbone:
     lora_targets: tuple[str, ...]  # default LoRA target modules of the denoiser
 
     @classmethod
+    @abc.abstractmethod
     def load(cls, source) -> "Backbone":
-        raise NotImplementedError
+        """Every component from a ModelSource (folder, single file or hub id), frozen."""
 
+    @abc.abstractmethod
     def encode_text(self, captions: list[str], device, text_encoders=None) -> dict[str, torch.Tensor]:
         """Per-caption text tensors (B, ...): what a cache stores and `denoiser_kwargs` consumes."""
-        raise NotImplementedError
 
     def unconditional(self, device, text_encoders=None) -> dict[str, torch.Tensor]:
         """The (1, ...) text tensors a dropped caption trains on: the family's input for CFG's uncond pass."""
         return self.encode_text([""], device, text_encoders)
 
+    @abc.abstractmethod
     def denoiser_kwargs(self, text: dict[str, torch.Tensor], batch: dict, device) -> dict:
         """Keyword arguments for the denoiser from text tensors and the batch's records."""
-        raise NotImplementedError
 
     def condition(self, captions: list[str], dropped: list[bool], batch: dict, device, text_encoders=None,
                   text: dict | None = None, uncond: dict | None = None) -> dict:
@@ -56,8 +59,9 @@ class Backbone:
                     for k, v in text.items()}
         return self.denoiser_kwargs(text, batch, device)
 
+    @abc.abstractmethod
     def encode_images(self, pixels: torch.Tensor) -> LatentDist:
-        raise NotImplementedError
+        """The VAE posterior of (B, 3, H, W) pixels in [-1, 1]."""
 
     def latents_from(self, dist: LatentDist, noise: torch.Tensor) -> torch.Tensor:
         """Draw z ~ q(z|x) with the given noise and apply the VAE's latent scaling."""
@@ -76,6 +80,6 @@ class Backbone:
 
         return getattr(diffusers, self.pipeline_name)
 
+    @abc.abstractmethod
     def pipeline(self, denoiser, text_encoders, scheduler):
         """A diffusers pipeline around (possibly trained) components, for validation and export checks."""
-        raise NotImplementedError

@@ -4,6 +4,8 @@ Objectives never call backward, save checkpoints or log: they return a loss and 
 """
 from __future__ import annotations
 
+import abc
+
 import contextlib
 from pathlib import Path
 
@@ -13,38 +15,39 @@ from trainers.backbones import Backbone
 from trainers.config import Recipe
 
 
-class Objective:
+class Objective(abc.ABC):
     name = ""
     card_tags: tuple[str, ...] = ()
 
     def __init__(self, recipe: Recipe, backbone: Backbone):
         self.recipe, self.backbone = recipe, backbone
 
+    @abc.abstractmethod
     def trained_modules(self) -> dict[str, torch.nn.Module]:
         """Modules holding trainable parameters; the engine wraps them (DDP, mixed precision)."""
-        raise NotImplementedError
 
     def use_wrapped(self, modules: dict[str, torch.nn.Module]) -> None:
         """Take back the engine's wrapped modules; `loss` calls these, export uses the unwrapped ones."""
         self.wrapped = modules
 
+    @abc.abstractmethod
     def to(self, device: torch.device, frozen_dtype: torch.dtype, inputs_cached: bool = False) -> None:
         """Put frozen parts on the device in the compute dtype; trainable weights stay float32.
 
         inputs_cached: the batches carry latents and text tensors, so encoders may stay off the device.
         """
-        raise NotImplementedError
 
     def on_device_for_sampling(self):
         """A context in which every part a sampling pipeline needs is on the device."""
         return contextlib.nullcontext()
 
+    @abc.abstractmethod
     def param_groups(self) -> list[dict]:
         """Optimizer parameter groups (each may carry its own lr)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError
+        """The loss of one micro-batch and detached tensors to log (reduced by the engine at log steps)."""
 
     def state_for_checkpoint(self) -> dict[str, torch.Tensor]:
         """Tensors beyond the trainable weights and optimizer (e.g. an EMA target)."""
@@ -53,13 +56,13 @@ class Objective:
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
         pass
 
+    @abc.abstractmethod
     def export(self, out_dir: Path) -> list[Path]:
         """Write what users load into out_dir; returns the files written."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def validation_pipeline(self):
         """A diffusers pipeline over the current weights, without a scheduler swap."""
-        raise NotImplementedError
 
     def usage_snippet(self, repo_or_dir: str) -> str:
         """Python that loads the export, for the model card."""
