@@ -154,9 +154,13 @@ def add_cache(commands) -> None:
 
 def run_synth(args: argparse.Namespace) -> int:
     """Write the procedural shapes benchmark; numpy and PIL only."""
-    from datasets_prep.synth import write_synth_dataset
+    from datasets_prep.synth import parse_rules, write_synth_dataset
 
-    count = write_synth_dataset(args.out, n=args.n, size=args.size, seed=args.seed, edges=args.edges)
+    try:
+        count = write_synth_dataset(args.out, n=args.n, size=args.size, seed=args.seed, edges=args.edges,
+                                    only=parse_rules(args.only), exclude=parse_rules(args.exclude))
+    except ValueError as e:
+        raise UserError(f"synth: {e}") from None
     print(f"wrote {count} images to {args.out}")
     return 0
 
@@ -170,6 +174,10 @@ def add_synth(commands) -> None:
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed for factors, jitter and texture")
     parser.add_argument("--edges", action="store_true",
                         help="also write ControlNet outlines (white on black) under conditioning/")
+    parser.add_argument("--only", action="append", metavar="FACTOR=V[,V]",
+                        help="draw only these values of a factor, e.g. colour=purple (repeatable)")
+    parser.add_argument("--exclude", action="append", metavar="FACTOR=V[,V]",
+                        help="never draw these values, e.g. colour=purple for a teacher without it (repeatable)")
     parser.set_defaults(run=run_synth)
 
 

@@ -104,21 +104,57 @@ def caption(factors: dict) -> str:
             f"on a {factors['background']} background")
 
 
-def draw_factors(seed: int, index: int) -> tuple[dict, int]:
-    """Factors (each uniform and independent) and a render seed for one record, from its own stream.
+def restrict(only: dict | None = None, exclude: dict | None = None) -> dict[str, tuple[str, ...]]:
+    """The factor values allowed after `only` (keep these) and `exclude` (drop these), e.g. to hold a colour out.
 
-    A per-index stream makes `--n` a prefix of any larger run with the same seed.
+    Both map a factor name to a value or a list of values; an unknown name or value, or a factor left with no
+    value, raises ValueError naming it.
+    """
+    allowed = dict(FACTORS)
+    for rule, keep in ((only or {}, True), (exclude or {}, False)):
+        for name, values in rule.items():
+            if name not in FACTORS:
+                raise ValueError(f"unknown factor {name!r}; expected one of {', '.join(FACTORS)}")
+            values = (values,) if isinstance(values, str) else tuple(values)
+            unknown = [v for v in values if v not in FACTORS[name]]
+            if unknown:
+                raise ValueError(f"unknown {name} {unknown[0]!r}; expected one of {', '.join(FACTORS[name])}")
+            allowed[name] = tuple(v for v in allowed[name] if (v in values) == keep)
+            if not allowed[name]:
+                raise ValueError(f"no {name} is left after only/exclude")
+    return allowed
+
+
+def parse_rules(items: list[str] | None) -> dict[str, list[str]]:
+    """['colour=purple', 'shape=cross,circle'] -> {'colour': ['purple'], 'shape': ['cross', 'circle']}."""
+    rules: dict[str, list[str]] = {}
+    for item in items or ():
+        name, sep, values = item.partition("=")
+        if not sep or not values:
+            raise ValueError(f"{item!r} is not of the form factor=value[,value...]")
+        rules.setdefault(name.strip(), []).extend(v.strip() for v in values.split(","))
+    return rules
+
+
+def draw_factors(seed: int, index: int, allowed: dict | None = None) -> tuple[dict, int]:
+    """Factors (each uniform over its allowed values, independent) and a render seed for one record.
+
+    A per-index stream makes `--n` a prefix of any larger run with the same seed and restriction.
     """
     rng = np.random.default_rng([seed, index])
-    factors = {name: str(values[rng.integers(len(values))]) for name, values in FACTORS.items()}
+    factors = {name: str(values[rng.integers(len(values))]) for name, values in (allowed or FACTORS).items()}
     return factors, int(rng.integers(2**31))
 
 
-def write_synth_dataset(out, n: int, size: int = 32, seed: int = 0, edges: bool = False) -> int:
+def write_synth_dataset(out, n: int, size: int = 32, seed: int = 0, edges: bool = False,
+                        only: dict | None = None, exclude: dict | None = None) -> int:
     """Write an imagefolder (images/*.png, metadata.jsonl with the factors as columns, factors.json).
 
     edges: also write conditioning/*.png outlines and a `conditioning_image` column, for ControlNet.
+    only/exclude: restrict factor values (see `restrict`), e.g. exclude={"colour": "purple"} for a teacher
+    that never sees purple, only={"colour": "purple"} for the concept a LoRA then teaches.
     """
+    allowed = restrict(only, exclude)
     out = Path(out)
     images, conditioning = out / "images", out / "conditioning"
     images.mkdir(parents=True, exist_ok=True)
@@ -126,7 +162,7 @@ def write_synth_dataset(out, n: int, size: int = 32, seed: int = 0, edges: bool 
         conditioning.mkdir(exist_ok=True)
     rows = []
     for i in range(n):
-        factors, render_seed = draw_factors(seed, i)
+        factors, render_seed = draw_factors(seed, i, allowed)
         name = f"{i:05d}.png"
         write_atomically(images / name, png_bytes(render(factors, size, render_seed)))
         row = {"file_name": f"images/{name}", "text": caption(factors), **factors, "render_seed": render_seed}
@@ -138,7 +174,7 @@ def write_synth_dataset(out, n: int, size: int = 32, seed: int = 0, edges: bool 
     remove_stale(images, keep)
     if conditioning.is_dir():  # a run without --edges must not leave outlines the metadata no longer lists
         remove_stale(conditioning, keep if edges else set())
-    summary = {"factors": FACTORS, "colours": COLOURS, "backgrounds": BACKGROUNDS, "size": size, "seed": seed, "n": n}
+    summary = {"factors": allowed, "colours": COLOURS, "backgrounds": BACKGROUNDS, "size": size, "seed": seed, "n": n}
     write_atomically(out / "factors.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
     write_atomically(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
     return n

@@ -134,3 +134,15 @@ def test_cli_writes_the_dataset_and_it_loads_for_training(tmp_path):
     assert dataset[(0, 1)]["caption"] == records[0]["text"]
     with pytest.raises(SystemExit):
         main(["synth", "--out", str(out), "--n", "6", "--size", "48"])
+
+
+def test_only_and_exclude_restrict_factors_and_bad_rules_are_named(tmp_path):
+    write_synth_dataset(tmp_path / "held", n=40, exclude={"colour": "purple"})
+    assert {r["colour"] for r in rows(tmp_path / "held")} == {"red", "green", "blue", "yellow"}
+    write_synth_dataset(tmp_path / "new", n=10, only={"colour": ["purple"], "shape": "cross"})
+    assert {(r["colour"], r["shape"]) for r in rows(tmp_path / "new")} == {("purple", "cross")}
+    assert json.loads((tmp_path / "new" / "factors.json").read_text())["factors"]["colour"] == ["purple"]
+    assert main(["synth", "--out", str(tmp_path / "cli"), "--n", "5", "--exclude", "colour=purple,red"]) == 0
+    assert {r["colour"] for r in rows(tmp_path / "cli")} <= {"green", "blue", "yellow"}
+    for bad in (["--only", "hue=red"], ["--only", "colour=pink"], ["--exclude", "size=small,large"], ["--only", "x"]):
+        assert main(["synth", "--out", str(tmp_path / "bad"), "--n", "2", *bad]) == 2
