@@ -91,26 +91,26 @@ def train_bpe(corpus: str) -> list[tuple[str, str]]:
     return merges
 
 
-@functools.lru_cache(maxsize=1)
-def clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+@functools.lru_cache(maxsize=4)
+def clip_bpe(corpus: str = CAPTION_CORPUS) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Vocabulary and merges laid out as CLIP's: bytes, bytes+</w>, merge results, then BOS and EOS."""
-    merges = train_bpe(CAPTION_CORPUS)
+    merges = train_bpe(corpus)
     base = bytes_to_unicode()
     tokens = [*base, *(b + END_OF_WORD for b in base), *("".join(m) for m in merges), BOS, EOS]
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def write_bpe_files(directory: Path) -> None:
+def write_bpe_files(directory: Path, corpus: str = CAPTION_CORPUS) -> None:
     """Write vocab.json and merges.txt, the files every transformers version can build a CLIPTokenizer from."""
-    vocab, merges = clip_bpe()
+    vocab, merges = clip_bpe(corpus)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     lines = ["#version: 0.2", *(" ".join(m) for m in merges)]
     (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def build_tokenizer() -> CLIPTokenizer:
+def build_tokenizer(corpus: str = CAPTION_CORPUS, model_max_length: int = MODEL_MAX_LENGTH) -> CLIPTokenizer:
     """Load the CLIP tokenizer from files: the one constructor shared by transformers 4 and 5."""
     with tempfile.TemporaryDirectory() as tmp:
-        write_bpe_files(Path(tmp))
-        return CLIPTokenizer.from_pretrained(tmp, model_max_length=MODEL_MAX_LENGTH)
+        write_bpe_files(Path(tmp), corpus)
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=model_max_length)

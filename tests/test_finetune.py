@@ -103,3 +103,28 @@ def test_lora_targets_default_to_the_family_and_typos_are_named(recipe_for):
     assert wrapped == {"to_q", "to_k", "to_v", "0"}  # to_out.0
     with pytest.raises(ConfigError, match="to_qq"):
         Trainer(recipe_for("adapter.target_modules=[to_qq, to_k]"))
+
+
+def test_heldout_loss_is_logged_reproducible_and_falls(recipe_for, digits_data):
+    import json
+
+    trainer = Trainer(recipe_for(f"validation.loss_source={digits_data}", "validation.loss_samples=8",
+                                 "validation.every_steps=20", "validation.prompts=[]", "train.max_steps=40",
+                                 "train.batch_size=4", "lr_schedule.name=constant", "optimizer.lr=2e-3"))
+    before = trainer.heldout_loss()
+    assert trainer.heldout_loss() == before  # fixed noise and timesteps: the same weights score the same
+    result = trainer.fit()
+    logged = [json.loads(line) for line in (result.output_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    val = {m["step"]: m["val_loss"] for m in logged if "val_loss" in m}
+    assert sorted(val) == [20, 40]
+    assert val[40] < before
+
+
+def test_heldout_loss_source_errors_are_named(recipe_for, digits_data, tmp_path):
+    from trainers.errors import UserError
+
+    with pytest.raises(UserError, match="validation.loss_source"):
+        Trainer(recipe_for(f"validation.loss_source={tmp_path / 'missing'}"))
+    with pytest.raises(UserError, match="validation.loss_source"):
+        Trainer(recipe_for(f"validation.loss_source={digits_data}", "objective.name=autoencoder", "adapter.kind=full",
+                           "validation.prompts=[]", "data.use_cache=false"))

@@ -57,6 +57,13 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class AutoencoderObjectiveConfig:
+    reconstruction: Literal["l1", "mse"] = "l1"  # pixel loss between an image and its decoded latent
+    kl_weight: float = _f(1e-6, min=0.0)  # weight of KL(q(z|x) || N(0, I)); SD's VAE used 1e-6
+    latent_std_momentum: float = _f(0.99, min=0.0, max=1.0)  # running latent std -> exported scaling_factor
+
+
+@dataclass(frozen=True)
 class ObjectiveConfig:
     name: str = "finetune"              # which recipe trainer: see trainers/objectives/__init__.py
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None  # None: the model scheduler's
@@ -64,6 +71,7 @@ class ObjectiveConfig:
     noise_offset: float = _f(0.0, min=0.0)          # per-channel offset noise; 0.05-0.1 helps very dark/bright
     zero_terminal_snr: bool = False     # rescale betas so the last step is pure noise (Lin et al. 2024)
     caption_dropout: float = _f(0.0, min=0.0, max=1.0)  # p of training on the empty prompt (for CFG)
+    autoencoder: AutoencoderObjectiveConfig = field(default_factory=AutoencoderObjectiveConfig)  # name: autoencoder
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,7 @@ class AdapterConfig:
     alpha: float = _f(4.0, min=0.0)     # LoRA scale is alpha / rank
     dropout: float = _f(0.0, min=0.0, max=1.0)
     target_modules: Optional[tuple[str, ...]] = None  # None: the family's attention projections
-    text_encoder: bool = False          # also a LoRA on the text encoder
+    text_encoder: bool = False          # also train the text encoder(s): a LoRA, or all weights with kind: full
     text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     init_from: Optional[str] = None     # a kohya-format LoRA (.safetensors) to start from; its ranks win
 
@@ -130,6 +138,10 @@ class ValidationConfig:
     images_per_prompt: int = _f(1, min=1)
     seed: int = 0
     scheduler: Literal["dpmsolver", "ddim", "euler"] = "dpmsolver"
+    # a sampler-free gauge: the objective's loss on held-out images at fixed timesteps and fixed noise
+    loss_source: Optional[str] = None   # held-out imagefolder or prepared dataset; None: no held-out loss
+    loss_samples: int = _f(64, min=1)   # its first N records
+    loss_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)  # every sample is scored at each
 
 
 @dataclass(frozen=True)
@@ -220,8 +232,9 @@ def _check_combinations(r: Recipe) -> None:
     """Settings that are valid alone but not together."""
     if r.hub.push and not r.hub.repo_id:
         raise ConfigError("'hub.repo_id' is required when hub.push is true")
-    if r.validation.every_steps and not r.validation.prompts:
-        raise ConfigError("'validation.prompts' is empty but validation.every_steps is set; add prompts or set 0")
+    if r.validation.every_steps and not (r.validation.prompts or r.validation.loss_source):
+        raise ConfigError("'validation.prompts' is empty but validation.every_steps is set; add prompts or "
+                          "validation.loss_source, or set 0")
 
 
 def to_dict(recipe: Recipe) -> dict:

@@ -5,6 +5,7 @@ checkpoints and resume, the progress bar, trackers and validation cadence.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from trainers import checkpoint, memory, preflight, seeding
 from trainers.backbones import load_backbone
 from trainers.config import Recipe, dump_recipe
-from trainers.data import StepSampler, build_dataset, make_loader
+from trainers.data import StepSampler, build_dataset, collate, make_loader
 from trainers.ema import EMA
 from trainers.errors import UserError
 from trainers.guards import NonFiniteGuard
@@ -63,9 +64,12 @@ class Trainer:
         preflight.check_output_dir(self.out)
         preflight.check_model_folder(recipe)
         self.dataset = build_dataset(recipe.data, recipe.model)  # bad data fails before the models load
+        self.heldout = heldout_dataset(recipe)
         seeding.seed_everything(recipe.train.seed)
         self.backbone = load_backbone(recipe.model)
         self.objective = get_objective(recipe.objective.name)(recipe, self.backbone)
+        if self.heldout is not None and not self.objective.has_heldout_loss:
+            raise UserError(f"validation.loss_source: the {recipe.objective.name} objective has no held-out loss")
         self.objective.to(self.device, DTYPES[recipe.precision],
                           inputs_cached=getattr(self.dataset, "cache", None) is not None)
         modules = self.objective.trained_modules()
@@ -254,9 +258,28 @@ class Trainer:
             tqdm.write(f"resumed from {path} (step {meta['step']})")
         return int(meta["step"])
 
+    @torch.no_grad()
+    def heldout_loss(self) -> float:
+        """The objective's loss on validation.loss_source at fixed timesteps; each image's noise fixed by its index."""
+        cfg = self.recipe.validation
+        timesteps = torch.tensor(cfg.loss_timesteps, device=self.device)
+        total, count = 0.0, 0
+        for bucket in self.heldout.buckets():
+            for start in range(0, len(bucket), self.recipe.train.batch_size):
+                keys = [(int(i), seeding.mix(cfg.seed, int(i))) for i in bucket[start:start + self.recipe.train.batch_size]]
+                with self.accelerator.autocast():
+                    loss = self.objective.heldout_loss(collate([self.heldout[k] for k in keys]), timesteps)
+                total, count = total + loss.item() * len(keys), count + len(keys)
+        return total / count
+
     def validate(self, step: int) -> Path | None:
-        """Sample the validation prompts on the main process; others wait."""
+        """Sample the validation prompts and score the held-out loss on the main process; others wait."""
         cfg, path = self.recipe.validation, None
+        if self.is_main and self.heldout is not None:
+            value = self.heldout_loss()
+            self.accelerator.log({"val_loss": value}, step=step)
+            with open(self.out / "logs" / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "val_loss": value}) + "\n")
         if self.is_main and cfg.prompts:
             with self.objective.on_device_for_sampling():
                 grid = sample_grid(self.objective.validation_pipeline(), cfg, self.recipe.data.resolution,
@@ -297,6 +320,19 @@ class Trainer:
             tmp.rename(final)
         self.accelerator.wait_for_everyone()
         return final
+
+
+def heldout_dataset(recipe: Recipe):
+    """validation.loss_source read like data.source (same resolution and cache rules), its first loss_samples."""
+    cfg = recipe.validation
+    if cfg.loss_source is None:
+        return None
+    data = dataclasses.replace(recipe.data, source=cfg.loss_source, max_samples=cfg.loss_samples, repeats=1,
+                               loss_weight=1.0, extra_sources=(), random_flip=False)
+    try:
+        return build_dataset(data, recipe.model)
+    except UserError as e:
+        raise UserError(f"validation.loss_source: {e}") from None
 
 
 def _launched_processes() -> int:

@@ -12,14 +12,13 @@ def configure(modules: dict[str, torch.nn.Module], denoiser_key: str, cfg: Memor
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    denoiser = modules[denoiser_key]
-    if cfg.attention == "xformers":
-        enable_xformers(denoiser)
+    if cfg.attention == "xformers" and denoiser_key in modules:
+        enable_xformers(modules[denoiser_key])
     if cfg.gradient_checkpointing:
-        for name, module in modules.items():
-            if name == denoiser_key:
+        for module in modules.values():
+            if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
                 module.enable_gradient_checkpointing()
-            else:
+            else:  # transformers models
                 module.gradient_checkpointing_enable()
 
 

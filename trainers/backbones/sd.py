@@ -25,8 +25,11 @@ class SDBackbone(Backbone):
 
     @classmethod
     def load(cls, source: ModelSource) -> "SDBackbone":
-        parts = (load_single_file(source, cls.pipeline_name, COMPONENTS) if source.kind == "single_file"
-                 else load_components(source, _component_classes()))
+        if source.kind == "single_file":
+            parts = load_single_file(source, cls.pipeline_name, COMPONENTS)
+        else:
+            classes = _component_classes()
+            parts = load_components(source, classes | {"unet": unet_class(source, classes["unet"])})
         return cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
                    parts["scheduler"].config)
 
@@ -62,6 +65,19 @@ def _component_classes():
 
     return {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
             "tokenizer": CLIPTokenizer, "scheduler": DDPMScheduler}
+
+
+def unet_class(source: ModelSource, stock):
+    """The U-Net class the folder's config names: the stock one, or a subclass of it registered by this project."""
+    import trainers.backbones.coord_unet  # noqa: F401  (registers CoordUNet2DConditionModel with diffusers)
+    import diffusers
+
+    try:
+        name = stock.load_config(source.ref, subfolder="unet", **source.from_pretrained_kwargs()).get("_class_name")
+    except Exception:
+        return stock  # load_components names what is missing
+    cls = getattr(diffusers, name or "", None)
+    return cls if isinstance(cls, type) and issubclass(cls, stock) else stock
 
 
 def load_components(source: ModelSource, classes: dict) -> dict:

@@ -5,7 +5,8 @@ import importlib
 
 from trainers.errors import ConfigError
 
-OBJECTIVES = {"finetune": "trainers.objectives.finetune:FineTune"}
+OBJECTIVES = {"finetune": "trainers.objectives.finetune:FineTune",
+              "autoencoder": "trainers.objectives.autoencoder:Autoencoder"}
 
 
 def get_objective(name: str):

@@ -49,6 +49,12 @@ class Objective(abc.ABC):
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of one micro-batch and detached tensors to log (reduced by the engine at log steps)."""
 
+    has_heldout_loss = False  # implements heldout_loss (recipes may then set validation.loss_source)
+
+    def heldout_loss(self, batch: dict, timesteps: torch.Tensor) -> torch.Tensor:
+        """Mean loss of a held-out batch at each of `timesteps`, with noise fixed by the batch's seeds."""
+        raise NotImplementedError
+
     def state_for_checkpoint(self) -> dict[str, torch.Tensor]:
         """Tensors beyond the trainable weights and optimizer (e.g. an EMA target)."""
         return {}

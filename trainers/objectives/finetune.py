@@ -44,9 +44,10 @@ class FineTune(Objective):
                     continue
                 self.trained_encoders[name] = encoder
         else:
-            if ad.text_encoder:
-                raise ConfigError("'adapter.text_encoder' is a LoRA option; set adapter.kind: lora")
             self.denoiser.requires_grad_(True)
+            if ad.text_encoder:  # e.g. a model trained from scratch learns its own text encoder
+                for name, encoder in backbone.text_encoders.items():
+                    self.trained_encoders[name] = encoder.requires_grad_(True)
         self.wrapped = self.trained_modules()
         self._uncond = None  # the unconditional text input, once (frozen text encoders only)
 
@@ -77,7 +78,8 @@ class FineTune(Objective):
         frozen_encoders = [m for k, m in self.backbone.text_encoders.items() if k not in self.trained_encoders]
         self.offloaded = [self.backbone.vae, *frozen_encoders] if inputs_cached else []
         for module in [self.backbone.vae, *self.backbone.text_encoders.values(), self.denoiser]:
-            fp32 = (full and module is self.denoiser) or (vae_fp32 and module is self.backbone.vae)
+            trained = module is self.denoiser or any(module is m for m in self.trained_encoders.values())
+            fp32 = (full and trained) or (vae_fp32 and module is self.backbone.vae)
             dtype = torch.float32 if fp32 else frozen_dtype
             if module not in self.offloaded:
                 module.to(self.device)
@@ -116,10 +118,7 @@ class FineTune(Objective):
                                          obj.noise_offset)
         t = seeding.randint(seeds, seeding.TIMESTEP, self.num_timesteps, device)
         alpha_t, sigma_t = diffusion.alpha_sigma(self.acp, t)
-        z_t = diffusion.add_noise(x0, eps, alpha_t, sigma_t)
-        pred = self.backbone.predict(z_t, t, cond, denoiser=self.wrapped[self.backbone.denoiser_key])
-        target = diffusion.target_for(self.prediction_type, x0, eps, alpha_t, sigma_t)
-        per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        per_sample = self.denoising_error(x0, eps, t, cond, self.wrapped[self.backbone.denoiser_key])
         if obj.snr_gamma:
             snr_t = diffusion.snr(alpha_t, sigma_t).clamp(min=1e-12)
             per_sample = per_sample * diffusion.min_snr_weight(snr_t, obj.snr_gamma, self.prediction_type)
@@ -127,6 +126,29 @@ class FineTune(Objective):
             per_sample = per_sample * batch["loss_weight"].to(device, non_blocking=True)
         loss = per_sample.mean()
         return loss, {"loss": loss.detach()}
+
+    def denoising_error(self, x0, eps, t, cond, denoiser) -> torch.Tensor:
+        """(B,) mean squared error of the model's prediction at z_t against its target (eps or v)."""
+        alpha_t, sigma_t = diffusion.alpha_sigma(self.acp, t)
+        z_t = diffusion.add_noise(x0, eps, alpha_t, sigma_t)
+        pred = self.backbone.predict(z_t, t, cond, denoiser=denoiser)
+        target = diffusion.target_for(self.prediction_type, x0, eps, alpha_t, sigma_t)
+        return (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
+
+    has_heldout_loss = True
+
+    @torch.no_grad()
+    def heldout_loss(self, batch, timesteps):
+        """Unweighted loss on the model's own target, every caption kept, the same noise at every timestep."""
+        seeds = batch["seeds"]
+        x0 = self.encode_latents(batch, seeds)
+        text = {k: v.to(self.device) for k, v in batch["text"].items()} if "text" in batch else None
+        cond = self.backbone.condition(batch["captions"], [False] * len(seeds), batch, self.device,
+                                       {**self.backbone.text_encoders}, text=text)
+        eps = seeding.randn(seeds, seeding.NOISE, x0.shape[1:], self.device)
+        errors = [self.denoising_error(x0, eps, t.expand(len(seeds)).to(self.device), cond, self.denoiser)
+                  for t in timesteps]
+        return torch.stack(errors).mean()
 
     @torch.no_grad()
     def encode_latents(self, batch, seeds):
@@ -180,11 +202,13 @@ class FineTune(Objective):
             return files
         from diffusers import DDPMScheduler
 
-        key = self.backbone.denoiser_key
-        self.denoiser.to(dtype).save_pretrained(out_dir / key, safe_serialization=True)
-        self.denoiser.float()
+        written = []
+        for key, module in self.trained_modules().items():
+            module.to(dtype).save_pretrained(out_dir / key, safe_serialization=True)
+            module.float()
+            written.append(out_dir / key)
         DDPMScheduler.from_config(self.sampling_scheduler_config()).save_pretrained(out_dir / "scheduler")
-        return [out_dir / key, out_dir / "scheduler"]
+        return [*written, out_dir / "scheduler"]
 
     def export_kohya(self, path: Path, dtype: torch.dtype) -> Path:
         """The same LoRA under kohya's key names with its real alpha, for ComfyUI, AUTOMATIC1111 and sd-scripts."""

@@ -1,0 +1,201 @@
+"""Train the demo teacher from scratch: the tiny text-to-image model `make demo`, tests and benchmarks start from.
+
+No pretrained weights can be downloaded, so the project grows its own small world: 32-px procedural shapes
+(`datasets_prep synth`, with one colour held out for the LoRA demo to teach), a 2x-downsampling VAE trained by
+the autoencoder objective, then a text-to-image U-Net with its CLIP text encoder trained jointly by the
+fine-tune objective on random-initialised weights. The result is a stock StableDiffusionPipeline folder (its
+U-Net a CoordUNet2DConditionModel: SD's U-Net plus two coordinate input channels), saved in float16.
+
+    python launch/demo_teacher.py --work teacher_work --out assets/demo_teacher [--vae-steps N] [--unet-steps N]
+
+Choices a CPU-only trial taught (issue #10): v-prediction on DDPM's linear schedule (beta_end 0.02), since
+with SD's weaker schedule the last timestep of a 16x16 latent still shows the layout and the model learns to
+read position from the starting noise instead of the prompt; coordinate channels, so positions are easy to
+express; no flips or crops, which would contradict the position words.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from launch.cli import run_cli  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VAE_RECIPE = ROOT / "recipes" / "demo" / "teacher_vae.yaml"
+UNET_RECIPE = ROOT / "recipes" / "demo" / "teacher_unet.yaml"
+HELD_OUT = {"colour": "purple"}  # never in the teacher's data: the concept the demo LoRA teaches
+RESOLUTION = 32
+MAX_TOKENS = 24  # the longest caption is 15 tokens with BOS and EOS
+
+
+def caption_corpus() -> str:
+    """Every word a synthetic caption can use, held-out colour included, so each is one token."""
+    from datasets_prep.synth import FACTORS, caption
+
+    words = {w for values in FACTORS.values() for v in values for w in v.split()}
+    example = caption({name: values[0] for name, values in FACTORS.items()})
+    return "\n".join([example, *sorted(words | set(example.split()))])
+
+
+def unet_config() -> dict:
+    """3.7M parameters at 16x16x4 latents: convolutions only at 16x16, attention at 8x8 and 4x4 (half the step
+    time of attention at 16x16 on a CPU), small enough that the float16 pipeline stays under 10 MB."""
+    return {
+        "sample_size": RESOLUTION // 2,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "block_out_channels": (48, 96, 96),
+        "layers_per_block": 1,
+        "norm_num_groups": 16,
+        "attention_head_dim": 4,
+        "cross_attention_dim": 64,
+        "act_fn": "silu",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+    }
+
+
+def vae_config() -> dict:
+    """One downsampling: 32-px images to 16x16x4 latents."""
+    return {
+        "sample_size": RESOLUTION,
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 2,
+        "up_block_types": ("UpDecoderBlock2D",) * 2,
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "norm_num_groups": 16,
+        "latent_channels": 4,
+        "act_fn": "silu",
+        "scaling_factor": 1.0,  # set from the trained latents' std by the autoencoder objective
+    }
+
+
+def text_encoder_config(vocab: dict) -> dict:
+    from launch.clip_bpe import BOS, EOS
+
+    return {"vocab_size": len(vocab), "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 256, "max_position_embeddings": MAX_TOKENS, "hidden_act": "quick_gelu",
+            "projection_dim": 64, "bos_token_id": vocab[BOS], "eos_token_id": vocab[EOS], "pad_token_id": vocab[EOS]}
+
+
+def scheduler_config() -> dict:
+    """DDPM's linear betas with v-prediction; trailing spacing, so samplers start at the last, pure-noise step."""
+    return {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+            "prediction_type": "v_prediction", "timestep_spacing": "trailing", "steps_offset": 0,
+            "clip_sample": False, "set_alpha_to_one": False}
+
+
+def build_initial(out: Path, seed: int = 0) -> Path:
+    """The random-initialised pipeline both training stages start from."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from launch.clip_bpe import build_tokenizer, clip_bpe, write_bpe_files
+    from launch.make_tiny_model import seeded
+    from trainers.backbones.coord_unet import CoordUNet2DConditionModel
+
+    corpus = caption_corpus()
+    vocab, _ = clip_bpe(corpus)
+    pipe = StableDiffusionPipeline(
+        unet=seeded(seed, CoordUNet2DConditionModel, **unet_config()),
+        vae=seeded(seed, AutoencoderKL, **vae_config()),
+        text_encoder=seeded(seed, CLIPTextModel, CLIPTextConfig(**text_encoder_config(vocab))),
+        tokenizer=build_tokenizer(corpus, MAX_TOKENS), scheduler=DDPMScheduler.from_config(scheduler_config()),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    write_bpe_files(out / "tokenizer", corpus)
+    return out
+
+
+def with_component(base: Path, name: str, source: Path, out: Path) -> Path:
+    """A copy of the pipeline folder `base` whose component `name` is the folder `source`."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp)
+    shutil.rmtree(tmp / name)
+    shutil.copytree(source, tmp / name)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def assemble(start: Path, unet_final: Path, out: Path) -> Path:
+    """The teacher: trained U-Net and text encoder over `start` (tokenizer, trained VAE), all in float16."""
+    from diffusers import StableDiffusionPipeline
+
+    import trainers.backbones.coord_unet  # noqa: F401  (registers the U-Net class)
+    from launch.clip_bpe import write_bpe_files
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(start, tmp)
+    for name in ("unet", "text_encoder", "scheduler"):
+        shutil.rmtree(tmp / name)
+        shutil.copytree(unet_final / name, tmp / name)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp)
+    shutil.rmtree(tmp)
+    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    write_bpe_files(tmp / "tokenizer", caption_corpus())
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def train_stage(recipe: Path, overrides: list[str]) -> Path:
+    from trainers.config import load_recipe
+    from trainers.engine import Trainer
+
+    result = Trainer(load_recipe(recipe, overrides)).fit()
+    return result.final_dir
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("teacher_work"), help="data, initial model and runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "assets" / "demo_teacher")
+    parser.add_argument("--images", type=int, default=20000, help="synthetic training images")
+    parser.add_argument("--vae-steps", type=int, default=None, help="override the VAE recipe's train.max_steps")
+    parser.add_argument("--unet-steps", type=int, default=None, help="override the U-Net recipe's train.max_steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for the U-Net recipe")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from datasets_prep.synth import write_synth_dataset
+
+    work, began = args.work, time.perf_counter()
+    data = work / "data" / "shapes"
+    if not (data / "metadata.jsonl").is_file():
+        write_synth_dataset(data, n=args.images, size=RESOLUTION, seed=args.seed, exclude=HELD_OUT)
+    initial = work / "initial"
+    if not (initial / "model_index.json").is_file():
+        build_initial(initial, args.seed)
+    common = [f"data.source={data}", f"train.seed={args.seed}"]
+    vae_steps = [f"train.max_steps={args.vae_steps}"] if args.vae_steps else []
+    vae_final = train_stage(VAE_RECIPE, [f"model.pretrained={initial}", f"output_dir={work / 'runs' / 'vae'}",
+                                         *common, *vae_steps])
+    start = with_component(initial, "vae", vae_final / "vae", work / "with_vae")
+    unet_steps = [f"train.max_steps={args.unet_steps}"] if args.unet_steps else []
+    unet_final = train_stage(UNET_RECIPE, [f"model.pretrained={start}", f"output_dir={work / 'runs' / 'unet'}",
+                                           *common, *unet_steps, *args.overrides])
+    teacher = assemble(start, unet_final, args.out)
+    print(f"demo teacher in {teacher} after {(time.perf_counter() - began) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,356 @@
+"""Score a text-to-image pipeline on the synthetic shapes benchmark: does each image show what its prompt names?
+
+    python launch/evaluate.py --pipeline DIR [--lora DIR_OR_FILE] [--scheduler ddim|dpmpp|lcm|euler] \
+        --steps 1,2,4,8 [--guidance 7.5] [--prompts 50] [--images-per-prompt 4] [--only colour=purple] \
+        [--exclude colour=purple] [--seed 0] [--resolution 32] --out DIR
+    python launch/evaluate.py --real --prompts 100 --out DIR     # the same scores for rendered images
+
+Prompts are captions of factors drawn from datasets_prep.synth with a held-out seed. For every step count it
+reports adherence per factor (datasets_prep.synth_analysis), the sliced Wasserstein distance to real renders of
+the same prompts (datasets_prep.synth_distance), denoiser calls per image and wall seconds per image, and writes
+results.json, results.md and grid-<steps>.png (one row per prompt). Errors print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from datasets_prep.synth import caption, draw_factors, parse_rules, render, restrict  # noqa: E402
+from datasets_prep.synth_analysis import SCORED, adherence, chance  # noqa: E402
+from datasets_prep.synth_distance import sliced_wasserstein  # noqa: E402
+from launch.cli import run_cli  # noqa: E402
+from trainers.errors import UserError  # noqa: E402
+
+SCHEDULERS = {  # name: (diffusers class, options beyond the pipeline's own scheduler config)
+    "ddim": ("DDIMScheduler", {}),
+    "dpmpp": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "lcm": ("LCMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+}
+HELD_OUT_SEED = 1_000_000  # prompt and render stream offset, far from the small seeds training data is written with
+SCORE_KEYS = (*SCORED, "all", "all_but_position")
+BATCH = 64                 # images per pipeline call; bounds memory without changing any image (per-image seeds)
+
+
+def held_out_factors(prompts: int, only: dict | None = None, exclude: dict | None = None,
+                     seed: int = 0) -> list[tuple[dict, int]]:
+    """(factors, render seed) per prompt, drawn like synth's training data but from the held-out stream."""
+    try:
+        allowed = restrict(only, exclude)
+    except ValueError as error:
+        raise UserError(f"--only/--exclude: {error}") from None
+    return [draw_factors(HELD_OUT_SEED + seed, index, allowed) for index in range(prompts)]
+
+
+def stream_seed(*keys: int) -> int:
+    """A 31-bit seed that depends on every key, so images and render sets never share noise by accident."""
+    return int(np.random.default_rng(list(keys)).integers(2**31))
+
+
+def real_images(drawn: list[tuple[dict, int]], per_prompt: int, resolution: int, variant: int = 0) -> list:
+    """Rendered images, prompt-major like a pipeline's output; `variant` picks another set of render seeds."""
+    return [render(factors, resolution, stream_seed(render_seed, k, variant))
+            for factors, render_seed in drawn for k in range(per_prompt)]
+
+
+def scheduler_name(name: str | None) -> str | None:
+    """A SCHEDULERS key, or None for the pipeline's own ('default'); anything else is a one-line error."""
+    if name in (None, "default"):
+        return None
+    if name not in SCHEDULERS:
+        raise UserError(f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULERS)} or default")
+    return name
+
+
+def make_scheduler(config, name: str, timestep_spacing: str | None = None):
+    """A sampler named by the CLI, built from the pipeline's scheduler config (betas, prediction type, spacing)."""
+    import diffusers
+
+    class_name, options = SCHEDULERS[name]
+    if timestep_spacing is not None:
+        options = {**options, "timestep_spacing": timestep_spacing}
+    return getattr(diffusers, class_name).from_config(config, **options)
+
+
+def load_pipeline(folder: Path, lora: Path | None, device: str):
+    """DiffusionPipeline.from_pretrained on a folder, with the project's classes registered and the LoRA loaded."""
+    if not (Path(folder) / "model_index.json").is_file():
+        raise UserError(f"pipeline folder not found (no model_index.json): {folder}")
+    if lora is not None and not Path(lora).exists():
+        raise UserError(f"LoRA path not found: {lora}")
+    from trainers.backbones import coord_unet, uvit_pipeline  # noqa: F401  (importing registers our classes)
+    from launch.sample import load_pipeline as load_any, resolve_device
+
+    try:
+        pipe = load_any(Path(folder), resolve_device(device), "float32")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise UserError(f"cannot load a pipeline from {folder}: {error}") from None
+    if lora is not None:
+        load_lora(pipe, Path(lora))
+    return pipe
+
+
+def load_lora(pipe, lora: Path) -> None:
+    """pipe.load_lora_weights on a folder, or on a single weights file (its folder plus weight_name)."""
+    where = {"weight_name": lora.name} if lora.is_file() else {}
+    try:
+        pipe.load_lora_weights(str(lora.parent if lora.is_file() else lora), **where)
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"cannot load LoRA {lora}: {error}") from None
+
+
+def denoiser(pipe):
+    """The network each sampling step calls: a U-Net, or a transformer (U-ViT, DiT)."""
+    for name in ("unet", "transformer"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            return module
+    raise UserError(f"{type(pipe).__name__} has neither a unet nor a transformer to count calls of")
+
+
+class CallCounter:
+    """Counts forward calls of a module and the batch rows they carry (CFG doubles the rows, not the calls)."""
+
+    def __init__(self, module):
+        self.module, self.calls, self.rows = module, 0, 0
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(self.count, with_kwargs=True)
+        return self
+
+    def count(self, module, args, kwargs, output):
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        self.calls += 1
+        self.rows += int(sample.shape[0])
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def generate(pipe, captions: list[str], per_prompt: int, steps: int, guidance: float, seed: int,
+             resolution: int) -> tuple[list, dict]:
+    """Images prompt-major, and cost per image: denoiser calls, evaluations (batch rows) and wall seconds.
+
+    Every image has its own generator, seeded by (seed, image index), so it starts from the same noise for every
+    step count and batch split.
+    """
+    import torch
+
+    images, calls, rows, seconds = [], 0.0, 0, 0.0
+    chunk = max(1, BATCH // per_prompt)
+    for start in range(0, len(captions), chunk):
+        prompts = captions[start:start + chunk]
+        first = start * per_prompt
+        generators = [torch.Generator("cpu").manual_seed(stream_seed(seed, first + i))
+                      for i in range(len(prompts) * per_prompt)]
+        with CallCounter(denoiser(pipe)) as counter:
+            began = time.perf_counter()
+            out = pipe(prompt=prompts, num_images_per_prompt=per_prompt, num_inference_steps=steps,
+                       guidance_scale=guidance, generator=generators, height=resolution, width=resolution)
+            seconds += time.perf_counter() - began  # PIL output has already synchronised with the device
+        images += out.images
+        calls += counter.calls * len(generators)  # every image of the batch went through every call
+        rows += counter.rows
+    n = len(images)
+    return images, {"calls_per_image": calls / n, "evaluations_per_image": rows / n, "seconds_per_image": seconds / n}
+
+
+def scores(images: list, drawn: list[tuple[dict, int]], per_prompt: int, reference: list) -> dict:
+    """Adherence per score key, SWD to the reference renders, and each image's detected factors."""
+    expected = [factors for factors, _ in drawn for _ in range(per_prompt)]
+    rates, detections = adherence(images, expected)
+    return {"adherence": rates, "swd": sliced_wasserstein(images, reference), "detected": detections}
+
+
+def settings(drawn, per_prompt, resolution, seed, only, exclude) -> dict:
+    """What every results dict records about its prompts, so runs can be compared like for like."""
+    return {"prompts": [caption(factors) for factors, _ in drawn], "factors": [f for f, _ in drawn],
+            "images_per_prompt": per_prompt, "resolution": resolution, "seed": seed,
+            "only": only or {}, "exclude": exclude or {}, "chance": chance(restrict(only, exclude))}
+
+
+def benchmark(prompts: int, images_per_prompt: int, only: dict | None, exclude: dict | None, seed: int,
+              resolution: int) -> tuple[dict, list, list]:
+    """Results holding the settings and the real-image row, plus the drawn factors and the reference renders."""
+    drawn = held_out_factors(prompts, only, exclude, seed)
+    reference = real_images(drawn, images_per_prompt, resolution)
+    images = real_images(drawn, images_per_prompt, resolution, variant=1)
+    real = scores(images, drawn, images_per_prompt, reference) | {"images": images}
+    results = settings(drawn, images_per_prompt, resolution, seed, only, exclude) | {"real": real, "runs": []}
+    return results, drawn, reference
+
+
+def evaluate_real(prompts: int = 20, images_per_prompt: int = 4, only: dict | None = None,
+                  exclude: dict | None = None, seed: int = 0, resolution: int = 32) -> dict:
+    """Score rendered images as if generated: the ceiling a perfect generator reaches (adherence 1, SWD floor).
+
+    Returns the settings plus "real": {"adherence", "swd", "detected", "images"} and "runs": []; the SWD is
+    between two render-seed sets of the same prompts, i.e. the distance's sampling floor.
+    """
+    return benchmark(prompts, images_per_prompt, only, exclude, seed, resolution)[0]
+
+
+def evaluate(pipe_or_dir, steps: list[int], *, lora=None, scheduler: str | None = "ddim",
+             timestep_spacing: str | None = None, guidance: float = 7.5, prompts: int = 20,
+             images_per_prompt: int = 4, only: dict | None = None, exclude: dict | None = None, seed: int = 0,
+             resolution: int = 32, device: str = "auto") -> dict:
+    """Sample held-out prompts at each step count and score them; `evaluate_real`'s dict plus one run per count.
+
+    pipe_or_dir: a pipeline folder or a loaded pipeline (its scheduler is restored afterwards; `lora`, if given,
+    stays loaded on it). scheduler: a SCHEDULERS name, or None / "default" for the pipeline's own.
+    Each run: {"steps", "adherence", "swd", "calls_per_image", "evaluations_per_image", "seconds_per_image",
+    "detected", "images"}; "images" (PIL, prompt-major) is left out of results.json.
+    """
+    if not steps or any(int(n) < 1 for n in steps):
+        raise UserError(f"steps must be positive integers, got {steps}")
+    results, drawn, reference = benchmark(prompts, images_per_prompt, only, exclude, seed, resolution)
+    loaded = hasattr(pipe_or_dir, "scheduler")
+    pipe = pipe_or_dir if loaded else load_pipeline(Path(pipe_or_dir), lora, device)
+    if loaded and lora is not None:
+        load_lora(pipe, Path(lora))
+    pipe.set_progress_bar_config(disable=True)
+    check_resolution(pipe, resolution)
+    own, scheduler = pipe.scheduler, scheduler_name(scheduler)
+    if scheduler is not None:
+        pipe.scheduler = make_scheduler(own.config, scheduler, timestep_spacing)
+    try:
+        generate(pipe, results["prompts"][:1], 1, 1, guidance, seed, resolution)  # warm-up: first-call costs
+        for n in steps:
+            images, cost = generate(pipe, results["prompts"], images_per_prompt, int(n), guidance, seed, resolution)
+            run = scores(images, drawn, images_per_prompt, reference)
+            results["runs"].append({"steps": int(n), **run, **cost, "images": images})
+    finally:
+        sampler = type(pipe.scheduler).__name__
+        pipe.scheduler = own
+    source = {"pipeline": type(pipe).__name__ if loaded else str(pipe_or_dir),
+              "lora": None if lora is None else str(lora), "scheduler": sampler,
+              "prediction_type": own.config.get("prediction_type"), "guidance": guidance}
+    return source | results
+
+
+def check_resolution(pipe, resolution: int) -> None:
+    """Refuse a side the VAE cannot map to latents, naming the factor instead of a traceback mid-sampling."""
+    factor = getattr(pipe, "vae_scale_factor", 1)
+    if resolution % factor:
+        raise UserError(f"--resolution {resolution} is not a multiple of the VAE scale factor {factor}")
+
+
+def row(label, entry: dict) -> str:
+    """One Markdown table row: cost columns (blank for real images), adherence per key, SWD."""
+    cost = [f"{entry[k]:g}" if k in entry else "–" for k in ("calls_per_image", "evaluations_per_image")]
+    cost.append(f"{entry['seconds_per_image']:.3g}" if "seconds_per_image" in entry else "–")
+    rates = [f"{entry['adherence'][k]:.2f}" for k in SCORE_KEYS]
+    return f"| {label} | " + " | ".join(cost + rates) + f" | {entry['swd']:.4f} |"
+
+
+def markdown(results: dict) -> str:
+    """results.md: a header naming what ran, then one table row per step count below the real-image row."""
+    head = ["# Synthetic-shapes evaluation", "",
+            f"pipeline `{results.get('pipeline', 'none (real images)')}`"
+            + (f", LoRA `{results['lora']}`" if results.get("lora") else "")
+            + (f", {results['scheduler']} ({results['prediction_type']}), guidance {results['guidance']:g}"
+               if "scheduler" in results else ""),
+            f"{len(results['prompts'])} held-out prompts x {results['images_per_prompt']} images, "
+            f"{results['resolution']} px, seed {results['seed']}"
+            + (f", only {results['only']}" if results["only"] else "")
+            + (f", exclude {results['exclude']}" if results["exclude"] else ""), ""]
+    keys = [k.replace("_", " ") for k in SCORE_KEYS]
+    table = ["| steps | calls/img | evals/img | s/img | " + " | ".join(keys) + " | SWD |",
+             "|---" * (5 + len(keys)) + "|", row("real", results["real"])]
+    table += [row(run["steps"], run) for run in results["runs"]]
+    rates = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in results["chance"].items())
+    notes = ["", f"Chance (the best fixed guess over the prompts' factor values): {rates}.",
+             "SWD: sliced Wasserstein distance to renders of the same prompts, about an RMS pixel difference on a "
+             "0..1 scale; the real row is its sampling floor. A call is one denoiser forward; evals counts batch "
+             "rows (2 per call with classifier-free guidance); s/img is a batched call's wall time per image."]
+    return "\n".join(head + table + notes) + "\n"
+
+
+def write_results(results: dict, out_dir) -> Path:
+    """results.json (without images), results.md and grid-<steps>.png / grid-real.png; returns out_dir."""
+    from trainers.images import make_grid
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, cols = len(results["prompts"]), results["images_per_prompt"]
+    entries = [("real", results["real"])] + [(str(run["steps"]), run) for run in results["runs"]]
+    for label, entry in entries:
+        make_grid(entry["images"], rows=rows, cols=cols).save(out / f"grid-{label}.png")
+    plain = {k: v for k, v in results.items() if k not in ("real", "runs")}
+    plain["real"] = without_images(results["real"])
+    plain["runs"] = [without_images(run) | {"grid": f"grid-{run['steps']}.png"} for run in results["runs"]]
+    (out / "results.json").write_text(json.dumps(plain, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    return out
+
+
+def without_images(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k != "images"}
+
+
+def parse_steps(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4]; anything else is a one-line error."""
+    try:
+        steps = [int(part) for part in text.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1:
+        raise UserError(f"--steps wants positive integers separated by commas, e.g. 1,2,4; got {text!r}")
+    return steps
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pipeline", type=Path, help="diffusers pipeline folder (model_index.json)")
+    parser.add_argument("--real", action="store_true", help="score rendered images instead of a pipeline")
+    parser.add_argument("--lora", type=Path, help="LoRA folder or .safetensors file to load on top")
+    parser.add_argument("--scheduler", default="ddim", help=f"{'|'.join(SCHEDULERS)} or 'default' (the pipeline's)")
+    parser.add_argument("--timestep-spacing", choices=("leading", "trailing", "linspace"),
+                        help="override the pipeline's spacing (few-step sampling usually wants trailing)")
+    parser.add_argument("--steps", default="1,2,4,8", help="step counts, comma-separated")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance; <= 1 turns it off")
+    parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--images-per-prompt", type=int, default=4)
+    parser.add_argument("--only", action="append", help="factor=value[,value]: keep these (repeatable)")
+    parser.add_argument("--exclude", action="append", help="factor=value[,value]: drop these (repeatable)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--out", required=True, type=Path)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        only, exclude = parse_rules(args.only), parse_rules(args.exclude)
+    except ValueError as error:
+        raise UserError(f"--only/--exclude: {error}") from None
+    held_out_factors(1, only, exclude)  # rules are checked before any model loads
+    if min(args.prompts, args.images_per_prompt, args.resolution) < 1:
+        raise UserError("--prompts, --images-per-prompt and --resolution must be positive")
+    common = dict(prompts=args.prompts, images_per_prompt=args.images_per_prompt, only=only, exclude=exclude,
+                  seed=args.seed, resolution=args.resolution)
+    if args.real:
+        results = evaluate_real(**common)
+    else:
+        if args.pipeline is None:
+            raise UserError("--pipeline DIR is required (or --real to score rendered images)")
+        scheduler = scheduler_name(args.scheduler)  # checked before the model loads, like the rules
+        results = evaluate(args.pipeline, parse_steps(args.steps), lora=args.lora, scheduler=scheduler,
+                           timestep_spacing=args.timestep_spacing, guidance=args.guidance, device=args.device,
+                           **common)
+    out = write_results(results, args.out)
+    print((out / "results.md").read_text(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
