@@ -4,10 +4,10 @@ Tests, demos and CI cannot download SD-1.5, yet the code they exercise must load
 the way it loads SD-1.5: `from_pretrained` on a directory holding unet/, vae/, text_encoder/,
 tokenizer/ and scheduler/, with SD-1.5's module paths, block types and scheduler config. This
 script writes such a directory with random weights, either tiny (fast on CPU, about 2 MB) or at
-SD-1.5's full size (for GPU benchmarks). Nothing is downloaded: even the CLIP BPE tokenizer is
-learnt here from a small built-in caption corpus.
+SD-1.5's full size (for GPU benchmarks). Nothing is downloaded: even the CLIP BPE and T5 Unigram
+tokenizers are made here from a small built-in caption corpus.
 
-    python launch/make_tiny_model.py --arch sd15|sdxl|uvit --out DIR [--size tiny|full] [--seed N]
+    python launch/make_tiny_model.py --arch sd15|sdxl|uvit|dit --out DIR [--size tiny|full] [--seed N]
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from launch.clip_bpe import BOS, EOS, MODEL_MAX_LENGTH, build_tokenizer, clip_bpe, write_bpe_files  # noqa: E402
+from launch.t5_tokenizer import build_t5_tokenizer, unigram_vocab  # noqa: E402
 
 SIZES = ("tiny", "full")
 
@@ -278,7 +279,100 @@ def build_uvit(size: str, seed: int):
     )
 
 
-ARCHS = {"sd15": build_sd15, "sdxl": build_sdxl, "uvit": build_uvit}
+def dit_transformer_config(size: str) -> dict:
+    """PixArt-alpha XL/2 at 512 px (Chen et al. 2023): 28 blocks of width 1152 on 64x64 latents, learned sigma.
+
+    out_channels 8 = eps and the variance interpolation, as the checkpoint has; the pipeline keeps the first half.
+    """
+    config = {
+        "sample_size": 64,
+        "patch_size": 2,
+        "in_channels": 4,
+        "out_channels": 8,
+        "num_layers": 28,
+        "num_attention_heads": 16,
+        "attention_head_dim": 72,
+        "cross_attention_dim": 1152,  # captions are projected to the width before cross-attention
+        "caption_channels": 4096,     # T5-XXL's width
+        "attention_bias": True,
+        "activation_fn": "gelu-approximate",
+        "num_embeds_ada_norm": 1000,
+        "norm_type": "ada_norm_single",
+        "norm_elementwise_affine": False,
+        "norm_eps": 1e-6,
+    }
+    if size == "tiny":
+        config |= {"sample_size": 8, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16,
+                   "cross_attention_dim": 32, "caption_channels": 32}
+    return config
+
+
+def dit_text_encoder_config(size: str) -> dict:
+    """T5 v1.1 XXL's encoder (gated GELU, relative position buckets); special-token ids are T5's."""
+    config = {
+        "vocab_size": 32128,
+        "d_model": 4096,
+        "d_kv": 64,
+        "d_ff": 10240,
+        "num_layers": 24,
+        "num_heads": 64,
+        "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128,
+        "dropout_rate": 0.1,
+        "layer_norm_epsilon": 1e-6,
+        "feed_forward_proj": "gated-gelu",
+        "tie_word_embeddings": False,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+    }
+    if size == "tiny":  # no dropout: tiny runs are compared step for step
+        config |= {"vocab_size": len(unigram_vocab()), "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
+                   "num_heads": 4, "dropout_rate": 0.0}
+    return config
+
+
+def dit_scheduler_config() -> dict:
+    """PixArt-alpha's shipped DPMSolverMultistepScheduler: DDPM's linear betas, trained on epsilon."""
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "trained_betas": None,
+        "prediction_type": "epsilon",
+        "solver_order": 2,
+        "algorithm_type": "dpmsolver++",
+        "solver_type": "midpoint",
+        "lower_order_final": True,
+        "timestep_spacing": "linspace",
+        "steps_offset": 0,
+    }
+
+
+def dit_configs(size: str) -> dict:
+    """PixArt-alpha 512 on SD's VAE (sd-vae-ft-ema has SD-1.5's config) and a T5 encoder."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    return {"transformer": dit_transformer_config(size), "vae": sd15_vae_config(size),
+            "text_encoder": dit_text_encoder_config(size), "scheduler": dit_scheduler_config()}
+
+
+def build_dit(size: str, seed: int):
+    """A stock PixArtAlphaPipeline with PixArt-alpha's structure and random weights."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    configs = dit_configs(size)
+    return PixArtAlphaPipeline(
+        tokenizer=build_t5_tokenizer(),
+        text_encoder=seeded(seed, T5EncoderModel, T5Config(**configs["text_encoder"])),
+        vae=seeded(seed, AutoencoderKL, **configs["vae"]),
+        transformer=seeded(seed, PixArtTransformer2DModel, **configs["transformer"]),
+        scheduler=DPMSolverMultistepScheduler.from_config(configs["scheduler"]),
+    )
+
+
+ARCHS = {"sd15": build_sd15, "sdxl": build_sdxl, "uvit": build_uvit, "dit": build_dit}
 
 
 def write_pipeline(pipe, out: str | Path) -> Path:
@@ -286,7 +380,7 @@ def write_pipeline(pipe, out: str | Path) -> Path:
     out = Path(out)
     pipe.save_pretrained(out, safe_serialization=True)
     for name in ("tokenizer", "tokenizer_2"):
-        if getattr(pipe, name, None) is not None:
+        if isinstance(getattr(pipe, name, None), CLIPTokenizer):  # T5's tokenizer.json serves both versions
             write_bpe_files(out / name)
     return out
 

@@ -65,7 +65,10 @@ def load_pipeline(path: Path, device: str, dtype: str):
         extra["safety_checker"] = None
     if "requires_safety_checker" in config:
         extra["requires_safety_checker"] = False
-    pipe = DiffusionPipeline.from_pretrained(path, dtype=getattr(torch, dtype), **extra)
+    cls = DiffusionPipeline
+    if config.get("_class_name") == "PixArtAlphaPipeline":  # stock PixArt has no load_lora_weights
+        from trainers.backbones.dit_pipeline import PixArtAlphaLoraPipeline as cls
+    pipe = cls.from_pretrained(path, dtype=getattr(torch, dtype), **extra)
     return pipe.to(device)
 
 

@@ -134,7 +134,7 @@ def test_full_configs_have_sd15_parameter_counts():
 
 def test_unknown_arch_and_size_are_rejected(tmp_path):
     """A typo must fail loudly instead of writing a default model."""
-    assert list(ARCHS) == ["sd15", "sdxl", "uvit"]
+    assert list(ARCHS) == ["sd15", "sdxl", "uvit", "dit"]
     with pytest.raises(ValueError, match="arch"):
         make_tiny_model("sd3", tmp_path / "x")
     with pytest.raises(ValueError, match="size"):

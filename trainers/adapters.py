@@ -34,12 +34,14 @@ def lora_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's weights in peft spelling (lora_A/lora_B), which diffusers loads for every target layer.
 
     (diffusers' own .lora.down/.lora.up spelling covers attention projections only; a mixed file loses the
-    rest on load.) CLIP keys get back the `text_model.` level that transformers 5 dropped, as ComfyUI expects.
+    rest on load.) CLIP keys get back the `text_model.` level that transformers 5 dropped, as ComfyUI expects;
+    other models (a U-Net, a transformer, T5, whose keys also start with `encoder.`) keep their own paths.
     """
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(module, save_embedding_layers=False)
-    if hasattr(module, "text_model"):
+    is_clip = getattr(getattr(module, "config", None), "model_type", "").startswith("clip")
+    if hasattr(module, "text_model") or not is_clip:
         return state
     return {("text_model." + k if k.startswith(("encoder.", "embeddings.", "final_layer_norm.")) else k): v
             for k, v in state.items()}

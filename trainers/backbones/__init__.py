@@ -6,6 +6,7 @@ the pipeline's own model_index.json.
 from __future__ import annotations
 
 from trainers.backbones.base import Backbone
+from trainers.backbones.dit import DiTBackbone
 from trainers.backbones.loading import ModelSource, detect_family, resolve_source
 from trainers.backbones.sd import SDBackbone
 from trainers.backbones.sdxl import SDXLBackbone
@@ -13,7 +14,8 @@ from trainers.backbones.uvit import UViTBackbone
 from trainers.config import ModelConfig
 from trainers.errors import UserError
 
-FAMILIES: dict[str, type[Backbone]] = {"sd15": SDBackbone, "sdxl": SDXLBackbone, "uvit": UViTBackbone}
+FAMILIES: dict[str, type[Backbone]] = {"sd15": SDBackbone, "sdxl": SDXLBackbone, "uvit": UViTBackbone,
+                                        "dit": DiTBackbone}
 
 
 def load_backbone(cfg: ModelConfig) -> Backbone:

@@ -8,7 +8,8 @@ from pathlib import Path
 from trainers.config import ModelConfig
 from trainers.errors import UserError
 
-PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl", "UViTPipeline": "uvit"}
+PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl", "UViTPipeline": "uvit",
+                     "PixArtAlphaPipeline": "dit"}
 
 
 @dataclass(frozen=True)
