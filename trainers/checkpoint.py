@@ -2,12 +2,15 @@
 
 checkpoints/step-<N>/ holds weights.safetensors (trainable weights, EMA, objective state),
 training_state.pt (optimizer, scaler, RNG; read back with weights_only=True, nothing unpickled) and
-state.json (step and the recipe hash), written last.
+state.json (step and the recipe hash), written last. Under DeepSpeed ZeRO the optimizer is sharded:
+training_state.pt keeps scaler and RNG, and deepspeed/ holds DeepSpeed's own checkpoint, one optimizer file per
+rank, each written by its rank (read back with weights_only=True too, see load_deepspeed).
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -45,12 +48,24 @@ def resolve_resume(resume: str, output_dir: Path) -> Path | None:
     return path
 
 
-def save(output_dir: Path, step: int, tensors: dict[str, torch.Tensor], training_state: dict, meta: dict,
-         keep_last: int) -> Path:
+def staging_dir(output_dir: Path, step: int) -> Path:
     final = step_dir(output_dir, step)
-    tmp = final.with_name(f".tmp-{final.name}")
+    return final.with_name(f".tmp-{final.name}")
+
+
+def stage(output_dir: Path, step: int) -> Path:
+    """An empty staging folder for step N (what an interrupted save left there is dropped)."""
+    tmp = staging_dir(output_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    return tmp
+
+
+def save(output_dir: Path, step: int, tensors: dict[str, torch.Tensor], training_state: dict, meta: dict,
+         keep_last: int, staged: bool = False) -> Path:
+    """Write step N and make it visible by a rename; `staged`: other processes already wrote into stage()."""
+    final = step_dir(output_dir, step)
+    tmp = staging_dir(output_dir, step) if staged else stage(output_dir, step)
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp / "weights.safetensors")
     torch.save(training_state | {"rng": rng_state()}, tmp / "training_state.pt")
     (tmp / STATE).write_text(json.dumps(meta | {"step": step}, indent=2))
@@ -106,6 +121,69 @@ def _tuples(x):
 
 def _fsync_files(folder: Path) -> None:
     """Flush every file to disk before the rename makes the checkpoint visible."""
-    for f in folder.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+DEEPSPEED = "deepspeed"  # checkpoints/step-N/deepspeed/: DeepSpeed's own files, one optimizer shard per rank
+DEEPSPEED_TAG = "zero"
+
+
+def save_deepspeed(engine, output_dir: Path, step: int) -> None:
+    """Every rank (a collective): the trained weights (rank 0) and this rank's ZeRO shard, into stage().
+
+    DeepSpeed's own layout, so its tools read it (deepspeed/zero_to_fp32.py rebuilds full fp32 weights).
+    """
+    engine.save_checkpoint(str(staging_dir(output_dir, step) / DEEPSPEED), tag=DEEPSPEED_TAG, save_latest=False,
+                           exclude_frozen_parameters=True)
+
+
+def load_deepspeed(engine, path: Path, world_size: int) -> None:
+    """Every rank: restore its ZeRO shard (fp32 master weights, Adam moments) from a checkpoint's deepspeed/."""
+    shards = sorted((path / DEEPSPEED / DEEPSPEED_TAG).glob("*zero_pp_rank_*_optim_states.pt"))  # bf16_zero_pp_...
+    if not shards:
+        raise UserError(f"resume: {path} was written without DeepSpeed (no {DEEPSPEED}/ shards), so its optimizer "
+                        "state does not fit ZeRO: resume it under the config it ran with, or use a new output_dir")
+    if len(shards) != world_size:
+        raise UserError(f"resume: {path} holds ZeRO optimizer shards of {len(shards)} processes and this run has "
+                        f"{world_size}: launch it with --num_processes {len(shards)}")
+    # DeepSpeed's own reader unpickles with weights_only=False, which runs whatever code a file names, so it reads
+    # through read_deepspeed_file instead, for this call only
+    inner = engine.checkpoint_engine
+    engine.checkpoint_engine = _WeightsOnlyLoads(inner)
+    try:
+        loaded, _ = engine.load_checkpoint(str(path / DEEPSPEED), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False,
+                                           load_module_strict=False)  # frozen weights are not in it
+    except pickle.UnpicklingError as e:
+        raise UserError(f"resume: {path / DEEPSPEED} holds objects that are not plain data; refusing to unpickle "
+                        f"them ({str(e).splitlines()[0]})") from None
+    finally:
+        engine.checkpoint_engine = inner
+    if loaded is None:
+        raise UserError(f"resume: {path / DEEPSPEED} has no DeepSpeed checkpoint '{DEEPSPEED_TAG}'")
+
+
+def read_deepspeed_file(path, map_location=None):
+    """torch.load(weights_only=True), allowing only the plain record classes DeepSpeed's ZeRO files hold: a loss
+    scaler, the stage enum and parameter slice addresses. Anything else stays refused (pickle.UnpicklingError)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class _WeightsOnlyLoads:
+    """DeepSpeed's checkpoint engine, its load() replaced by read_deepspeed_file."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def load(self, path, map_location=None):
+        return read_deepspeed_file(path, map_location)

@@ -49,7 +49,7 @@ class Trainer:
 
         self.recipe, self.out = recipe, Path(recipe.output_dir)
         self.accelerator = Accelerator(
-            cpu=_cpu_processes(),
+            cpu=_cpu_processes(), kwargs_handlers=_process_group_kwargs(),
             gradient_accumulation_steps=recipe.train.grad_accum,
             mixed_precision=recipe.precision,
             log_with="tensorboard" if recipe.train.report_to == "tensorboard" else None,
@@ -58,7 +58,7 @@ class Trainer:
             raise UserError(f"{_launched_processes()} processes were launched but accelerate joined "
                             f"{self.accelerator.num_processes} ({self.accelerator.distributed_type}): each would train "
                             "alone into the same output_dir. Without GPUs use accelerate_configs/cpu_ddp.yaml "
-                            "(DeepSpeed and FSDP need GPUs)")
+                            "or cpu_zero2.yaml (FSDP needs GPUs)")
         self.device, self.is_main = self.accelerator.device, self.accelerator.is_main_process
         self.deepspeed = self.accelerator.distributed_type == "DEEPSPEED"
         preflight.check_output_dir(self.out)
@@ -155,13 +155,16 @@ class Trainer:
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0) + v / r.train.grad_accum
         params = list(self.params.values())
-        if r.optimizer.max_grad_norm > 0:
+        if self.deepspeed:  # DeepSpeed clipped, stepped and zeroed in the last backward(); it skips a non-finite
+            # step itself and reports its norm (before clipping) as inf
+            norm = torch.tensor(acc.clip_grad_norm_(params, r.optimizer.max_grad_norm) or 0.0)
+        elif r.optimizer.max_grad_norm > 0:
             norm = acc.clip_grad_norm_(params, r.optimizer.max_grad_norm)
         else:
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None])))
         finite = torch.isfinite(norm)
         self.nonfinite.record(finite)
-        if self.nonfinite.allows_step(self.optimizer, finite, acc.scaler is not None):
+        if not self.deepspeed and self.nonfinite.allows_step(self.optimizer, finite, acc.scaler is not None):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema:
@@ -178,6 +181,8 @@ class Trainer:
 
     def _prepare(self) -> None:
         """Wrap the trained modules and the optimizer (DDP, autocast, loss scaling, DeepSpeed)."""
+        from accelerate.utils import convert_outputs_to_fp32
+
         acc, r = self.accelerator, self.recipe
         names, modules = zip(*self.objective.trained_modules().items())
         for m in modules:
@@ -193,8 +198,11 @@ class Trainer:
             acc.state.deepspeed_plugin.deepspeed_config.update(
                 train_micro_batch_size_per_gpu=r.train.batch_size, gradient_accumulation_steps=r.train.grad_accum,
                 gradient_clipping=r.optimizer.max_grad_norm)
-            wrapped, self.optimizer = acc.prepare(modules[0], optimizer)
-            wrapped = (wrapped,)
+            if r.precision != "no":  # accelerate autocasts a prepared forward (fp32 outputs) except under DeepSpeed,
+                m = modules[0]       # which casts the module but not its inputs: autocast it here as elsewhere
+                m.forward = convert_outputs_to_fp32(torch.autocast(self.device.type, DTYPES[r.precision])(m.forward))
+            self.ds_engine, self.optimizer = acc.prepare(modules[0], optimizer)  # the engine saves its ZeRO shard
+            wrapped = (self.ds_engine,)
         else:
             wrapped = acc.prepare(*modules)
             wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
@@ -230,14 +238,22 @@ class Trainer:
         return tensors | {f"objective.{k}": v for k, v in self.objective.state_for_checkpoint().items()}
 
     def save_checkpoint(self, step: int) -> None:
-        self.accelerator.wait_for_everyone()
+        """The main process writes the checkpoint; under DeepSpeed every process first adds its ZeRO shard."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if self.deepspeed:  # the optimizer is sharded: each rank writes its part into the staging folder
+            if self.is_main:
+                checkpoint.stage(self.out, step)
+            acc.wait_for_everyone()
+            checkpoint.save_deepspeed(self.ds_engine, self.out, step)
+            acc.wait_for_everyone()
         if self.is_main:
-            state = {"optimizer": self.optimizer.state_dict()}
-            if self.accelerator.scaler is not None:
-                state["scaler"] = self.accelerator.scaler.state_dict()
+            state = {} if self.deepspeed else {"optimizer": self.optimizer.state_dict()}
+            if acc.scaler is not None:
+                state["scaler"] = acc.scaler.state_dict()
             checkpoint.save(self.out, step, self.checkpoint_tensors(), state, {"name": self.recipe.name},
-                            self.recipe.checkpoint.keep_last)
-        self.accelerator.wait_for_everyone()
+                            self.recipe.checkpoint.keep_last, staged=self.deepspeed)
+        acc.wait_for_everyone()
 
     def _resume(self) -> int:
         path = checkpoint.resolve_resume(self.recipe.resume, self.out)
@@ -251,7 +267,13 @@ class Trainer:
         if self.ema:
             self.ema.load_state_dict(tensors)
         self.objective.load_checkpoint_state({k[10:]: v for k, v in tensors.items() if k.startswith("objective.")})
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.deepspeed:  # each rank its own shard; this also sets the weights from DeepSpeed's fp32 master copy
+            checkpoint.load_deepspeed(self.ds_engine, path, self.accelerator.num_processes)
+        elif "optimizer" not in state:
+            raise UserError(f"resume: {path} was written under DeepSpeed ZeRO (its optimizer state is sharded in "
+                            f"{checkpoint.DEEPSPEED}/): resume it with the DeepSpeed config and process count it ran with")
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         if self.is_main:
@@ -342,12 +364,32 @@ def _launched_processes() -> int:
     return get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
 
 
+def _has_device() -> bool:
+    acc = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
+    return acc.is_available() if acc is not None else torch.cuda.is_available()
+
+
+def _launched_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def _cpu_processes() -> bool:
     """torchrun started several processes on a machine without GPUs (accelerate would leave each alone)."""
-    acc = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
-    has_device = acc.is_available() if acc is not None else torch.cuda.is_available()
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"  # its own CPU backend
-    return _launched_processes() > 1 and not has_device and not deepspeed
+    return _launched_processes() > 1 and not _has_device() and not _launched_deepspeed()
+
+
+def _process_group_kwargs() -> list:
+    """DeepSpeed on several CPU processes: name gloo, or accelerate finds no backend and reports 1 process.
+
+    (accelerate(cpu=True) would drop DeepSpeed altogether.) Without a backend accelerate calls every rank the main
+    process of 1 while DeepSpeed joins all of them, and fills train_batch_size for 1 process, which DeepSpeed
+    rejects. With gloo named, both agree: ranks 0..n-1 of n.
+    """
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if _launched_processes() > 1 and not _has_device() and _launched_deepspeed():
+        return [InitProcessGroupKwargs(backend="gloo")]
+    return []
 
 
 def train(recipe: Recipe) -> TrainResult:
