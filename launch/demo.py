@@ -1,7 +1,12 @@
-"""`make demo`: the whole chain on the embedded tiny default, on CPU in a few minutes.
+"""`make demo`: the embedded benchmark chain on CPU, starting from the committed demo teacher.
 
-Builds the tiny SD-1.5-style pipeline and the captioned digits dataset, trains the tiny LoRA recipe, samples
-the result with the exported LoRA, and writes demo_out/report.md. Re-running resumes or reuses what exists.
+1. Synthetic data: purple shapes (a colour the teacher never saw) and prior images of colours it knows.
+2. A LoRA that teaches the teacher purple (recipes/demo/shapes_concept_lora_tiny.yaml).
+3. The evaluator (launch/evaluate.py) on the teacher and on teacher + LoRA, for old prompts and for purple
+   ones, and the teacher's adherence against its number of sampling steps.
+4. demo_out/report.md: metric tables, sample grids, the loss curve and the adherence-against-steps plot.
+
+Re-running resumes or reuses what exists. The teacher is assets/demo_teacher (launch/demo_teacher.py rebuilds it).
 """
 from __future__ import annotations
 
@@ -14,49 +19,81 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from launch.cli import run_cli  # noqa: E402
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "sd15_lora_tiny.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER = ROOT / "assets" / "demo_teacher"
+RECIPE = ROOT / "recipes" / "demo" / "shapes_concept_lora_tiny.yaml"
+CONCEPT = {"colour": "purple"}  # held out of the teacher's data (launch/demo_teacher.py HELD_OUT)
+SCHEDULER, GUIDANCE = "dpmpp", 3.0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=Path("demo_out"), type=Path)
+    parser.add_argument("--teacher", default=TEACHER, type=Path, help="the demo teacher pipeline folder")
+    parser.add_argument("--images", type=int, default=512, help="purple images, and as many prior images")
+    parser.add_argument("--prompts", type=int, default=20, help="held-out prompts per evaluation")
+    parser.add_argument("--images-per-prompt", type=int, default=4)
+    parser.add_argument("--steps", default="1,2,4,8,25", help="sampling steps the teacher is scored at")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the LoRA recipe, e.g. train.max_steps=50")
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="demo_out", type=Path)
-    parser.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. train.max_steps=50")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    from trainers.errors import UserError
+
+    if not (args.teacher / "model_index.json").is_file():
+        raise UserError(f"no demo teacher at {args.teacher}; build one with `python launch/demo_teacher.py "
+                        f"--out {args.teacher}` (about an hour on CPU)")
     out = args.out
+    data = write_data(out / "data", args.images)
+    final, run = train_lora(args.teacher, data, out / "runs" / "concept_lora", args.overrides)
+    steps = [int(s) for s in args.steps.split(",")]
+    evaluations = evaluate_all(args.teacher, final, steps, args.prompts, args.images_per_prompt)
+    from launch.demo_report import write_report
 
-    from datasets_prep.digits import write_digits_dataset
-    from launch.make_tiny_model import make_tiny_model
-    from trainers.config import load_recipe
-    from trainers.engine import Trainer
-
-    model = out / "tiny-sd15"
-    if not (model / "model_index.json").is_file():
-        make_tiny_model("sd15", model, size="tiny", seed=0)
-    data = out / "data" / "digits"
-    if not (data / "metadata.jsonl").is_file():
-        write_digits_dataset(data, size=64, seed=0)
-    run = out / "runs" / "sd15_lora_tiny"
-    recipe = load_recipe(RECIPE, [f"model.pretrained={model}", f"data.source={data}", f"output_dir={run}",
-                                  *args.overrides])
-    result = Trainer(recipe).fit()
-    report = write_report(out, run, result.final_dir)
-    print(f"demo done: LoRA in {result.final_dir}, report in {report}")
+    report = write_report(out, run, evaluations, CONCEPT)
+    print(f"demo done: LoRA in {final}, report in {report}")
     return 0
 
 
-def write_report(out: Path, run: Path, final: Path) -> Path:
-    metrics = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
-    grids = sorted((run / "samples").glob("step-*.png"), key=lambda p: int(p.stem[5:]))
-    lines = ["# difftune demo", "",
-             "A LoRA trained on captioned handwritten digits over a tiny random-initialised SD-1.5-style model.",
-             "", "| step | loss | lr |", "|---:|---:|---:|"]
-    lines += [f"| {m['step']} | {m['loss']:.4f} | {m['lr']:.2e} |" for m in metrics]
-    lines += ["", f"Final LoRA: `{final / 'pytorch_lora_weights.safetensors'}` (loads with "
-              "`pipe.load_lora_weights`).", ""]
-    lines += [f"![{g.stem}]({g.relative_to(out)})" for g in grids]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def write_data(where: Path, n: int) -> dict[str, Path]:
+    """The concept's images and the prior's, each written once (seeds apart from the teacher's data, seed 0)."""
+    from datasets_prep.synth import write_synth_dataset
+
+    sets = {"purple": (1, {"only": CONCEPT}), "prior": (2, {"exclude": CONCEPT})}
+    paths = {}
+    for name, (seed, rule) in sets.items():
+        paths[name] = where / name
+        summary = paths[name] / "factors.json"
+        if not summary.is_file() or json.loads(summary.read_text())["n"] != n:
+            write_synth_dataset(paths[name], n=n, size=32, seed=seed, **rule)
+    return paths
+
+
+def train_lora(teacher: Path, data: dict[str, Path], run: Path, overrides: list[str]) -> tuple[Path, Path]:
+    from trainers.config import load_recipe
+    from trainers.engine import Trainer
+
+    recipe = load_recipe(RECIPE, [f"model.pretrained={teacher}", f"data.source={data['purple']}",
+                                  f"data.extra_sources=[{{source: {data['prior']}}}]", f"output_dir={run}",
+                                  *overrides])
+    return Trainer(recipe).fit().final_dir, run  # a finished run resumes at its last step and only re-exports
+
+
+def evaluate_all(teacher: Path, lora: Path, steps: list[int], prompts: int, per_prompt: int) -> dict:
+    """Teacher and teacher + LoRA on old prompts and on the concept's, the teacher at every step count."""
+    from launch.evaluate import evaluate, load_pipeline
+
+    common = dict(scheduler=SCHEDULER, guidance=GUIDANCE, prompts=prompts, images_per_prompt=per_prompt)
+    most = [max(steps)]
+    pipe = load_pipeline(teacher, None, "auto")
+    results = {"teacher/old": evaluate(pipe, steps, exclude=CONCEPT, **common),
+               "teacher/new": evaluate(pipe, most, only=CONCEPT, **common)}
+    pipe = load_pipeline(teacher, lora, "auto")
+    results |= {"lora/old": evaluate(pipe, most, exclude=CONCEPT, **common),
+                "lora/new": evaluate(pipe, steps, only=CONCEPT, **common)}
+    return results
 
 
 if __name__ == "__main__":

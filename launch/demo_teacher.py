@@ -26,6 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from launch.cli import run_cli  # noqa: E402
+from launch.clip_bpe import write_bpe_files  # noqa: E402
+from trainers.errors import UserError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VAE_RECIPE = ROOT / "recipes" / "demo" / "teacher_vae.yaml"
@@ -102,7 +104,7 @@ def build_initial(out: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from launch.clip_bpe import build_tokenizer, clip_bpe, write_bpe_files
+    from launch.clip_bpe import build_tokenizer, clip_bpe
     from launch.make_tiny_model import seeded
     from trainers.backbones.coord_unet import CoordUNet2DConditionModel
 
@@ -136,7 +138,6 @@ def assemble(start: Path, unet_final: Path, out: Path) -> Path:
     from diffusers import StableDiffusionPipeline
 
     import trainers.backbones.coord_unet  # noqa: F401  (registers the U-Net class)
-    from launch.clip_bpe import write_bpe_files
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -146,6 +147,32 @@ def assemble(start: Path, unet_final: Path, out: Path) -> Path:
         shutil.copytree(unet_final / name, tmp / name)
     pipe = StableDiffusionPipeline.from_pretrained(tmp)
     shutil.rmtree(tmp)
+    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    write_bpe_files(tmp / "tokenizer", caption_corpus())
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def assemble_checkpoint(start: Path, checkpoint: Path, out: Path) -> Path:
+    """The teacher from a stage-2 checkpoint: its EMA weights where it kept an EMA, else its trained weights."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    import trainers.backbones.coord_unet  # noqa: F401  (registers the U-Net class)
+
+    tensors = load_file(checkpoint / "weights.safetensors")
+    prefix = "ema." if any(k.startswith("ema.") for k in tensors) else "model."
+    pipe = StableDiffusionPipeline.from_pretrained(start)
+    for name in ("unet", "text_encoder"):
+        module = getattr(pipe, name)
+        state = {k[len(prefix) + len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{prefix}{name}.")}
+        missing = set(dict(module.named_parameters())) - set(state)
+        if missing:
+            raise UserError(f"{checkpoint}: no {name} weights for {sorted(missing)[:3]}...")
+        module.load_state_dict(state, strict=False)  # parameters only; buffers keep their initial values
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
     write_bpe_files(tmp / "tokenizer", caption_corpus())
     shutil.rmtree(out, ignore_errors=True)
@@ -169,6 +196,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vae-steps", type=int, default=None, help="override the VAE recipe's train.max_steps")
     parser.add_argument("--unet-steps", type=int, default=None, help="override the U-Net recipe's train.max_steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--from-checkpoint", type=Path, default=None,
+                        help="assemble the teacher from this U-Net checkpoint (its EMA weights) without training")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for the U-Net recipe")
     return parser.parse_args(argv)
 
@@ -185,13 +214,19 @@ def main(argv=None) -> int:
     if not (initial / "model_index.json").is_file():
         build_initial(initial, args.seed)
     common = [f"data.source={data}", f"train.seed={args.seed}"]
-    vae_steps = [f"train.max_steps={args.vae_steps}"] if args.vae_steps else []
-    vae_final = train_stage(VAE_RECIPE, [f"model.pretrained={initial}", f"output_dir={work / 'runs' / 'vae'}",
-                                         *common, *vae_steps])
-    start = with_component(initial, "vae", vae_final / "vae", work / "with_vae")
-    unet_steps = [f"train.max_steps={args.unet_steps}"] if args.unet_steps else []
-    unet_final = train_stage(UNET_RECIPE, [f"model.pretrained={start}", f"output_dir={work / 'runs' / 'unet'}",
-                                           *common, *unet_steps, *args.overrides])
+    start = work / "with_vae"
+    if args.from_checkpoint is None:
+        vae_steps = [f"train.max_steps={args.vae_steps}"] if args.vae_steps else []
+        vae_final = train_stage(VAE_RECIPE, [f"model.pretrained={initial}", f"output_dir={work / 'runs' / 'vae'}",
+                                             *common, *vae_steps])
+        with_component(initial, "vae", vae_final / "vae", start)
+        unet_steps = [f"train.max_steps={args.unet_steps}"] if args.unet_steps else []
+        run = [f"output_dir={work / 'runs' / 'unet'}", *unet_steps]
+    else:
+        teacher = assemble_checkpoint(start, args.from_checkpoint, args.out)
+        print(f"demo teacher in {teacher} from {args.from_checkpoint}")
+        return 0
+    unet_final = train_stage(UNET_RECIPE, [f"model.pretrained={start}", *common, *run, *args.overrides])
     teacher = assemble(start, unet_final, args.out)
     print(f"demo teacher in {teacher} after {(time.perf_counter() - began) / 60:.1f} min")
     return 0

@@ -1,0 +1,60 @@
+"""The embedded benchmark chain: the demo teacher's recipes regenerate it, and `make demo` runs end to end."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER = ROOT / "assets" / "demo_teacher"
+FAST = ("train.report_to=none", "validation.every_steps=0", "checkpoint.every_steps=0", "data.num_workers=0")
+
+
+def test_demo_teacher_recipes_regenerate_a_teacher(tmp_path):
+    """A few steps of both stages give a float16 pipeline of the committed teacher's layout."""
+    from diffusers import StableDiffusionPipeline
+
+    from launch.demo_teacher import main
+    from trainers.backbones.coord_unet import CoordUNet2DConditionModel
+
+    out = tmp_path / "teacher"
+    assert main(["--work", str(tmp_path / "work"), "--out", str(out), "--images", "64", "--vae-steps", "2",
+                 "--unet-steps", "2", "train.batch_size=8", "ema.enabled=false", *FAST]) == 0
+    vae_scale = json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]
+    assert vae_scale != 1.0  # measured from the trained latents by the autoencoder objective
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    assert isinstance(pipe.unet, CoordUNet2DConditionModel)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) < 10 * 2**20
+    committed = TEACHER / "unet" / "config.json"
+    if committed.is_file():  # the committed teacher has the layout its recipes produce
+        assert json.loads(committed.read_text()) | {"_diffusers_version": None} == \
+            json.loads((out / "unet" / "config.json").read_text()) | {"_diffusers_version": None}
+
+
+@pytest.mark.skipif(not (TEACHER / "model_index.json").is_file(), reason="no committed demo teacher")
+def test_demo_chain_end_to_end(tmp_path):
+    from launch.demo import main
+
+    out = tmp_path / "demo"
+    assert main(["--out", str(out), "--images", "16", "--prompts", "2", "--images-per-prompt", "1",
+                 "--steps", "1,2", "train.max_steps=2", "train.batch_size=4", *FAST]) == 0
+    report = (out / "report.md").read_text()
+    assert "| teacher | old | 1 |" in report and "| lora | new | 2 |" in report
+    for png in ("loss.png", "adherence_vs_steps.png", "eval/teacher-old/grid-2.png", "eval/lora-new/grid-1.png"):
+        assert (out / png).stat().st_size > 0, png
+    results = json.loads((out / "eval" / "teacher-old" / "results.json").read_text())
+    assert [r["steps"] for r in results["runs"]] == [1, 2]
+    assert all("purple" not in p for p in results["prompts"])
+    assert all("purple" in p for p in json.loads((out / "eval" / "lora-new" / "results.json").read_text())["prompts"])
+
+
+def test_committed_teacher_is_small_and_half_precision():
+    if not (TEACHER / "model_index.json").is_file():
+        pytest.skip("no committed demo teacher")
+    from safetensors import safe_open
+
+    assert sum(f.stat().st_size for f in TEACHER.rglob("*") if f.is_file()) < 10 * 2**20
+    for weights in TEACHER.glob("*/*.safetensors"):
+        with safe_open(weights, "pt") as f:
+            assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys()), weights
