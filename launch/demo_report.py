@@ -23,10 +23,11 @@ def write_report(out: Path, run: Path, evaluations: dict, concept: dict) -> Path
              "(lower is better). Old prompts never name the concept; new prompts always do.", "",
              "| model | prompts | steps | " + " | ".join(f.replace("_", " ") for f in FACTORS) + " | SWD |",
              "|---|---|---:|" + "---:|" * (len(FACTORS) + 1)]
-    for name, results in evaluations.items():
+    for name, results in sorted(evaluations.items(), key=lambda item: item[0].split("/")[1]):
         model, prompts = name.split("/")
         real = results["real"]
-        lines.append(f"| real images | {prompts} | - | " + cells(real) + f" | {real['swd']:.4f} |")
+        if model == "teacher":  # the same prompts and renders for both models: one row of real images
+            lines.append(f"| real images | {prompts} | - | " + cells(real) + f" | {real['swd']:.4f} |")
         for entry in results["runs"]:
             lines.append(f"| {model} | {prompts} | {entry['steps']} | " + cells(entry) + f" | {entry['swd']:.4f} |")
     lines += ["", f"![loss]({loss_png.relative_to(out)})", "", f"![adherence vs steps]({steps_png.relative_to(out)})", ""]

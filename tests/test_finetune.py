@@ -128,3 +128,13 @@ def test_heldout_loss_source_errors_are_named(recipe_for, digits_data, tmp_path)
     with pytest.raises(UserError, match="validation.loss_source"):
         Trainer(recipe_for(f"validation.loss_source={digits_data}", "objective.name=autoencoder", "adapter.kind=full",
                            "validation.prompts=[]", "data.use_cache=false"))
+
+
+def test_a_model_saved_in_float16_fine_tunes_in_float32(recipe_for, tiny_sd15, tmp_path):
+    """Hub models often ship float16 weights; from_pretrained keeps them, the LoRA's float32 input must not clash."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.from_pretrained(tiny_sd15).to(torch.float16).save_pretrained(tmp_path / "fp16")
+    trainer = Trainer(recipe_for(f"model.pretrained={tmp_path / 'fp16'}", "train.max_steps=1"))
+    assert math.isfinite(trainer.fit().last_loss)
+    assert trainer.backbone.denoiser.dtype == torch.float32

@@ -83,8 +83,8 @@ class FineTune(Objective):
             dtype = torch.float32 if fp32 else frozen_dtype
             if module not in self.offloaded:
                 module.to(self.device)
-            if dtype != torch.float32:  # diffusers warns on any dtype cast, so cast only when needed
-                module.to(dtype)
+            if next(module.parameters()).dtype != dtype:  # diffusers warns on any cast: only when needed (a
+                module.to(dtype)                           # model saved in float16 loads in float16)
         for p in self.trainable_named_parameters().values():
             p.data = p.data.float()  # master weights in float32 under mixed precision
         self.acp = self.acp.to(self.device)
