@@ -43,12 +43,7 @@ class PixArtLoraLoaderMixin(UViTLoraLoaderMixin):
         (diffusers' text-encoder loader converts CLIP's layer names only and rejects T5's q/k/v/o.)
         """
         low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", False)
-        if isinstance(pretrained_model_name_or_path_or_dict, dict):  # diffusers pops from it: keep the caller's
-            pretrained_model_name_or_path_or_dict = dict(pretrained_model_name_or_path_or_dict)
-        state_dict, metadata = self.lora_state_dict(pretrained_model_name_or_path_or_dict,
-                                                    return_lora_metadata=True, **kwargs)
-        if not all("lora" in k for k in state_dict):
-            raise ValueError("Invalid LoRA checkpoint: every key must contain 'lora'.")
+        state_dict, metadata = self.read_lora(pretrained_model_name_or_path_or_dict, **kwargs)
         self.load_lora_into_transformer(state_dict, transformer=self.transformer, adapter_name=adapter_name,
                                         metadata=metadata, _pipeline=self, low_cpu_mem_usage=low_cpu_mem_usage,
                                         hotswap=hotswap)

@@ -36,17 +36,20 @@ class UViTLoraLoaderMixin(SD3LoraLoaderMixin):
                           **kwargs):
         """Load a LoRA file or folder (`weight_name=` picks the file) into the transformer and text encoder."""
         low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", False)
-        if isinstance(pretrained_model_name_or_path_or_dict, dict):  # diffusers pops from it: keep the caller's
-            pretrained_model_name_or_path_or_dict = dict(pretrained_model_name_or_path_or_dict)
-        state_dict, metadata = self.lora_state_dict(pretrained_model_name_or_path_or_dict,
-                                                    return_lora_metadata=True, **kwargs)
-        if not all("lora" in k for k in state_dict):
-            raise ValueError("Invalid LoRA checkpoint: every key must contain 'lora'.")
+        state_dict, metadata = self.read_lora(pretrained_model_name_or_path_or_dict, **kwargs)
         common = dict(adapter_name=adapter_name, metadata=metadata, _pipeline=self,
                       low_cpu_mem_usage=low_cpu_mem_usage, hotswap=hotswap)
         self.load_lora_into_transformer(state_dict, transformer=self.transformer, **common)
         self.load_lora_into_text_encoder(state_dict, network_alphas=None, text_encoder=self.text_encoder,
                                          prefix=self.text_encoder_name, lora_scale=self.lora_scale, **common)
+
+    def read_lora(self, source, **kwargs) -> tuple[dict, dict]:
+        """The LoRA state dict and its metadata from a file, folder or dict (the caller's dict is left whole)."""
+        source = dict(source) if isinstance(source, dict) else source  # diffusers pops from it
+        state_dict, metadata = self.lora_state_dict(source, return_lora_metadata=True, **kwargs)
+        if not all("lora" in k for k in state_dict):
+            raise ValueError("Invalid LoRA checkpoint: every key must contain 'lora'.")
+        return state_dict, metadata
 
     @classmethod
     def save_lora_weights(cls, save_directory, transformer_lora_layers: dict | None = None,
