@@ -208,6 +208,11 @@ def main(argv=None) -> int:
     from datasets_prep.synth import write_synth_dataset
 
     work, began = args.work, time.perf_counter()
+    start = work / "with_vae"  # the initial pipeline with the trained VAE: stage 2 starts from it
+    if args.from_checkpoint is not None:
+        teacher = assemble_checkpoint(start, args.from_checkpoint, args.out)
+        print(f"demo teacher in {teacher} from {args.from_checkpoint}")
+        return 0
     data, every_colour = work / "data" / "shapes", work / "data" / "all_colours"
     if not (data / "metadata.jsonl").is_file():
         write_synth_dataset(data, n=args.images, size=RESOLUTION, seed=args.seed, exclude=HELD_OUT)
@@ -217,20 +222,14 @@ def main(argv=None) -> int:
     initial = work / "initial"
     if not (initial / "model_index.json").is_file():
         build_initial(initial, args.seed)
-    common = [f"train.seed={args.seed}"]
-    start = work / "with_vae"
-    if args.from_checkpoint is None:
-        vae_steps = [f"train.max_steps={args.vae_steps}"] if args.vae_steps else []
-        vae_final = train_stage(VAE_RECIPE, [f"model.pretrained={initial}", f"output_dir={work / 'runs' / 'vae'}",
-                                             f"data.source={every_colour}", *common, *vae_steps])
-        with_component(initial, "vae", vae_final / "vae", start)
-        unet_steps = [f"train.max_steps={args.unet_steps}"] if args.unet_steps else []
-        run = [f"output_dir={work / 'runs' / 'unet'}", f"data.source={data}", *unet_steps]
-    else:
-        teacher = assemble_checkpoint(start, args.from_checkpoint, args.out)
-        print(f"demo teacher in {teacher} from {args.from_checkpoint}")
-        return 0
-    unet_final = train_stage(UNET_RECIPE, [f"model.pretrained={start}", *common, *run, *args.overrides])
+    seed = [f"train.seed={args.seed}"]
+    vae_steps = [f"train.max_steps={args.vae_steps}"] if args.vae_steps else []
+    vae_final = train_stage(VAE_RECIPE, [f"model.pretrained={initial}", f"output_dir={work / 'runs' / 'vae'}",
+                                         f"data.source={every_colour}", *seed, *vae_steps])
+    with_component(initial, "vae", vae_final / "vae", start)
+    unet_steps = [f"train.max_steps={args.unet_steps}"] if args.unet_steps else []
+    unet_final = train_stage(UNET_RECIPE, [f"model.pretrained={start}", f"output_dir={work / 'runs' / 'unet'}",
+                                           f"data.source={data}", *seed, *unet_steps, *args.overrides])
     teacher = assemble(start, unet_final, args.out)
     print(f"demo teacher in {teacher} after {(time.perf_counter() - began) / 60:.1f} min")
     return 0
