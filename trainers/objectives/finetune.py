@@ -19,6 +19,7 @@ from trainers.objectives.base import Objective
 
 class FineTune(Objective):
     name = "finetune"
+    has_heldout_loss = True
 
     def __init__(self, recipe, backbone):
         super().__init__(recipe, backbone)
@@ -135,8 +136,6 @@ class FineTune(Objective):
         target = diffusion.target_for(self.prediction_type, x0, eps, alpha_t, sigma_t)
         return (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
 
-    has_heldout_loss = True
-
     @torch.no_grad()
     def heldout_loss(self, batch, timesteps):
         """Unweighted loss on the model's own target, every caption kept, the same noise at every timestep."""
@@ -144,7 +143,7 @@ class FineTune(Objective):
         x0 = self.encode_latents(batch, seeds)
         text = {k: v.to(self.device) for k, v in batch["text"].items()} if "text" in batch else None
         cond = self.backbone.condition(batch["captions"], [False] * len(seeds), batch, self.device,
-                                       {**self.backbone.text_encoders}, text=text)
+                                       self.backbone.text_encoders, text=text)
         eps = seeding.randn(seeds, seeding.NOISE, x0.shape[1:], self.device)
         errors = [self.denoising_error(x0, eps, t.expand(len(seeds)).to(self.device), cond, self.denoiser)
                   for t in timesteps]
