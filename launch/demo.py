@@ -2,9 +2,10 @@
 
 1. Synthetic data: purple shapes (a colour the teacher never saw) and prior images of colours it knows.
 2. A LoRA that teaches the teacher purple (recipes/demo/shapes_concept_lora_tiny.yaml).
-3. The evaluator (launch/evaluate.py) on the teacher and on teacher + LoRA, for old prompts and for purple
-   ones, and the teacher's adherence against its number of sampling steps.
-4. demo_out/report.md: metric tables, sample grids, the loss curve and the adherence-against-steps plot.
+3. An LCM-LoRA distilled from the teacher on the prior images (recipes/demo/sd15_lcm_lora_tiny.yaml).
+4. The evaluator (launch/evaluate.py) on the teacher and on teacher + LoRA, for old prompts and for purple
+   ones, the teacher's adherence against its number of sampling steps, and the LCM-LoRA student's.
+5. demo_out/report.md: metric tables, sample grids, the loss curve and the adherence-against-steps plot.
 
 Re-running resumes or reuses what exists. The teacher is assets/demo_teacher (launch/demo_teacher.py rebuilds it).
 """
@@ -22,6 +23,8 @@ from launch.cli import run_cli  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "assets" / "demo_teacher"
 RECIPE = ROOT / "recipes" / "demo" / "shapes_concept_lora_tiny.yaml"
+LCM_RECIPE = ROOT / "recipes" / "demo" / "sd15_lcm_lora_tiny.yaml"
+LCM_STEPS = (1, 2, 4)  # an LCM student samples in few steps; beyond that it does not improve
 CONCEPT = {"colour": "purple"}  # held out of the teacher's data (launch/demo_teacher.py HELD_OUT)
 SCHEDULER, GUIDANCE = "dpmpp", 3.0
 
@@ -34,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=20, help="held-out prompts per evaluation")
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--steps", default="1,2,4,8,25", help="sampling steps the teacher is scored at")
+    parser.add_argument("--lcm", action="append", default=[], metavar="KEY=VALUE",
+                        help="a dotted override of the LCM-LoRA recipe (repeatable), e.g. --lcm train.max_steps=50")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the LoRA recipe, e.g. train.max_steps=50")
     return parser.parse_args(argv)
 
@@ -48,8 +53,12 @@ def main(argv=None) -> int:
     out = args.out
     data = write_data(out / "data", args.images)
     final, run = train_lora(args.teacher, data, out / "runs" / "concept_lora", args.overrides)
+    lcm_final = train(LCM_RECIPE, [f"model.pretrained={args.teacher}", f"data.source={data['prior']}",
+                                   f"output_dir={out / 'runs' / 'lcm_lora'}", *args.lcm])
     steps = [int(s) for s in args.steps.split(",")]
     evaluations = evaluate_all(args.teacher, final, steps, args.prompts, args.images_per_prompt)
+    evaluations |= evaluate_lcm(args.teacher, lcm_final, [s for s in steps if s in LCM_STEPS] or [min(steps)],
+                                args.prompts, args.images_per_prompt)
     from launch.demo_report import write_report
 
     report = write_report(out, run, evaluations, CONCEPT)
@@ -72,13 +81,16 @@ def write_data(where: Path, n: int) -> dict[str, Path]:
 
 
 def train_lora(teacher: Path, data: dict[str, Path], run: Path, overrides: list[str]) -> tuple[Path, Path]:
+    final = train(RECIPE, [f"model.pretrained={teacher}", f"data.source={data['purple']}",
+                           f"data.extra_sources=[{{source: {data['prior']}}}]", f"output_dir={run}", *overrides])
+    return final, run
+
+
+def train(recipe_path: Path, overrides: list[str]) -> Path:
     from trainers.config import load_recipe
     from trainers.engine import Trainer
 
-    recipe = load_recipe(RECIPE, [f"model.pretrained={teacher}", f"data.source={data['purple']}",
-                                  f"data.extra_sources=[{{source: {data['prior']}}}]", f"output_dir={run}",
-                                  *overrides])
-    return Trainer(recipe).fit().final_dir, run  # a finished run resumes at its last step and only re-exports
+    return Trainer(load_recipe(recipe_path, overrides)).fit().final_dir  # a finished run resumes and re-exports
 
 
 def evaluate_all(teacher: Path, lora: Path, steps: list[int], prompts: int, per_prompt: int) -> dict:
@@ -94,6 +106,15 @@ def evaluate_all(teacher: Path, lora: Path, steps: list[int], prompts: int, per_
     results |= {"lora/old": evaluate(pipe, most, exclude=CONCEPT, **common),
                 "lora/new": evaluate(pipe, steps, only=CONCEPT, **common)}
     return results
+
+
+def evaluate_lcm(teacher: Path, lcm_lora: Path, steps: list[int], prompts: int, per_prompt: int) -> dict:
+    """The LCM-LoRA student on the old prompts: LCMScheduler, no CFG pass (guidance is distilled in)."""
+    from launch.evaluate import evaluate, load_pipeline
+
+    pipe = load_pipeline(teacher, lcm_lora, "auto")
+    return {"lcm-lora/old": evaluate(pipe, steps, scheduler="lcm", guidance=1.0, exclude=CONCEPT, prompts=prompts,
+                                     images_per_prompt=per_prompt)}
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ def write_report(out: Path, run: Path, evaluations: dict, concept: dict) -> Path
              f"`assets/demo_teacher`) a concept absent from its data: {concept_words}. Adherence is the fraction of "
              "generated images whose shape, colour, size and position (read back by deterministic image analysis) "
              "match the prompt; SWD is the sliced Wasserstein distance to real renders of the same prompts "
-             "(lower is better). Old prompts never name the concept; new prompts always do.", "",
+             "(lower is better). Old prompts never name the concept; new prompts always do. The lcm-lora rows are an "
+             "LCM-LoRA distilled from the teacher, sampled with LCMScheduler in 1-4 steps and no CFG pass; compare "
+             "them with the teacher's rows at the same steps.", "",
              "| model | prompts | steps | " + " | ".join(f.replace("_", " ") for f in FACTORS) + " | SWD |",
              "|---|---|---:|" + "---:|" * (len(FACTORS) + 1)]
     for name, results in sorted(evaluations.items(), key=lambda item: item[0].split("/")[1]):

@@ -94,7 +94,18 @@ def load_pipeline(folder: Path, lora: Path | None, device: str):
         raise UserError(f"cannot load a pipeline from {folder}: {error}") from None
     if lora is not None:
         load_lora(pipe, Path(lora))
+        use_exported_scheduler(pipe, Path(lora))
     return pipe
+
+
+def use_exported_scheduler(pipe, lora: Path) -> None:
+    """An export's own sampler settings (an LCM-LoRA's scheduler/: its grid and timestep scaling) replace the base's."""
+    config_file = lora / "scheduler" / "scheduler_config.json"
+    if lora.is_dir() and config_file.is_file():
+        import diffusers
+
+        config = json.loads(config_file.read_text())
+        pipe.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
 
 
 def load_lora(pipe, lora: Path) -> None:

@@ -108,7 +108,10 @@ def test_impossible_combinations(capsys, tiny_sd15, digits_data, tmp_path):
     assert_one_line_error(*run_train(capsys, TINY, *args, "objective.zero_terminal_snr=true"),
                           "objective.zero_terminal_snr")
     assert_one_line_error(*run_train(capsys, TINY, *args, "memory.attention=xformers"), "memory.attention")
-    assert_one_line_error(*run_train(capsys, TINY, *args, "objective.name=progressive"), "objective.name")
+    assert_one_line_error(*run_train(capsys, TINY, *args, "objective.name=dreambooth"), "objective.name")
+    assert_one_line_error(*run_train(capsys, TINY, *args, "objective.name=progressive"), "adapter.kind")
+    assert_one_line_error(*run_train(capsys, TINY, *args, "objective.name=consistency",
+                                     "objective.caption_dropout=0.1"), "objective.caption_dropout")
 
 
 def test_resume_from_a_checkpoint_of_another_recipe(capsys, tiny_sd15, digits_data, tmp_path):

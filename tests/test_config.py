@@ -60,6 +60,14 @@ def test_numbers_are_coerced_where_harmless():
     assert r.optimizer.lr == 1e-4 and isinstance(r.optimizer.weight_decay, float)
 
 
+def test_bare_no_means_the_choice_not_false():
+    data = minimal()
+    apply_override(data, "precision=no")  # YAML 1.1 reads it as false
+    assert from_dict(data).precision == "no"
+    with pytest.raises(ConfigError, match="'train.report_to' must be one of"):
+        from_dict(minimal(train={"report_to": False}))
+
+
 def test_overrides_parse_yaml_values():
     data = minimal()
     for item in ["train.max_steps=7", "optimizer.lr=3e-4", "adapter.text_encoder=true",

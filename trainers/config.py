@@ -64,6 +64,36 @@ class AutoencoderObjectiveConfig:
 
 
 @dataclass(frozen=True)
+class ConsistencyObjectiveConfig:
+    # Latent consistency distillation (Luo et al. 2023, Algorithm 1). Guidance uses the paper's omega:
+    # eps_c + omega * (eps_c - eps_u); a diffusers pipeline's guidance_scale is omega + 1.
+    num_teacher_timesteps: int = _f(50, min=2)  # N: the solver grid over the training timesteps (50 of 1000)
+    skip: int = _f(1, min=1)            # k: grid steps the teacher's solver jumps per loss term
+    solver: Literal["ddim", "dpmpp_2m", "euler"] = "ddim"  # the teacher's ODE solver Psi (dpmpp_2m: k sub-steps)
+    omega_min: float = _f(5.0, min=0.0)  # guidance drawn uniformly in [omega_min, omega_max] per sample
+    omega_max: float = _f(15.0, min=0.0)
+    distance: Literal["huber", "l2"] = "huber"  # pseudo-Huber sqrt(d^2 + c^2) - c, or squared L2
+    huber_c: float = _f(0.001, min=0.0)
+    sigma_data: float = _f(0.5, min=0.0)  # c_skip/c_out; stock LCMScheduler samples with 0.5
+    timestep_scaling: float = _f(10.0, min=0.0)  # c_skip/c_out see t * this (LCMScheduler's timestep_scaling)
+    target: Optional[Literal["student", "ema"]] = None  # None: student (stop-gradient) for LoRA, ema for full
+    target_ema_decay: float = _f(0.95, min=0.0, max=1.0)  # with target: ema
+    guidance_embedding_dim: int = _f(256, min=0)  # full LCM: omega embedding size (U-Net time_cond_proj_dim); 0: none
+
+
+@dataclass(frozen=True)
+class ProgressiveObjectiveConfig:
+    # Progressive distillation (Salimans & Ho 2022); guided: Meng et al. (2023). train.max_steps is split evenly
+    # over the stages; each stage's student starts from the last one and takes half its DDIM steps.
+    teacher_steps: int = _f(64, min=2)  # DDIM steps of the first teacher
+    student_steps: int = _f(4, min=1)   # DDIM steps of the final student (teacher_steps / 2^k)
+    guided: bool = False                # first stage: distil classifier-free guidance into an omega-conditioned student
+    omega_min: float = _f(0.0, min=0.0)  # guided: omega ~ U[min, max] (the paper's omega = guidance_scale - 1)
+    omega_max: float = _f(4.0, min=0.0)
+    guidance_embedding_dim: int = _f(256, min=1)  # guided: the student U-Net's time_cond_proj_dim
+
+
+@dataclass(frozen=True)
 class ObjectiveConfig:
     name: str = "finetune"              # which recipe trainer: see trainers/objectives/__init__.py
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None  # None: the model scheduler's
@@ -72,6 +102,8 @@ class ObjectiveConfig:
     zero_terminal_snr: bool = False     # rescale betas so the last step is pure noise (Lin et al. 2024)
     caption_dropout: float = _f(0.0, min=0.0, max=1.0)  # p of training on the empty prompt (for CFG)
     autoencoder: AutoencoderObjectiveConfig = field(default_factory=AutoencoderObjectiveConfig)  # name: autoencoder
+    consistency: ConsistencyObjectiveConfig = field(default_factory=ConsistencyObjectiveConfig)  # name: consistency
+    progressive: ProgressiveObjectiveConfig = field(default_factory=ProgressiveObjectiveConfig)  # name: progressive
 
 
 @dataclass(frozen=True)
@@ -137,7 +169,7 @@ class ValidationConfig:
     guidance_scale: float = _f(7.5, min=0.0)
     images_per_prompt: int = _f(1, min=1)
     seed: int = 0
-    scheduler: Literal["dpmsolver", "ddim", "euler"] = "dpmsolver"
+    scheduler: Literal["dpmsolver", "ddim", "euler", "lcm"] = "dpmsolver"  # lcm: consistency-distilled models
     # a sampler-free gauge: the objective's loss on held-out images at fixed timesteps and fixed noise
     loss_source: Optional[str] = None   # held-out imagefolder or prepared dataset; None: no held-out loss
     loss_samples: int = _f(64, min=1)   # its first N records
@@ -289,6 +321,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, key)
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` (precision: no) as false
+            value = "no"
         if value not in args:
             raise ConfigError(f"'{key}' must be one of {', '.join(map(repr, args))}; got {_show(value)}")
         return value

@@ -40,8 +40,10 @@ def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 
 
 def alpha_sigma(acp: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """alpha_t = sqrt(acp[t]), sigma_t = sqrt(1 - acp[t]) for integer timesteps t."""
-    a = acp.to(t.device)[t]
+    """alpha_t = sqrt(acp[t]), sigma_t = sqrt(1 - acp[t]) for integer timesteps t; t = -1 is clean data (1, 0),
+    where a DDIM sampler with set_alpha_to_one ends."""
+    acp = acp.to(t.device)
+    a = torch.where(t >= 0, acp[t.clamp(min=0)], torch.ones((), dtype=acp.dtype, device=acp.device))
     return a.sqrt(), (1 - a).sqrt()
 
 
@@ -124,3 +126,41 @@ def ddim_step(x0_hat, eps_hat, alpha_s, sigma_s):
 def offset_noise(eps: torch.Tensor, offset: torch.Tensor, strength: float) -> torch.Tensor:
     """Offset noise (Guttenberg 2023): a per-sample, per-channel constant added to eps; offset is (B, C)."""
     return eps + strength * offset.to(eps.dtype)[..., None, None]
+
+
+def consistency_scalings(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+    """(c_skip, c_out) of a consistency function f = c_skip z + c_out x0_hat (Song et al. 2023, LCM).
+
+    Timesteps are scaled first, as diffusers' LCMScheduler does; c_skip(0) = 1 and c_out(0) = 0, so f is
+    the identity at t = 0 (the boundary condition) and close to x0_hat a few timesteps above it.
+    """
+    scaled = t.double() * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2).sqrt()
+    return c_skip.float(), c_out.float()
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """(B,) mean of sqrt((a - b)**2 + c**2) - c: L2-like for |a - b| >> c, quadratic and gentle below it."""
+    return ((a.float() - b.float()).pow(2) + c * c).sqrt().sub(c).flatten(1).mean(1)
+
+
+def guidance_embedding(omega: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, dim) sinusoidal features of the guidance scale omega (scaled by 1000, like a timestep).
+
+    The same features diffusers' pipelines feed a U-Net with time_cond_proj_dim, from guidance_scale - 1.
+    """
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=omega.device) * -(math.log(10000.0) / (half - 1)))
+    args = omega.float()[:, None] * 1000.0 * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def progressive_target(z_t, z_s, alpha_t, sigma_t, alpha_s, sigma_s) -> torch.Tensor:
+    """x_tilde such that one DDIM step from z_t with x0_hat = x_tilde lands on z_s (Salimans & Ho 2022, Alg. 2).
+
+    Solves z_s = alpha_s x + (sigma_s / sigma_t) (z_t - alpha_t x) for x; at s = -1 (sigma_s = 0) it is z_s.
+    """
+    ratio = _b(sigma_s / sigma_t, z_t)
+    return (z_s - ratio * z_t) / (_b(alpha_s, z_t) - ratio * _b(alpha_t, z_t))

@@ -167,6 +167,7 @@ class Trainer:
         if not self.deepspeed and self.nonfinite.allows_step(self.optimizer, finite, acc.scaler is not None):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.objective.after_step(finite)
         if self.ema:
             self.ema.update(keep=finite)
 

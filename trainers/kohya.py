@@ -325,3 +325,23 @@ def save_kohya(path: str | Path, state: dict[str, torch.Tensor], alphas: dict[st
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
+
+
+def export_trained(out_dir: str | Path, modules: dict[str, torch.nn.Module], family_name: str, recipe,
+                   dtype: torch.dtype) -> Path | None:
+    """The trained LoRA modules under kohya's names with their real alphas, for ComfyUI, AUTOMATIC1111 and
+    sd-scripts; None (with a warning) where the family or a layer has no kohya name: the diffusers-format
+    file beside it still holds the LoRA, and hours of training are not lost to an export error."""
+    if family_name not in FAMILIES:
+        return None
+    try:
+        state, alphas = peft_lora(modules)
+        state = {k: v.detach().to("cpu", dtype) for k, v in state.items()}
+        family = family_for(family_name, modules[UNET])
+        ad = recipe.adapter
+        meta = kohya_metadata(ad.rank, ad.alpha, recipe.name, family, resolution=recipe.data.resolution,
+                              base_model=recipe.model.pretrained)
+        return save_kohya(Path(out_dir) / KOHYA_WEIGHTS, state, alphas, meta, family)
+    except UserError as e:
+        print(f"warning: no {KOHYA_WEIGHTS} written: {e}", flush=True)
+        return None

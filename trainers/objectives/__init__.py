@@ -6,7 +6,9 @@ import importlib
 from trainers.errors import ConfigError
 
 OBJECTIVES = {"finetune": "trainers.objectives.finetune:FineTune",
-              "autoencoder": "trainers.objectives.autoencoder:Autoencoder"}
+              "autoencoder": "trainers.objectives.autoencoder:Autoencoder",
+              "consistency": "trainers.objectives.consistency:Consistency",
+              "progressive": "trainers.objectives.progressive:Progressive"}
 
 
 def get_objective(name: str):

@@ -37,9 +37,35 @@ class Objective(abc.ABC):
         inputs_cached: the batches carry latents and text tensors, so encoders may stay off the device.
         """
 
+    offloaded: list = []  # parts `to` left on the CPU because the inputs are cached (the VAE, frozen encoders)
+
+    def place(self, device, frozen_dtype, frozen: list, trained: list, inputs_cached: bool) -> None:
+        """VAE and text encoders (left on the CPU when inputs are cached) and `frozen` modules in the compute dtype,
+        `trained` ones in float32, on the device; trainable parameters (LoRA in a frozen model) in float32."""
+        self.device = torch.device(device)
+        backbone = self.backbone
+        vae_dtype = torch.float32 if backbone.vae.config.get("force_upcast", False) else frozen_dtype  # SDXL's
+        encoders = list(backbone.text_encoders.values())
+        self.offloaded = [backbone.vae, *encoders] if inputs_cached else []
+        for module, dtype in [(backbone.vae, vae_dtype), *[(m, frozen_dtype) for m in encoders + frozen],
+                              *[(m, torch.float32) for m in trained]]:
+            if not any(module is m for m in self.offloaded):
+                module.to(self.device)
+            if next(module.parameters()).dtype != dtype:  # diffusers warns on any cast: only when needed
+                module.to(dtype)
+        for p in self.trainable_named_parameters().values():
+            p.data = p.data.float()
+
+    @contextlib.contextmanager
     def on_device_for_sampling(self):
-        """A context in which every part a sampling pipeline needs is on the device."""
-        return contextlib.nullcontext()
+        """A context in which every part a sampling pipeline needs is on the device (offloaded parts come back)."""
+        for m in self.offloaded:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in self.offloaded:
+                m.to("cpu")
 
     @abc.abstractmethod
     def param_groups(self) -> list[dict]:
@@ -54,6 +80,10 @@ class Objective(abc.ABC):
     def heldout_loss(self, batch: dict, timesteps: torch.Tensor) -> torch.Tensor:
         """Mean loss of a held-out batch at each of `timesteps`, with noise fixed by the batch's seeds."""
         raise NotImplementedError
+
+    def after_step(self, finite: torch.Tensor) -> None:
+        """Called after each optimizer step (finite: 0-dim bool, False when the step was skipped), e.g. to
+        move an EMA target; on the device, without a host sync."""
 
     def state_for_checkpoint(self) -> dict[str, torch.Tensor]:
         """Tensors beyond the trainable weights and optimizer (e.g. an EMA target)."""

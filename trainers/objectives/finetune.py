@@ -6,14 +6,13 @@ probability `caption_dropout`, which is what classifier-free guidance needs at s
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
 
 from trainers import adapters, diffusion, kohya, seeding
-from trainers.backbones.base import LatentDist
 from trainers.errors import ConfigError
+from trainers.objectives import inputs
 from trainers.objectives.base import Objective
 
 
@@ -90,16 +89,6 @@ class FineTune(Objective):
             p.data = p.data.float()  # master weights in float32 under mixed precision
         self.acp = self.acp.to(self.device)
 
-    @contextlib.contextmanager
-    def on_device_for_sampling(self):
-        """Bring offloaded parts to the device while a pipeline samples, then back to the CPU."""
-        for m in self.offloaded:
-            m.to(self.device)
-        try:
-            yield
-        finally:
-            for m in self.offloaded:
-                m.to("cpu")
 
     def param_groups(self):
         opt = self.recipe.optimizer
@@ -111,7 +100,7 @@ class FineTune(Objective):
 
     def loss(self, batch, step):
         obj, seeds, device = self.recipe.objective, batch["seeds"], self.device
-        x0 = self.encode_latents(batch, seeds)  # (B, C, h, w)
+        x0 = inputs.latents(self.backbone, batch, self.device)  # (B, C, h, w)
         cond = self.condition(batch, seeds)
         eps = seeding.randn(seeds, seeding.NOISE, x0.shape[1:], device)
         if obj.noise_offset:
@@ -140,24 +129,13 @@ class FineTune(Objective):
     def heldout_loss(self, batch, timesteps):
         """Unweighted loss on the model's own target, every caption kept, the same noise at every timestep."""
         seeds = batch["seeds"]
-        x0 = self.encode_latents(batch, seeds)
-        text = {k: v.to(self.device) for k, v in batch["text"].items()} if "text" in batch else None
+        x0 = inputs.latents(self.backbone, batch, self.device)
         cond = self.backbone.condition(batch["captions"], [False] * len(seeds), batch, self.device,
-                                       self.backbone.text_encoders, text=text)
+                                       self.backbone.text_encoders, text=inputs.cached_text(batch, self.device))
         eps = seeding.randn(seeds, seeding.NOISE, x0.shape[1:], self.device)
         errors = [self.denoising_error(x0, eps, t.expand(len(seeds)).to(self.device), cond, self.denoiser)
                   for t in timesteps]
         return torch.stack(errors).mean()
-
-    @torch.no_grad()
-    def encode_latents(self, batch, seeds):
-        """z ~ q(z|x) with seeded noise, from the cached posterior when the batch carries one."""
-        if "latent_mean" in batch:
-            dist = LatentDist(batch["latent_mean"].to(self.device, non_blocking=True),
-                              batch["latent_std"].to(self.device, non_blocking=True))
-        else:
-            dist = self.backbone.encode_images(batch["pixel_values"].to(self.device, non_blocking=True))
-        return self.backbone.latents_from(dist, seeding.randn(seeds, seeding.LATENT, dist.mean.shape[1:], self.device))
 
     def condition(self, batch, seeds):
         """Text (and family-specific) conditioning; a caption is dropped with p = caption_dropout, seeded.
@@ -174,9 +152,8 @@ class FineTune(Objective):
             if any(dropped) and self._uncond is None:
                 where = "cpu" if self.offloaded else self.device
                 self._uncond = {k: v.to(self.device) for k, v in self.backbone.unconditional(where).items()}
-            text = {k: v.to(self.device, non_blocking=True) for k, v in batch["text"].items()} if "text" in batch else None
-            return self.backbone.condition(batch["captions"], dropped, batch, self.device, text=text,
-                                           uncond=self._uncond)
+            return self.backbone.condition(batch["captions"], dropped, batch, self.device,
+                                           text=inputs.cached_text(batch, self.device), uncond=self._uncond)
 
     def sampling_scheduler_config(self) -> dict:
         """The training schedule as the exported model samples it."""
@@ -196,8 +173,8 @@ class FineTune(Objective):
         if self.recipe.adapter.kind == "lora":
             files = [adapters.save_lora(out_dir, self.backbone.pipeline_class, self.backbone.denoiser_key,
                                         self.denoiser, self.trained_encoders, dtype)]
-            if self.backbone.family in kohya.FAMILIES:  # kohya names exist for the U-Net families only
-                files.append(self.export_kohya(out_dir / kohya.KOHYA_WEIGHTS, dtype))
+            kohya_file = kohya.export_trained(out_dir, self.trained_modules(), self.backbone.family, self.recipe, dtype)
+            files += [kohya_file] if kohya_file else []
             return files
         from diffusers import DDPMScheduler
 
@@ -208,16 +185,6 @@ class FineTune(Objective):
             written.append(out_dir / key)
         DDPMScheduler.from_config(self.sampling_scheduler_config()).save_pretrained(out_dir / "scheduler")
         return [*written, out_dir / "scheduler"]
-
-    def export_kohya(self, path: Path, dtype: torch.dtype) -> Path:
-        """The same LoRA under kohya's key names with its real alpha, for ComfyUI, AUTOMATIC1111 and sd-scripts."""
-        state, alphas = kohya.peft_lora(self.trained_modules())
-        state = {k: v.detach().to("cpu", dtype) for k, v in state.items()}
-        family = kohya.family_for(self.backbone.family, self.denoiser)
-        ad = self.recipe.adapter
-        meta = kohya.kohya_metadata(ad.rank, ad.alpha, self.recipe.name, family,
-                                    resolution=self.recipe.data.resolution, base_model=self.recipe.model.pretrained)
-        return kohya.save_kohya(path, state, alphas, meta, family)
 
     def usage_snippet(self, where: str) -> str:
         cls = self.backbone.pipeline_class

@@ -1,0 +1,302 @@
+"""Latent consistency distillation (Luo et al. 2023, Algorithm 1): LCM-LoRA and full LCM students.
+
+Per sample: a grid point t = t_{n+k} of N teacher timesteps and a guidance scale omega; z_t from the forward
+process; the frozen teacher, guided by omega, solves the ODE from t to s = t_n (trainers/solvers.py); the loss
+is d(f_student(z_t, t), f_target(z_hat_s, s)) with the consistency function f = c_skip z + c_out x0_hat, which
+is the identity at t = 0. Guidance follows the paper: eps_c + omega (eps_c - eps_u) (diffusers'
+guidance_scale is omega + 1).
+
+LCM-LoRA keeps one denoiser in memory: the teacher is it with the adapters switched off, the student is it
+with them on, and the target is the student without gradient (or an EMA of the LoRA weights). A full student
+is a float32 copy of the teacher with an omega embedding (time_cond_proj_dim, zero-initialised so it starts as
+the teacher); its target is an EMA of it, and the teacher stays frozen beside it.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+
+from trainers import adapters, diffusion, kohya, seeding, solvers
+from trainers.ema import EMA
+from trainers.errors import ConfigError
+from trainers.objectives import inputs
+from trainers.objectives.base import Objective
+from trainers.objectives.finetune import noise_betas
+
+LCM_SCHEDULER = "LCMScheduler"
+
+
+class Consistency(Objective):
+    name = "consistency"
+
+    def __init__(self, recipe, backbone):
+        super().__init__(recipe, backbone)
+        self.cfg = cfg = recipe.objective.consistency
+        check_recipe(recipe)
+        self.prediction_type = recipe.objective.prediction_type or backbone.scheduler_config.get("prediction_type",
+                                                                                                 "epsilon")
+        self.acp = diffusion.alphas_cumprod(noise_betas(backbone.scheduler_config, False)).float()
+        if cfg.num_teacher_timesteps > len(self.acp):
+            raise ConfigError(f"'objective.consistency.num_teacher_timesteps' must be at most the model's "
+                              f"{len(self.acp)} training timesteps, got {cfg.num_teacher_timesteps}")
+        self.stride = len(self.acp) // cfg.num_teacher_timesteps
+        self.grid = torch.arange(1, cfg.num_teacher_timesteps + 1) * self.stride - 1  # LCMScheduler's timesteps
+        self.full = recipe.adapter.kind == "full"
+        self.teacher = backbone.denoiser
+        if self.full:
+            self.student = student_from(self.teacher, cfg.guidance_embedding_dim)
+            self.lora = []
+        else:
+            adapters.add_lora(self.teacher, recipe.adapter, recipe.adapter.target_modules or backbone.lora_targets)
+            self.student = self.teacher
+            self.lora = lora_layers(self.student)
+        self.target_kind = cfg.target or ("ema" if self.full else "student")
+        self.wrapped = self.trained_modules()
+
+    # ---- what is trained, where it lives --------------------------------------------------------------
+
+    def trained_modules(self):
+        return {self.backbone.denoiser_key: self.student}
+
+    def to(self, device, frozen_dtype, inputs_cached: bool = False):
+        self.place(device, frozen_dtype, frozen=[self.teacher], trained=[self.student] if self.full else [],
+                   inputs_cached=inputs_cached)  # a LoRA student is the teacher: only its LoRA weights go float32
+        self.autocast = (torch.autocast(self.device.type, frozen_dtype) if frozen_dtype != torch.float32
+                         else contextlib.nullcontext())
+        self.acp, self.grid = self.acp.to(self.device), self.grid.to(self.device)
+        self.text = inputs.FrozenText(self.backbone, self.device, encoders_on_cpu=inputs_cached)
+        self.target_ema = None
+        if self.target_kind == "ema":
+            self.target_ema = EMA(self.trainable_named_parameters(), self.cfg.target_ema_decay)
+        self.target = self.student
+        if self.full and self.target_ema is not None:  # a module whose weights are the EMA's own tensors
+            self.target = copy.deepcopy(self.student).requires_grad_(False)
+            key = self.backbone.denoiser_key
+            for name, p in self.target.named_parameters():
+                p.data = self.target_ema.shadow[f"{key}.{name}"]
+
+    def param_groups(self):
+        return [{"params": [p for p in self.student.parameters() if p.requires_grad], "lr": self.recipe.optimizer.lr}]
+
+    def after_step(self, finite):
+        if self.target_ema is not None:
+            self.target_ema.update(keep=finite)
+
+    def state_for_checkpoint(self):
+        return self.target_ema.state_dict() if self.target_ema is not None else {}
+
+    def load_checkpoint_state(self, state):
+        if self.target_ema is not None:
+            self.target_ema.load_state_dict(state)
+
+    # ---- the loss ------------------------------------------------------------------------------------
+
+    def loss(self, batch, step):
+        cfg, seeds, device = self.cfg, batch["seeds"], self.device
+        x0 = inputs.latents(self.backbone, batch, device)
+        cond, uncond = self.text.pair(batch)
+        n = seeding.randint(seeds, seeding.TIMESTEP, cfg.num_teacher_timesteps, device)
+        t = self.grid[n]
+        s = (t - cfg.skip * self.stride).clamp(min=0)
+        omega = cfg.omega_min + (cfg.omega_max - cfg.omega_min) * seeding.rand(seeds, seeding.GUIDANCE, device)
+        eps = seeding.randn(seeds, seeding.NOISE, x0.shape[1:], device)
+        z_t = diffusion.add_noise(x0, eps, *diffusion.alpha_sigma(self.acp, t))
+        student_cond = self.student_condition(cond, omega)
+        per_sample = consistency_loss(
+            student=self.x0_fn(self.wrapped[self.backbone.denoiser_key], student_cond),
+            target=self.x0_fn(self.target, student_cond, frozen=True),
+            teacher=self.guided_teacher(cond, uncond, omega), z_t=z_t, t=t, s=s, acp=self.acp, cfg=cfg)
+        loss = per_sample.mean()
+        return loss, {"loss": loss.detach()}
+
+    def x0_fn(self, denoiser, cond, frozen: bool = False):
+        """(z, t) -> x0_hat of a denoiser; frozen: the target pass, in the compute dtype with the target's weights."""
+        def x0_hat(z, t):
+            with self.autocast if frozen else contextlib.nullcontext(), \
+                    self.target_weights() if frozen else contextlib.nullcontext():
+                out = self.backbone.predict(z, t, cond, denoiser=denoiser).float()
+            return diffusion.to_x0_eps(self.prediction_type, out, z, *diffusion.alpha_sigma(self.acp, t))[0]
+        return x0_hat
+
+    def guided_teacher(self, cond, uncond, omega):
+        """(z, t) -> guided (x0_hat, eps_hat) of the frozen teacher; cond and uncond run as one batch."""
+        both = inputs.cat_kwargs(cond, uncond)
+
+        def denoise(z, t):
+            z2, t2 = torch.cat([z, z]), torch.cat([t, t])
+            with self.autocast, adapters_off(self.lora):
+                out = self.backbone.predict(z2, t2, both, denoiser=self.teacher).float()
+            x0, eps = diffusion.to_x0_eps(self.prediction_type, out, z2, *diffusion.alpha_sigma(self.acp, t2))
+            (x0_c, x0_u), (eps_c, eps_u) = x0.chunk(2), eps.chunk(2)
+            return solvers.guided(x0_c, x0_u, omega), solvers.guided(eps_c, eps_u, omega)
+        return denoise
+
+    def student_condition(self, cond, omega):
+        if self.full and self.cfg.guidance_embedding_dim:
+            return {**cond, "timestep_cond": diffusion.guidance_embedding(omega, self.cfg.guidance_embedding_dim)}
+        return cond
+
+    @contextlib.contextmanager
+    def target_weights(self):
+        """LoRA with an EMA target: the EMA's tensors stand in for the LoRA weights during the target pass."""
+        if self.full or self.target_ema is None:
+            yield
+            return
+        params = self.trainable_named_parameters()
+        live = {k: p.data for k, p in params.items()}
+        for k, p in params.items():
+            p.data = self.target_ema.shadow[k]
+        try:
+            yield
+        finally:
+            for k, p in params.items():
+                p.data = live[k]
+
+    # ---- sampling and export -------------------------------------------------------------------------
+
+    def scheduler_config(self) -> dict:
+        """LCMScheduler settings that sample exactly the grid and scalings the student was trained on."""
+        return dict(self.backbone.scheduler_config, prediction_type=self.prediction_type,
+                    original_inference_steps=self.cfg.num_teacher_timesteps,
+                    timestep_scaling=self.cfg.timestep_scaling, rescale_betas_zero_snr=False)
+
+    def lcm_scheduler(self):
+        import inspect
+
+        import diffusers
+
+        cls = getattr(diffusers, LCM_SCHEDULER)
+        known = inspect.signature(cls.__init__).parameters  # DDPM's variance_type etc. would only warn
+        return cls.from_config({k: v for k, v in self.scheduler_config().items() if k in known})
+
+    def validation_pipeline(self):
+        return self.backbone.pipeline(self.student, self.backbone.text_encoders, self.lcm_scheduler())
+
+    def export(self, out_dir: Path) -> list[Path]:
+        dtype = getattr(torch, self.recipe.export.dtype)
+        if self.full:
+            key = self.backbone.denoiser_key
+            self.student.to(dtype).save_pretrained(out_dir / key, safe_serialization=True)
+            self.student.float()
+            files = [out_dir / key]
+        else:
+            files = [adapters.save_lora(out_dir, self.backbone.pipeline_class, self.backbone.denoiser_key,
+                                        self.student, {}, dtype)]
+            kohya_file = kohya.export_trained(out_dir, self.trained_modules(), self.backbone.family, self.recipe, dtype)
+            files += [kohya_file] if kohya_file else []
+        self.lcm_scheduler().save_pretrained(out_dir / "scheduler")
+        return [*files, out_dir / "scheduler"]
+
+    def usage_snippet(self, where: str) -> str:
+        cls = self.backbone.pipeline_class
+        pipe = cls.__name__
+        lib = "diffusers" if cls.__module__.startswith("diffusers") else cls.__module__
+        base = self.recipe.model.pretrained
+        scheduler = f"LCMScheduler.from_pretrained({where!r}, subfolder=\"scheduler\")"
+        if not self.full:
+            return (f"import torch\nfrom diffusers import LCMScheduler\nfrom {lib} import {pipe}\n\n"
+                    f"pipe = {pipe}.from_pretrained({base!r}, torch_dtype=torch.float16).to(\"cuda\")\n"
+                    f"pipe.load_lora_weights({where!r})\npipe.scheduler = {scheduler}\n"
+                    "# 1-8 steps; guidance is distilled in, so guidance_scale 1 (no CFG pass) to 2\n"
+                    f"image = pipe(\"your prompt\", num_inference_steps=4, guidance_scale=1.0).images[0]\n")
+        key, model = self.backbone.denoiser_key, type(self.student).__name__
+        omega = (self.cfg.omega_min + self.cfg.omega_max) / 2
+        guidance = ("# the student embeds omega = guidance_scale - 1 (trained on "
+                    f"[{self.cfg.omega_min:g}, {self.cfg.omega_max:g}]) and runs no CFG pass\n"
+                    f"image = pipe(\"your prompt\", num_inference_steps=4, guidance_scale={omega + 1:g}).images[0]\n"
+                    if self.cfg.guidance_embedding_dim else
+                    "image = pipe(\"your prompt\", num_inference_steps=4, guidance_scale=1.0).images[0]\n")
+        return (f"import torch\nfrom diffusers import LCMScheduler\nfrom {lib} import {pipe}, {model}\n\n"
+                f"{key} = {model}.from_pretrained({where!r}, subfolder={key!r}, torch_dtype=torch.float16)\n"
+                f"pipe = {pipe}.from_pretrained({base!r}, {key}={key}, scheduler={scheduler},\n"
+                f"    torch_dtype=torch.float16).to(\"cuda\")\n" + guidance)
+
+    @property
+    def card_tags(self):
+        return ("lcm", "lcm-lora", "lora") if not self.full else ("lcm", "consistency-distillation")
+
+
+def consistency_loss(student, target, teacher: solvers.Denoise, z_t, t, s, acp, cfg) -> torch.Tensor:
+    """(B,) d(f_student(z_t, t), f_target(Psi_teacher(z_t, t -> s), s)): the LCD loss of one batch.
+
+    student and target map (z, t) to x0_hat; the teacher and the target run without gradients.
+    """
+    with torch.no_grad():
+        z_s = solvers.solve(teacher, z_t, t, s, acp, cfg.solver, cfg.skip if cfg.solver == "dpmpp_2m" else 1)
+        f_target = consistency_fn(target, z_s, s, cfg)
+    f_student = consistency_fn(student, z_t, t, cfg)
+    if cfg.distance == "huber":
+        return diffusion.pseudo_huber(f_student, f_target, cfg.huber_c)
+    return (f_student.float() - f_target.float()).pow(2).flatten(1).mean(1)
+
+
+def consistency_fn(x0_hat, z, t, cfg) -> torch.Tensor:
+    """f(z, t) = c_skip(t) z + c_out(t) x0_hat(z, t)."""
+    c_skip, c_out = diffusion.consistency_scalings(t, cfg.sigma_data, cfg.timestep_scaling)
+    return diffusion._b(c_skip, z) * z + diffusion._b(c_out, z) * x0_hat(z, t)
+
+
+def check_recipe(recipe) -> None:
+    """Options that mean nothing to consistency distillation are refused, not ignored."""
+    cfg, obj = recipe.objective.consistency, recipe.objective
+    if cfg.omega_min > cfg.omega_max:
+        raise ConfigError(f"'objective.consistency.omega_min' ({cfg.omega_min}) is above omega_max ({cfg.omega_max})")
+    if cfg.skip >= cfg.num_teacher_timesteps:
+        raise ConfigError(f"'objective.consistency.skip' must be below num_teacher_timesteps "
+                          f"({cfg.num_teacher_timesteps}), got {cfg.skip}")
+    ignored = {"snr_gamma": obj.snr_gamma is not None, "noise_offset": obj.noise_offset != 0,
+               "zero_terminal_snr": obj.zero_terminal_snr, "caption_dropout": obj.caption_dropout != 0}
+    for key, set_ in ignored.items():
+        if set_:
+            raise ConfigError(f"'objective.{key}' does not apply to objective.name: consistency (the student learns "
+                              "the teacher's guided ODE, not the data's denoising loss); remove it")
+    if recipe.adapter.text_encoder:
+        raise ConfigError("'adapter.text_encoder': consistency distillation trains the denoiser only; set it false")
+    if recipe.adapter.init_from:
+        raise ConfigError("'adapter.init_from' is for fine-tuning; consistency distillation starts a new LoRA")
+    v = recipe.validation
+    if v.every_steps and v.prompts and v.scheduler != "lcm":
+        raise ConfigError(f"'validation.scheduler' must be lcm for a consistency student (got {v.scheduler}): other "
+                          "samplers treat it as an ordinary denoiser")
+    if cfg.sigma_data != 0.5:
+        print(f"warning: objective.consistency.sigma_data {cfg.sigma_data}: stock LCMScheduler samples with 0.5, "
+              "so the export needs a scheduler that uses yours")
+
+
+def student_from(teacher: torch.nn.Module, embedding_dim: int) -> torch.nn.Module:
+    """A float32 copy of the teacher; with embedding_dim, a U-Net with an omega embedding that starts at zero."""
+    if not embedding_dim:
+        return copy.deepcopy(teacher).float().requires_grad_(True)
+    if "time_cond_proj_dim" not in getattr(teacher, "config", {}):
+        raise ConfigError(f"'objective.consistency.guidance_embedding_dim': {type(teacher).__name__} has no "
+                          "guidance embedding (only U-Nets have time_cond_proj_dim); set it to 0")
+    student = type(teacher).from_config({**teacher.config, "time_cond_proj_dim": embedding_dim})
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("time_embedding.cond_proj") for k in missing), (missing, unexpected)
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)  # omega enters as 0: the student is the teacher
+    return student.float().requires_grad_(True)
+
+
+def lora_layers(module: torch.nn.Module) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def adapters_off(layers: list):
+    """The base model: every LoRA layer passes its input through the frozen weight alone.
+
+    Sets peft's flag directly: its enable_adapters() would also flip requires_grad of the LoRA weights
+    on every call (tests/test_consistency.py checks the result equals the base model).
+    """
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._disable_adapters = False

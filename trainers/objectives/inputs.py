@@ -1,0 +1,56 @@
+"""What every denoising objective draws from a batch: latents z ~ q(z|x) and the frozen text conditioning."""
+from __future__ import annotations
+
+import torch
+
+from trainers import seeding
+from trainers.backbones.base import Backbone, LatentDist
+
+
+@torch.no_grad()
+def latents(backbone: Backbone, batch: dict, device) -> torch.Tensor:
+    """z ~ q(z|x) with per-sample seeded noise, from the cached posterior when the batch carries one."""
+    if "latent_mean" in batch:
+        dist = LatentDist(batch["latent_mean"].to(device, non_blocking=True),
+                          batch["latent_std"].to(device, non_blocking=True))
+    else:
+        dist = backbone.encode_images(batch["pixel_values"].to(device, non_blocking=True))
+    return backbone.latents_from(dist, seeding.randn(batch["seeds"], seeding.LATENT, dist.mean.shape[1:], device))
+
+
+def cached_text(batch: dict, device) -> dict | None:
+    """The batch's cached text tensors on the device, or None (then the encoders run)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch["text"].items()} if "text" in batch else None
+
+
+class FrozenText:
+    """Denoiser kwargs of a batch from frozen text encoders (or the batch's cache); the unconditional input,
+    which a dropped caption or a CFG pass uses, is encoded once."""
+
+    def __init__(self, backbone: Backbone, device, encoders_on_cpu: bool):
+        self.backbone, self.device, self.encoders_on_cpu = backbone, device, encoders_on_cpu
+        self._uncond = None
+
+    @torch.no_grad()
+    def __call__(self, batch: dict, dropped: list[bool]) -> dict:
+        if any(dropped) and self._uncond is None:
+            where = "cpu" if self.encoders_on_cpu else self.device
+            self._uncond = {k: v.to(self.device) for k, v in self.backbone.unconditional(where).items()}
+        text = cached_text(batch, self.device)
+        if text is None:
+            text = self.backbone.encode_text(batch["captions"], self.device)
+        return self.backbone.condition(batch["captions"], dropped, batch, self.device, text=text, uncond=self._uncond)
+
+    def pair(self, batch: dict) -> tuple[dict, dict]:
+        """(cond, uncond) kwargs, for a classifier-free-guided teacher."""
+        n = len(batch["seeds"])
+        return self(batch, [False] * n), self(batch, [True] * n)
+
+
+def cat_kwargs(a, b):
+    """Two denoiser kwargs dicts as one batch (nested dicts recursed; non-tensors taken from a)."""
+    if isinstance(a, dict):
+        return {k: cat_kwargs(a[k], b[k]) for k in a}
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b])
+    return a

@@ -1,0 +1,273 @@
+"""Progressive distillation (Salimans & Ho 2022), with guided distillation for CFG models (Meng et al. 2023).
+
+A stage trains a student that takes N DDIM steps to land where its teacher lands in 2N: on the student's grid
+(the timesteps diffusers' DDIMScheduler visits with trailing spacing, t -> t - T//N, the last step to clean data),
+the frozen teacher takes two DDIM steps t -> m -> s and the student regresses the x_tilde that makes its one step
+from z_t land on the teacher's z_s, weighted by the truncated SNR max(SNR_t, 1). Stages halve N from
+`teacher_steps / 2` to `student_steps`; at each stage boundary the student's weights become the teacher's.
+train.max_steps is split evenly over the stages, so the stage of a step is a pure function of it and a run
+resumes inside any stage (the current teacher is in the checkpoint).
+
+Guided: a first stage distils the classifier-free-guided teacher (omega drawn per sample) into a student with an
+omega embedding at the same timesteps; the halving stages then run on omega-conditioned teachers with no CFG pass.
+The student's parameterisation is objective.prediction_type (default: the teacher's). A v-prediction student of
+an epsilon teacher starts from the teacher's weights with its output read as v: the first stage re-learns the
+output, and only v (or x0) keeps the one-step student well-posed at SNR 0.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+
+from trainers import diffusion, seeding, solvers
+from trainers.errors import ConfigError
+from trainers.objectives import inputs
+from trainers.objectives.base import Objective
+from trainers.objectives.consistency import student_from
+from trainers.objectives.finetune import noise_betas
+
+GUIDANCE_STAGE, HALVING_STAGE = "guidance", "halving"
+
+
+class Progressive(Objective):
+    name = "progressive"
+    card_tags = ("progressive-distillation",)
+
+    def __init__(self, recipe, backbone):
+        super().__init__(recipe, backbone)
+        self.cfg = cfg = recipe.objective.progressive
+        check_recipe(recipe)
+        self.stages = plan_stages(cfg, recipe.train.max_steps)
+        self.stage_len = recipe.train.max_steps // len(self.stages)
+        self.teacher_type = backbone.scheduler_config.get("prediction_type", "epsilon")
+        self.student_type = recipe.objective.prediction_type or self.teacher_type
+        self.acp = diffusion.alphas_cumprod(noise_betas(backbone.scheduler_config, False)).float()
+        self.base = backbone.denoiser  # the original teacher, frozen
+        self.student = student_from(self.base, cfg.guidance_embedding_dim if cfg.guided else 0)
+        self.teacher = None  # a frozen copy of the last stage's student, from the second stage on
+        self.stage = 0       # the stage whose teacher is in place
+        self.wrapped = self.trained_modules()
+
+    def trained_modules(self):
+        return {self.backbone.denoiser_key: self.student}
+
+    def to(self, device, frozen_dtype, inputs_cached: bool = False):
+        self.frozen_dtype = frozen_dtype
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.place(device, frozen_dtype, frozen=[self.base, self.teacher], trained=[self.student],
+                   inputs_cached=inputs_cached)
+        self.acp = self.acp.to(self.device)
+        self.text = inputs.FrozenText(self.backbone, self.device, encoders_on_cpu=inputs_cached)
+
+    def param_groups(self):
+        return [{"params": list(self.student.parameters()), "lr": self.recipe.optimizer.lr}]
+
+    # ---- stages --------------------------------------------------------------------------------------
+
+    def stage_of(self, step: int) -> int:
+        return min((step - 1) // self.stage_len, len(self.stages) - 1)
+
+    def enter(self, stage: int) -> None:
+        """From the second stage on, the teacher is the student as it ended the stage before."""
+        if stage != self.stage:
+            with torch.no_grad():
+                for t, s in zip(self.teacher.parameters(), self.student.parameters()):
+                    t.copy_(s)
+            self.stage = stage
+
+    def state_for_checkpoint(self):
+        key = self.backbone.denoiser_key
+        state = {"stage": torch.tensor(self.stage)}
+        if self.stage > 0:
+            state |= {f"teacher.{n}": p for n, p in self.teacher.named_parameters()}
+        return {f"{key}.{k}": v for k, v in state.items()}
+
+    def load_checkpoint_state(self, state):
+        key = self.backbone.denoiser_key
+        self.stage = int(state[f"{key}.stage"])
+        if self.stage > 0:
+            with torch.no_grad():
+                for n, p in self.teacher.named_parameters():
+                    p.copy_(state[f"{key}.teacher.{n}"])
+
+    # ---- the loss ------------------------------------------------------------------------------------
+
+    def loss(self, batch, step):
+        stage = self.stage_of(step)
+        self.enter(stage)
+        kind, n_steps = self.stages[stage]
+        seeds, device = batch["seeds"], self.device
+        x0 = inputs.latents(self.backbone, batch, device)
+        eps = seeding.randn(seeds, seeding.NOISE, x0.shape[1:], device)
+        omega = self.omega(seeds)
+        if kind == GUIDANCE_STAGE:  # any training timestep: the student serves every grid later stages use
+            t = seeding.randint(seeds, seeding.TIMESTEP, len(self.acp), device)
+        else:
+            t = student_grid(len(self.acp), n_steps, device)[seeding.randint(seeds, seeding.TIMESTEP, n_steps, device)]
+        z_t = diffusion.add_noise(x0, eps, *diffusion.alpha_sigma(self.acp, t))
+        cond, teacher = self.condition_and_teacher(batch, stage, omega)
+        student_cond = self.student_cond(cond, omega)
+        student = lambda z, tt: self.predict_x0(self.wrapped[self.backbone.denoiser_key], z, tt, student_cond,  # noqa: E731
+                                                self.student_type)
+        if kind == GUIDANCE_STAGE:
+            per_sample = guidance_loss(student, teacher, z_t, t, self.acp)
+        else:
+            per_sample = progressive_loss(student, teacher, z_t, t, t - len(self.acp) // n_steps, self.acp)
+        loss = per_sample.mean()
+        return loss, {"loss": loss.detach()}
+
+    def omega(self, seeds):
+        if not self.cfg.guided:
+            return None
+        u = seeding.rand(seeds, seeding.GUIDANCE, self.device)
+        return self.cfg.omega_min + (self.cfg.omega_max - self.cfg.omega_min) * u
+
+    def condition_and_teacher(self, batch, stage: int, omega):
+        """The student's text kwargs and the stage's teacher as (z, t) -> (x0_hat, eps_hat)."""
+        if self.cfg.guided and stage == 0:  # the CFG-guided original: cond and uncond as one batch
+            cond, uncond = self.text.pair(batch)
+            return cond, self.guided_base(cond, uncond, omega)
+        p = self.recipe.objective.caption_dropout
+        seeds = batch["seeds"]
+        dropped = (seeding.rand(seeds, seeding.DROPOUT, "cpu") < p).tolist() if p > 0 else [False] * len(seeds)
+        cond = self.text(batch, dropped)
+        if stage == 0:
+            return cond, self.denoiser_fn(self.base, cond, self.teacher_type)
+        return cond, self.denoiser_fn(self.teacher, self.student_cond(cond, omega), self.student_type)
+
+    def denoiser_fn(self, module, cond, prediction_type):
+        return lambda z, t: self.predict_x0(module, z, t, cond, prediction_type, both=True)
+
+    def guided_base(self, cond, uncond, omega):
+        both = inputs.cat_kwargs(cond, uncond)
+
+        def denoise(z, t):
+            x0, eps = self.predict_x0(self.base, torch.cat([z, z]), torch.cat([t, t]), both, self.teacher_type,
+                                      both=True)
+            (x0_c, x0_u), (eps_c, eps_u) = x0.chunk(2), eps.chunk(2)
+            return solvers.guided(x0_c, x0_u, omega), solvers.guided(eps_c, eps_u, omega)
+        return denoise
+
+    def predict_x0(self, module, z, t, cond, prediction_type, both: bool = False):
+        """x0_hat (and eps_hat with both) of a denoiser; frozen modules run in the compute dtype."""
+        frozen = module is self.base or module is self.teacher
+        with torch.autocast(self.device.type, self.frozen_dtype, enabled=frozen and self.frozen_dtype != torch.float32):
+            out = self.backbone.predict(z, t, cond, denoiser=module).float()
+        x0, eps = diffusion.to_x0_eps(prediction_type, out, z, *diffusion.alpha_sigma(self.acp, t))
+        return (x0, eps) if both else x0
+
+    def student_cond(self, cond, omega):
+        if omega is None:
+            return cond
+        return {**cond, "timestep_cond": diffusion.guidance_embedding(omega, self.cfg.guidance_embedding_dim)}
+
+    # ---- sampling and export -------------------------------------------------------------------------
+
+    def scheduler(self):
+        """DDIM on exactly the student's grid: trailing spacing, the last step to clean data."""
+        from diffusers import DDIMScheduler
+
+        config = {k: v for k, v in self.backbone.scheduler_config.items() if not k.startswith("_")}
+        return DDIMScheduler.from_config({**config, "prediction_type": self.student_type, "timestep_spacing": "trailing",
+                                          "set_alpha_to_one": True, "steps_offset": 0, "clip_sample": False,
+                                          "rescale_betas_zero_snr": False})
+
+    def validation_pipeline(self):
+        return self.backbone.pipeline(self.student, self.backbone.text_encoders, self.scheduler())
+
+    def export(self, out_dir: Path) -> list[Path]:
+        key = self.backbone.denoiser_key
+        self.student.to(getattr(torch, self.recipe.export.dtype)).save_pretrained(out_dir / key, safe_serialization=True)
+        self.student.float()
+        self.scheduler().save_pretrained(out_dir / "scheduler")
+        return [out_dir / key, out_dir / "scheduler"]
+
+    def usage_snippet(self, where: str) -> str:
+        cls = self.backbone.pipeline_class
+        pipe, model = cls.__name__, type(self.student).__name__
+        lib = "diffusers" if cls.__module__.startswith("diffusers") else cls.__module__
+        key, cfg = self.backbone.denoiser_key, self.cfg
+        guidance = (f"{(cfg.omega_min + cfg.omega_max) / 2 + 1:g}  # omega + 1, embedded: no CFG pass" if cfg.guided
+                    else "3.0  # classifier-free guidance as with the teacher")
+        return (f"import torch\nfrom diffusers import DDIMScheduler\nfrom {lib} import {pipe}, {model}\n\n"
+                f"{key} = {model}.from_pretrained({where!r}, subfolder={key!r}, torch_dtype=torch.float16)\n"
+                f"scheduler = DDIMScheduler.from_pretrained({where!r}, subfolder=\"scheduler\")\n"
+                f"pipe = {pipe}.from_pretrained({self.recipe.model.pretrained!r}, {key}={key}, scheduler=scheduler,\n"
+                f"    torch_dtype=torch.float16).to(\"cuda\")\n"
+                f"image = pipe(\"your prompt\", num_inference_steps={cfg.student_steps}, "
+                f"guidance_scale={guidance}).images[0]\n")
+
+
+def progressive_loss(student, teacher: solvers.Denoise, z_t, t, s, acp) -> torch.Tensor:
+    """(B,) truncated-SNR-weighted x-space error of the student against the x_tilde that makes its one DDIM step
+    t -> s land where the teacher's two steps (t -> midpoint -> s) do; s = -1 is clean data.
+
+    student maps (z, t) to x0_hat; the teacher, (z, t) to (x0_hat, eps_hat), runs without gradients.
+    """
+    s = s.clamp(min=-1)
+    with torch.no_grad():
+        z_s = solvers.solve(teacher, z_t, t, s, acp, "ddim", substeps=2)
+        target = diffusion.progressive_target(z_t, z_s, *diffusion.alpha_sigma(acp, t), *diffusion.alpha_sigma(acp, s))
+    return truncated_snr(acp, t) * (student(z_t, t) - target).pow(2).flatten(1).mean(1)
+
+
+def guidance_loss(student, teacher: solvers.Denoise, z_t, t, acp) -> torch.Tensor:
+    """(B,) the same weighted x-space error against the (guided) teacher's own x0_hat at the same z_t and t."""
+    with torch.no_grad():
+        target = teacher(z_t, t)[0]
+    return truncated_snr(acp, t) * (student(z_t, t) - target).pow(2).flatten(1).mean(1)
+
+
+def truncated_snr(acp, t) -> torch.Tensor:
+    """max(SNR_t, 1): an x0 loss where the SNR is high, a v-like loss where it is low (Salimans & Ho 2022)."""
+    return diffusion.snr(*diffusion.alpha_sigma(acp, t)).clamp(min=1.0)
+
+
+def plan_stages(cfg, max_steps: int) -> list[tuple[str, int]]:
+    """(kind, student DDIM steps) per stage: [guidance at teacher_steps,] then halving down to student_steps."""
+    ratio = cfg.teacher_steps / cfg.student_steps
+    halvings = round(math.log2(ratio)) if ratio >= 2 else 0
+    if halvings < 1 or 2 ** halvings != ratio:
+        raise ConfigError(f"'objective.progressive.teacher_steps' ({cfg.teacher_steps}) must be student_steps "
+                          f"({cfg.student_steps}) times a power of 2 (at least 2)")
+    stages = [(GUIDANCE_STAGE, cfg.teacher_steps)] if cfg.guided else []
+    stages += [(HALVING_STAGE, cfg.teacher_steps >> k) for k in range(1, halvings + 1)]
+    if max_steps % len(stages):
+        raise ConfigError(f"'train.max_steps' ({max_steps}) must split evenly over the {len(stages)} stages "
+                          f"({', '.join(f'{kind} {n}' for kind, n in stages)})")
+    return stages
+
+
+def student_grid(num_train_timesteps: int, n: int, device) -> torch.Tensor:
+    """The timesteps DDIMScheduler visits in n steps with trailing spacing (its set_timesteps, exactly)."""
+    ratio = num_train_timesteps / n
+    return torch.round(torch.arange(num_train_timesteps, 0, -ratio, dtype=torch.float64)).long().to(device) - 1
+
+
+def check_recipe(recipe) -> None:
+    cfg, obj = recipe.objective.progressive, recipe.objective
+    if recipe.adapter.kind != "full":
+        raise ConfigError("'adapter.kind': progressive distillation trains full students (LoRA students are not "
+                          "implemented yet); set adapter.kind: full")
+    if recipe.adapter.text_encoder:
+        raise ConfigError("'adapter.text_encoder': progressive distillation trains the denoiser only; set it false")
+    if recipe.ema.enabled:
+        raise ConfigError("'ema.enabled': each stage restarts from the last student, and an EMA across stages would "
+                          "mix students of different step counts; set it false")
+    for key, set_ in {"snr_gamma": obj.snr_gamma is not None, "noise_offset": obj.noise_offset != 0,
+                      "zero_terminal_snr": obj.zero_terminal_snr}.items():
+        if set_:
+            raise ConfigError(f"'objective.{key}' does not apply to objective.name: progressive (its loss is "
+                              "weighted by the truncated SNR); remove it")
+    if cfg.guided and obj.caption_dropout:
+        raise ConfigError("'objective.caption_dropout' does not apply with objective.progressive.guided (the student "
+                          "learns the guided output); set it 0")
+    if cfg.omega_min > cfg.omega_max:
+        raise ConfigError(f"'objective.progressive.omega_min' ({cfg.omega_min}) is above omega_max ({cfg.omega_max})")
+    v = recipe.validation
+    if v.every_steps and v.prompts and v.scheduler != "ddim":
+        raise ConfigError(f"'validation.scheduler' must be ddim for a progressive student (got {v.scheduler}): it "
+                          "is trained for DDIM on its own grid")
