@@ -1,11 +1,15 @@
 """U-ViT against the demo teacher's U-Net, both trained from scratch on the embedded benchmark (issue #5).
 
-Builds a UViTPipeline folder that shares everything but the denoiser with the demo teacher's starting point
-(its trained VAE, its random text encoder and tokenizer, its v-prediction schedule), trains it with the teacher's
-own stage-2 recipe (text encoder jointly, same data, seed, batch and learning rate), and prints both runs'
-training losses at the same steps. The U-Net run is the teacher's (teacher_work/runs/unet).
+Both start from the demo teacher's starting point (its trained VAE, the random text encoder and tokenizer
+`launch/demo_teacher.py` builds, its v-prediction schedule) and train with the teacher's own stage-2 recipe (text
+encoder jointly, same data, seed, batch and learning rate); only the denoiser differs. Prints both runs'
+training losses at the same steps. Without teacher_work/with_vae (the teacher's stage-1 output), it is rebuilt
+from the deterministic initial pipeline and the committed teacher's VAE.
 
     python bench/uvit_vs_unet.py --work teacher_work --steps 1000 [--hidden 176 --layers 9]
+    # or the two runs side by side, then the table:
+    python bench/uvit_vs_unet.py --model unet & python bench/uvit_vs_unet.py --model uvit; wait
+    python bench/uvit_vs_unet.py --model none
 """
 from __future__ import annotations
 
@@ -19,7 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.demo_teacher import MAX_TOKENS, RESOLUTION, UNET_RECIPE, train_stage  # noqa: E402
+from launch.demo_teacher import (MAX_TOKENS, RESOLUTION, UNET_RECIPE, build_initial, train_stage,  # noqa: E402
+                                 with_component)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def uvit_config(hidden: int, layers: int) -> dict:
@@ -53,18 +60,34 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def starting_point(work: Path) -> Path:
+    """The teacher's stage-2 starting folder: the initial pipeline (seed 0) with the trained VAE."""
+    start = work / "with_vae"
+    if not (start / "model_index.json").is_file():
+        initial = work / "initial"
+        if not (initial / "model_index.json").is_file():
+            build_initial(initial, 0)
+        with_component(initial, "vae", ROOT / "assets" / "demo_teacher" / "vae", start)
+    return start
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("teacher_work"))
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--hidden", type=int, default=176)  # 3.89M parameters, the U-Net 3.74M
     parser.add_argument("--layers", type=int, default=9)
+    parser.add_argument("--model", choices=("both", "unet", "uvit", "none"), default="both",
+                        help="which run to train here (none: only print the table of finished runs)")
     args = parser.parse_args(argv)
-    folder = build(args.work / "with_vae", args.work / "uvit_initial", args.hidden, args.layers)
-    run = args.work / "runs" / "uvit"
-    train_stage(UNET_RECIPE, [f"model.pretrained={folder}", f"data.source={args.work / 'data' / 'shapes'}",
-                              f"output_dir={run}", f"train.max_steps={args.steps}", "validation.every_steps=0"])
-    uvit, unet = losses(run), losses(args.work / "runs" / "unet")
+    start = starting_point(args.work)
+    runs = {"unet": args.work / "runs" / "unet_bench", "uvit": args.work / "runs" / "uvit"}
+    data = args.work / "data" / "shapes"
+    for name in ("unet", "uvit") if args.model == "both" else (args.model,) if args.model != "none" else ():
+        folder = start if name == "unet" else build(start, args.work / "uvit_initial", args.hidden, args.layers)
+        train_stage(UNET_RECIPE, [f"model.pretrained={folder}", f"data.source={data}", f"output_dir={runs[name]}",
+                                  f"train.max_steps={args.steps}", "validation.every_steps=0"])
+    unet, uvit = losses(runs["unet"]), losses(runs["uvit"])
     print("| step | U-Net loss | U-ViT loss | ratio |\n|---:|---:|---:|---:|")
     for step in sorted(set(uvit) & set(unet)):
         print(f"| {step} | {unet[step]:.4f} | {uvit[step]:.4f} | {uvit[step] / unet[step]:.2f} |")

@@ -79,12 +79,15 @@ def make_scheduler(config, name: str, timestep_spacing: str | None = None):
     return getattr(diffusers, class_name).from_config(config, **options)
 
 
-def load_pipeline(folder: Path, lora: Path | None, device: str):
-    """DiffusionPipeline.from_pretrained on a folder, with the project's classes registered and the LoRA loaded."""
+def load_pipeline(folder: Path, lora: Path | None, device: str, student: Path | None = None):
+    """DiffusionPipeline.from_pretrained on a folder, with the project's classes registered, then a distilled
+    student's denoiser and scheduler (an export with unet/ or transformer/) or a LoRA in place."""
     if not (Path(folder) / "model_index.json").is_file():
         raise UserError(f"pipeline folder not found (no model_index.json): {folder}")
     if lora is not None and not Path(lora).exists():
         raise UserError(f"LoRA path not found: {lora}")
+    if student is not None and not any((Path(student) / n / "config.json").is_file() for n in ("unet", "transformer")):
+        raise UserError(f"student folder has no unet/ or transformer/ with a config.json: {student}")
     from trainers.backbones import coord_unet, uvit_pipeline  # noqa: F401  (importing registers our classes)
     from launch.sample import load_pipeline as load_any, resolve_device
 
@@ -92,10 +95,24 @@ def load_pipeline(folder: Path, lora: Path | None, device: str):
         pipe = load_any(Path(folder), resolve_device(device), "float32")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise UserError(f"cannot load a pipeline from {folder}: {error}") from None
+    if student is not None:
+        use_exported_denoiser(pipe, Path(student))
+        use_exported_scheduler(pipe, Path(student))
     if lora is not None:
         load_lora(pipe, Path(lora))
         use_exported_scheduler(pipe, Path(lora))
     return pipe
+
+
+def use_exported_denoiser(pipe, folder: Path) -> None:
+    """A distilled student's weights replace the base's denoiser (same class; a guidance embedding may be added)."""
+    name = "unet" if (folder / "unet" / "config.json").is_file() else "transformer"
+    base = denoiser(pipe)
+    try:
+        module = type(base).from_pretrained(folder, subfolder=name, torch_dtype=base.dtype)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"cannot load the student's {name} from {folder}: {error}") from None
+    pipe.register_modules(**{name: module.to(base.device)})
 
 
 def use_exported_scheduler(pipe, lora: Path) -> None:
@@ -208,7 +225,7 @@ def evaluate_real(prompts: int = 20, images_per_prompt: int = 4, only: dict | No
     return benchmark(prompts, images_per_prompt, only, exclude, seed, resolution)[0]
 
 
-def evaluate(pipe_or_dir, steps: list[int], *, lora=None, scheduler: str | None = "ddim",
+def evaluate(pipe_or_dir, steps: list[int], *, lora=None, student=None, scheduler: str | None = "ddim",
              timestep_spacing: str | None = None, guidance: float = 7.5, prompts: int = 20,
              images_per_prompt: int = 4, only: dict | None = None, exclude: dict | None = None, seed: int = 0,
              resolution: int = 32, device: str = "auto") -> dict:
@@ -223,7 +240,7 @@ def evaluate(pipe_or_dir, steps: list[int], *, lora=None, scheduler: str | None 
         raise UserError(f"steps must be positive integers, got {steps}")
     results, drawn, reference = benchmark(prompts, images_per_prompt, only, exclude, seed, resolution)
     loaded = hasattr(pipe_or_dir, "scheduler")
-    pipe = pipe_or_dir if loaded else load_pipeline(Path(pipe_or_dir), lora, device)
+    pipe = pipe_or_dir if loaded else load_pipeline(Path(pipe_or_dir), lora, device, student)
     if loaded and lora is not None:
         load_lora(pipe, Path(lora))
     pipe.set_progress_bar_config(disable=True)
@@ -241,7 +258,8 @@ def evaluate(pipe_or_dir, steps: list[int], *, lora=None, scheduler: str | None 
         sampler = type(pipe.scheduler).__name__
         pipe.scheduler = own
     source = {"pipeline": type(pipe).__name__ if loaded else str(pipe_or_dir),
-              "lora": None if lora is None else str(lora), "scheduler": sampler,
+              "lora": None if lora is None else str(lora), "student": None if student is None else str(student),
+              "scheduler": sampler,
               "prediction_type": own.config.get("prediction_type"), "guidance": guidance}
     return source | results
 
@@ -322,6 +340,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pipeline", type=Path, help="diffusers pipeline folder (model_index.json)")
     parser.add_argument("--real", action="store_true", help="score rendered images instead of a pipeline")
     parser.add_argument("--lora", type=Path, help="LoRA folder or .safetensors file to load on top")
+    parser.add_argument("--student", type=Path,
+                        help="a distilled student's export (unet/ or transformer/, scheduler/) to sample instead "
+                             "of the pipeline's denoiser; --scheduler default samples with its own scheduler")
     parser.add_argument("--scheduler", default="ddim", help=f"{'|'.join(SCHEDULERS)} or 'default' (the pipeline's)")
     parser.add_argument("--timestep-spacing", choices=("leading", "trailing", "linspace"),
                         help="override the pipeline's spacing (few-step sampling usually wants trailing)")
@@ -355,7 +376,8 @@ def main(argv=None) -> int:
         if args.pipeline is None:
             raise UserError("--pipeline DIR is required (or --real to score rendered images)")
         scheduler = scheduler_name(args.scheduler)  # checked before the model loads, like the rules
-        results = evaluate(args.pipeline, parse_steps(args.steps), lora=args.lora, scheduler=scheduler,
+        results = evaluate(args.pipeline, parse_steps(args.steps), lora=args.lora, student=args.student,
+                           scheduler=scheduler,
                            timestep_spacing=args.timestep_spacing, guidance=args.guidance, device=args.device,
                            **common)
     out = write_results(results, args.out)

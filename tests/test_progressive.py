@@ -11,7 +11,7 @@ import torch
 from trainers import diffusion, solvers
 from trainers.config import load_recipe
 from trainers.engine import Trainer
-from trainers.errors import ConfigError
+from trainers.errors import ConfigError, UserError
 from trainers.objectives.progressive import plan_stages, progressive_loss, student_grid
 
 ACP = diffusion.alphas_cumprod(diffusion.make_betas("scaled_linear", 0.00085, 0.012, 1000)).float()
@@ -203,3 +203,30 @@ def test_a_run_killed_mid_stage_resumes_at_that_stage_and_step(prog_recipe, tmp_
 def test_options_that_do_not_apply_are_named(prog_recipe, override, names):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
         Trainer(prog_recipe(override, "validation.every_steps=5"))
+
+
+def test_a_stage_end_checkpoint_exports_that_stages_student(prog_recipe, tiny_sd15, tmp_path):
+    from launch.evaluate import evaluate
+    from launch.export import main as export_main
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    Trainer(prog_recipe("checkpoint.every_steps=3", "checkpoint.keep_last=3", "train.max_steps=9", "export.dtype=float32",
+                      out=run)).fit()
+    ckpt = run / "checkpoints" / "step-6"  # the end of the 2-step stage (guidance 4, halving 2, halving 1)
+    recipe_before = (run / "recipe.yaml").read_text()
+    assert export_main([str(ckpt), "--out", str(tmp_path / "two_step")]) == 0
+    out = tmp_path / "two_step"
+    assert "num_inference_steps=2" in (out / "README.md").read_text()
+    assert (out / "scheduler" / "scheduler_config.json").is_file()
+    exported, saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors"), load_file(ckpt / "weights.safetensors")
+    assert set(exported) == {k[len("model.unet."):] for k in saved if k.startswith("model.unet.")}
+    for name, value in exported.items():
+        torch.testing.assert_close(value, saved[f"model.unet.{name}"])
+    assert (run / "recipe.yaml").read_text() == recipe_before
+    result = evaluate(tiny_sd15, [2], student=out, scheduler=None, guidance=3.0, prompts=2, images_per_prompt=1,
+                      resolution=32, device="cpu")
+    run2 = result["runs"][0]  # the student's own DDIM grid, omega embedded: one batch row per step, no CFG pass
+    assert result["scheduler"] == "DDIMScheduler" and run2["calls_per_image"] == 2 and run2["evaluations_per_image"] == 2
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        export_main([str(run / "checkpoints"), "--out", str(tmp_path / "x")])

@@ -223,3 +223,20 @@ def test_saved_pipeline_and_lora_load_in_a_fresh_process(lora_run, tiny_uvit, tm
     for k, v in ours.items():
         torch.testing.assert_close(fresh[k], v, rtol=0, atol=1e-5)
         assert (fresh[k] - fresh[f"base_{k}"]).abs().max() > 1e-4
+
+
+def test_xformers_is_refused_for_the_uvit_not_ignored(model):
+    from diffusers import UNet2DConditionModel
+
+    from trainers.errors import UserError
+    from trainers.memory import enable_xformers
+
+    with pytest.raises(UserError, match="does not apply to UViT2DModel"):
+        enable_xformers(model)
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
+                                cross_attention_dim=8, attention_head_dim=2,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    with pytest.raises(UserError) as refused:  # a U-Net gets past the family check (then: no xformers, or no GPU)
+        enable_xformers(unet)
+    assert "does not apply" not in str(refused.value)

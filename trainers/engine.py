@@ -256,10 +256,16 @@ class Trainer:
                             self.recipe.checkpoint.keep_last, staged=self.deepspeed)
         acc.wait_for_everyone()
 
-    def _resume(self) -> int:
+    def export_checkpoint(self, out: Path) -> Path:
+        """Export the checkpoint recipe.resume names, as the run's end would (e.g. a progressive run's 8-step student)."""
         path = checkpoint.resolve_resume(self.recipe.resume, self.out)
         if path is None:
-            return 0
+            raise UserError(f"resume: no checkpoint to export in {self.out}")
+        _, meta = self._load_weights(path)
+        return self.export(out, until_step=int(meta["step"]))
+
+    def _load_weights(self, path: Path) -> tuple[dict, dict]:
+        """Trained weights, EMA and the objective's state from a checkpoint; returns its training state and meta."""
         tensors, state, meta = checkpoint.load(path)
         checkpoint.check_matches(path, tensors, {f"model.{k}": p for k, p in self.params.items()})
         with torch.no_grad():
@@ -268,6 +274,13 @@ class Trainer:
         if self.ema:
             self.ema.load_state_dict(tensors)
         self.objective.load_checkpoint_state({k[10:]: v for k, v in tensors.items() if k.startswith("objective.")})
+        return state, meta
+
+    def _resume(self) -> int:
+        path = checkpoint.resolve_resume(self.recipe.resume, self.out)
+        if path is None:
+            return 0
+        state, meta = self._load_weights(path)
         if self.deepspeed:  # each rank its own shard; this also sets the weights from DeepSpeed's fp32 master copy
             checkpoint.load_deepspeed(self.ds_engine, path, self.accelerator.num_processes)
         elif "optimizer" not in state:
@@ -321,18 +334,19 @@ class Trainer:
             tracker = self.accelerator.get_tracker("tensorboard")
             tracker.log_images({"validation": np.asarray(grid)[None]}, step=step, dataformats="NHWC")
 
-    def export(self) -> Path:
-        """Write final/ atomically: the objective's artefacts, a model card and the resolved recipe."""
-        final = self.out / "final"
+    def export(self, final: Path | None = None, until_step: int | None = None) -> Path:
+        """Write final/ (or `final`) atomically: the objective's artefacts, a model card and the resolved recipe."""
+        final = Path(final) if final is not None else self.out / "final"
         self.accelerator.wait_for_everyone()
         if self.is_main:
             if self.ema:
                 self.ema.copy_to_params()
-            tmp = self.out / ".tmp-final"
+            tmp = final.parent / f".tmp-{final.name}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             self.objective.export(tmp)
-            samples = sorted((self.out / "samples").glob("step-*.png"), key=lambda p: int(p.stem[5:]))
+            samples = sorted((p for p in (self.out / "samples").glob("step-*.png")
+                              if until_step is None or int(p.stem[5:]) <= until_step), key=lambda p: int(p.stem[5:]))
             if samples:
                 shutil.copy(samples[-1], tmp / "samples.png")
             write_model_card(tmp, self.recipe, self.objective.card_tags, self.objective.usage_snippet(str(final)),

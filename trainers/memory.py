@@ -23,6 +23,12 @@ def configure(modules: dict[str, torch.nn.Module], denoiser_key: str, cfg: Memor
 
 
 def enable_xformers(denoiser: torch.nn.Module) -> None:
+    from diffusers import ModelMixin
+
+    if not any(hasattr(m, "set_use_memory_efficient_attention_xformers") and not isinstance(m, ModelMixin)
+               for m in denoiser.modules()):  # diffusers would find no attention layer to switch and say nothing
+        raise UserError(f"memory.attention: xformers does not apply to {type(denoiser).__name__}: its attention is "
+                        "PyTorch SDPA, which already picks a memory-efficient kernel; use memory.attention: sdpa")
     try:
         import xformers  # noqa: F401
     except ImportError:

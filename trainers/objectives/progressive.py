@@ -197,7 +197,7 @@ class Progressive(Objective):
                 f"scheduler = DDIMScheduler.from_pretrained({where!r}, subfolder=\"scheduler\")\n"
                 f"pipe = {pipe}.from_pretrained({self.recipe.model.pretrained!r}, {key}={key}, scheduler=scheduler,\n"
                 f"    torch_dtype=torch.float16).to(\"cuda\")\n"
-                f"image = pipe(\"your prompt\", num_inference_steps={cfg.student_steps}, "
+                f"image = pipe(\"your prompt\", num_inference_steps={self.stages[self.stage][1]}, "
                 f"guidance_scale={guidance}).images[0]\n")
 
 
