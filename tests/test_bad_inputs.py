@@ -109,7 +109,8 @@ def test_impossible_combinations(capsys, tiny_sd15, digits_data, tmp_path):
                           "objective.zero_terminal_snr")
     assert_one_line_error(*run_train(capsys, TINY, *args, "memory.attention=xformers"), "memory.attention")
     assert_one_line_error(*run_train(capsys, TINY, *args, "objective.name=dreambooth"), "objective.name")
-    assert_one_line_error(*run_train(capsys, TINY, *args, "objective.name=progressive"), "adapter.kind")
+    assert_one_line_error(*run_train(capsys, TINY, *args, "objective.name=progressive", "ema.enabled=true"),
+                          "ema.enabled")
     assert_one_line_error(*run_train(capsys, TINY, *args, "objective.name=consistency",
                                      "objective.caption_dropout=0.1"), "objective.caption_dropout")
 

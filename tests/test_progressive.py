@@ -114,32 +114,47 @@ def prog_recipe(tiny_sd15, digits_data, tmp_path):
     return build
 
 
-def test_each_stage_starts_from_the_last_student(prog_recipe):
-    trainer = Trainer(prog_recipe("objective.progressive.guided=false"))  # stages 2 and 1 steps, 3 optimizer steps each
+LORA = ("adapter.kind=lora", "adapter.rank=4", "adapter.alpha=4")
+KINDS = pytest.mark.parametrize("kind", [(), LORA], ids=["full", "lora"])
+
+
+@KINDS
+def test_each_stage_starts_from_the_last_student(prog_recipe, kind):
+    trainer = Trainer(prog_recipe("objective.progressive.guided=false", *kind))  # stages 2 and 1 steps, 3 steps each
     obj = trainer.objective
     trainer.fit(until=3)
-    end_of_first = {n: p.detach().clone() for n, p in obj.student.named_parameters()}
-    assert obj.stage == 0
-    trainer2 = Trainer(prog_recipe("objective.progressive.guided=false"))
+    end_of_first = {n: p.detach().clone() for n, p in obj.student_tensors().items()}
+    assert obj.stage == 0 and any(p.abs().max() > 0 for n, p in end_of_first.items() if "lora_B" in n) == bool(kind)
+    trainer2 = Trainer(prog_recipe("objective.progressive.guided=false", *kind))
     trainer2.fit()
     assert trainer2.objective.stage == 1
-    for n, p in trainer2.objective.teacher.named_parameters():
+    teacher = trainer2.objective.teacher_tensors()
+    assert set(teacher) == set(end_of_first)
+    for n, p in teacher.items():
         torch.testing.assert_close(p.float(), end_of_first[n])
 
 
-def test_guided_stage_matches_the_cfg_combination_of_the_base(prog_recipe):
-    trainer = Trainer(prog_recipe())
+@KINDS
+def test_guided_stage_matches_the_cfg_combination_of_the_base(prog_recipe, tiny_sd15, kind):
+    from diffusers import UNet2DConditionModel
+
+    trainer = Trainer(prog_recipe(*kind))
     obj = trainer.objective
     assert obj.student.config.time_cond_proj_dim == 16 and obj.stages[0] == ("guidance", 4)
+    with torch.no_grad():  # a trained student: the teacher must still be the original model
+        for p in obj.student.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
     batch = {"captions": ["a digit 3", "a digit 7"], "seeds": [1, 2]}
     omega = torch.tensor([1.0, 3.0])
     _, teacher = obj.condition_and_teacher(batch, 0, omega)
     z, t = torch.randn(2, 4, 8, 8), torch.tensor([99, 899])
     x0 = teacher(z, t)[0]
     cond, uncond = obj.text.pair(batch)
+    original = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
     with torch.no_grad():
-        x_c = obj.predict_x0(obj.base, z, t, cond, obj.teacher_type)
-        x_u = obj.predict_x0(obj.base, z, t, uncond, obj.teacher_type)
+        x_c = obj.predict_x0(original, z, t, cond, obj.teacher_type)
+        x_u = obj.predict_x0(original, z, t, uncond, obj.teacher_type)
     torch.testing.assert_close(x0, x_c + omega[:, None, None, None] * (x_c - x_u), rtol=1e-4, atol=1e-5)
 
 
@@ -157,8 +172,9 @@ LOAD_AND_SAMPLE = textwrap.dedent("""
 """)
 
 
-def test_exported_student_samples_the_same_in_a_fresh_process(prog_recipe, tiny_sd15, tmp_path):
-    trainer = Trainer(prog_recipe())
+@KINDS
+def test_exported_student_samples_the_same_in_a_fresh_process(prog_recipe, tiny_sd15, tmp_path, kind):
+    trainer = Trainer(prog_recipe(*kind))
     final = trainer.fit().final_dir
     assert (final / "unet" / "config.json").is_file() and (final / "scheduler" / "scheduler_config.json").is_file()
     assert "num_inference_steps=1" in (final / "README.md").read_text()
@@ -176,8 +192,9 @@ def test_exported_student_samples_the_same_in_a_fresh_process(prog_recipe, tiny_
     np.testing.assert_allclose(np.load(tmp_path / "x.npy"), ours, atol=2e-4)
 
 
-def test_a_run_killed_mid_stage_resumes_at_that_stage_and_step(prog_recipe, tmp_path):
-    args = ("checkpoint.every_steps=2", "train.max_steps=9")  # 3 stages (guidance, 2 steps, 1 step) of 3 steps
+@KINDS
+def test_a_run_killed_mid_stage_resumes_at_that_stage_and_step(prog_recipe, tmp_path, kind):
+    args = ("checkpoint.every_steps=2", "train.max_steps=9", *kind)  # 3 stages (guidance, 2 steps, 1 step) of 3 steps
     straight = Trainer(prog_recipe(*args, out=tmp_path / "straight"))
     straight.fit()
     split = Trainer(prog_recipe(*args, out=tmp_path / "split"))
@@ -192,7 +209,7 @@ def test_a_run_killed_mid_stage_resumes_at_that_stage_and_step(prog_recipe, tmp_
 
 
 @pytest.mark.parametrize("override, names", [
-    ("adapter.kind=lora", "adapter.kind"),
+    ("adapter.init_from=x.safetensors", "adapter.init_from"),
     ("ema.enabled=true", "ema.enabled"),
     ("objective.snr_gamma=5", "objective.snr_gamma"),
     ("objective.caption_dropout=0.1", "objective.caption_dropout"),

@@ -63,3 +63,22 @@ def save_lora(out_dir: Path, pipeline_cls, denoiser_key: str, denoiser, text_enc
             kwargs[f"{name}_lora_adapter_metadata"] = lora_metadata(encoder)
     pipeline_cls.save_lora_weights(str(out_dir), weight_name=LORA_WEIGHTS, safe_serialization=True, **kwargs)
     return Path(out_dir) / LORA_WEIGHTS
+
+
+def merged_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A float32 copy of `module` with its LoRA folded into the weights and peft's layers gone: a plain model
+    that saves and loads like the base (what a LoRA-trained student becomes when it needs new modules too)."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out = copy.deepcopy(module).float()
+    for name, layer in list(out.named_modules()):
+        if isinstance(layer, BaseTunerLayer):
+            layer.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(out.get_submodule(parent), child, layer.get_base_layer())
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if hasattr(out, attr):
+            delattr(out, attr) if attr == "peft_config" else setattr(out, attr, False)
+    return out.requires_grad_(False)

@@ -13,20 +13,26 @@ omega embedding at the same timesteps; the halving stages then run on omega-cond
 The student's parameterisation is objective.prediction_type (default: the teacher's). A v-prediction student of
 an epsilon teacher starts from the teacher's weights with its output read as v: the first stage re-learns the
 output, and only v (or x0) keeps the one-step student well-posed at SNR 0.
+
+LoRA students (adapter.kind: lora) keep one denoiser in memory: the original teacher is it with the adapters
+off (and no omega embedding), a later stage's teacher is it with the last stage's trainable tensors (LoRA and, when
+guided, the omega embedding) swapped in. They export merged into a plain denoiser, since the omega embedding is
+a new module that a LoRA file cannot carry.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from pathlib import Path
 
 import torch
 
-from trainers import diffusion, seeding, solvers
+from trainers import adapters, diffusion, seeding, solvers
 from trainers.errors import ConfigError
 from trainers.objectives import inputs
 from trainers.objectives.base import Objective
-from trainers.objectives.consistency import student_from
+from trainers.objectives.consistency import adapters_off, lora_layers, student_from
 from trainers.objectives.finetune import noise_betas
 
 GUIDANCE_STAGE, HALVING_STAGE = "guidance", "halving"
@@ -45,9 +51,19 @@ class Progressive(Objective):
         self.teacher_type = backbone.scheduler_config.get("prediction_type", "epsilon")
         self.student_type = recipe.objective.prediction_type or self.teacher_type
         self.acp = diffusion.alphas_cumprod(noise_betas(backbone.scheduler_config, False)).float()
+        self.lora = recipe.adapter.kind == "lora"
+        embedding = cfg.guidance_embedding_dim if cfg.guided else 0
         self.base = backbone.denoiser  # the original teacher, frozen
-        self.student = student_from(self.base, cfg.guidance_embedding_dim if cfg.guided else 0)
-        self.teacher = None  # a frozen copy of the last stage's student, from the second stage on
+        if self.lora:  # one denoiser: base weights frozen, LoRA (and the omega embedding) trained
+            self.student = student_from(self.base, embedding) if embedding else self.base
+            adapters.add_lora(self.student, recipe.adapter, recipe.adapter.target_modules or backbone.lora_targets)
+            if embedding:
+                self.student.time_embedding.cond_proj.requires_grad_(True)
+                backbone.denoiser = self.base = self.student  # the original is the student with adapters off
+            self.layers = lora_layers(self.student)
+        else:
+            self.student = student_from(self.base, embedding)
+        self.teacher = None  # the last stage's student, frozen: a copy, or (LoRA) its trainable tensors
         self.stage = 0       # the stage whose teacher is in place
         self.wrapped = self.trained_modules()
 
@@ -56,9 +72,13 @@ class Progressive(Objective):
 
     def to(self, device, frozen_dtype, inputs_cached: bool = False):
         self.frozen_dtype = frozen_dtype
-        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
-        self.place(device, frozen_dtype, frozen=[self.base, self.teacher], trained=[self.student],
-                   inputs_cached=inputs_cached)
+        if self.lora:  # the base weights in the compute dtype, the trainable ones float32
+            self.place(device, frozen_dtype, frozen=[self.student], trained=[], inputs_cached=inputs_cached)
+            self.teacher = {k: p.detach().clone() for k, p in self.trainable_named_parameters().items()}
+        else:
+            self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+            self.place(device, frozen_dtype, frozen=[self.base, self.teacher], trained=[self.student],
+                       inputs_cached=inputs_cached)
         self.acp = self.acp.to(self.device)
         self.text = inputs.FrozenText(self.backbone, self.device, encoders_on_cpu=inputs_cached)
 
@@ -74,15 +94,23 @@ class Progressive(Objective):
         """From the second stage on, the teacher is the student as it ended the stage before."""
         if stage != self.stage:
             with torch.no_grad():
-                for t, s in zip(self.teacher.parameters(), self.student.parameters()):
-                    t.copy_(s)
+                for name, p in self.student_tensors().items():
+                    self.teacher_tensors()[name].copy_(p)
             self.stage = stage
+
+    def student_tensors(self) -> dict[str, torch.Tensor]:
+        if self.lora:
+            return self.trainable_named_parameters()
+        return dict(self.student.named_parameters())
+
+    def teacher_tensors(self) -> dict[str, torch.Tensor]:
+        return self.teacher if self.lora else dict(self.teacher.named_parameters())
 
     def state_for_checkpoint(self):
         key = self.backbone.denoiser_key
         state = {"stage": torch.tensor(self.stage)}
         if self.stage > 0:
-            state |= {f"teacher.{n}": p for n, p in self.teacher.named_parameters()}
+            state |= {f"teacher.{n}": p for n, p in self.teacher_tensors().items()}
         return {f"{key}.{k}": v for k, v in state.items()}
 
     def load_checkpoint_state(self, state):
@@ -90,7 +118,7 @@ class Progressive(Objective):
         self.stage = int(state[f"{key}.stage"])
         if self.stage > 0:
             with torch.no_grad():
-                for n, p in self.teacher.named_parameters():
+                for n, p in self.teacher_tensors().items():
                     p.copy_(state[f"{key}.teacher.{n}"])
 
     # ---- the loss ------------------------------------------------------------------------------------
@@ -135,25 +163,52 @@ class Progressive(Objective):
         dropped = (seeding.rand(seeds, seeding.DROPOUT, "cpu") < p).tolist() if p > 0 else [False] * len(seeds)
         cond = self.text(batch, dropped)
         if stage == 0:
-            return cond, self.denoiser_fn(self.base, cond, self.teacher_type)
-        return cond, self.denoiser_fn(self.teacher, self.student_cond(cond, omega), self.student_type)
+            return cond, self.denoiser_fn(self.base, cond, self.teacher_type, self.as_base)
+        teacher = self.student if self.lora else self.teacher
+        return cond, self.denoiser_fn(teacher, self.student_cond(cond, omega), self.student_type, self.as_teacher)
 
-    def denoiser_fn(self, module, cond, prediction_type):
-        return lambda z, t: self.predict_x0(module, z, t, cond, prediction_type, both=True)
+    def denoiser_fn(self, module, cond, prediction_type, context):
+        def denoise(z, t):
+            with context():
+                return self.predict_x0(module, z, t, cond, prediction_type, both=True, frozen=True)
+        return denoise
 
     def guided_base(self, cond, uncond, omega):
         both = inputs.cat_kwargs(cond, uncond)
 
         def denoise(z, t):
-            x0, eps = self.predict_x0(self.base, torch.cat([z, z]), torch.cat([t, t]), both, self.teacher_type,
-                                      both=True)
+            with self.as_base():
+                x0, eps = self.predict_x0(self.base, torch.cat([z, z]), torch.cat([t, t]), both, self.teacher_type,
+                                          both=True, frozen=True)
             (x0_c, x0_u), (eps_c, eps_u) = x0.chunk(2), eps.chunk(2)
             return solvers.guided(x0_c, x0_u, omega), solvers.guided(eps_c, eps_u, omega)
         return denoise
 
-    def predict_x0(self, module, z, t, cond, prediction_type, both: bool = False):
-        """x0_hat (and eps_hat with both) of a denoiser; frozen modules run in the compute dtype."""
-        frozen = module is self.base or module is self.teacher
+    @contextlib.contextmanager
+    def as_base(self):
+        """The original teacher: a LoRA student with its adapters off (its omega embedding is unused without
+        timestep_cond); a full student has the base beside it."""
+        with adapters_off(self.layers) if self.lora else contextlib.nullcontext():
+            yield
+
+    @contextlib.contextmanager
+    def as_teacher(self):
+        """A LoRA student with the last stage's trainable tensors in place of its own, for one teacher pass."""
+        if not self.lora:
+            yield
+            return
+        params = self.trainable_named_parameters()
+        live = {k: p.data for k, p in params.items()}
+        for k, p in params.items():
+            p.data = self.teacher[k]
+        try:
+            yield
+        finally:
+            for k, p in params.items():
+                p.data = live[k]
+
+    def predict_x0(self, module, z, t, cond, prediction_type, both: bool = False, frozen: bool = False):
+        """x0_hat (and eps_hat with both) of a denoiser; frozen (teacher) passes run in the compute dtype."""
         with torch.autocast(self.device.type, self.frozen_dtype, enabled=frozen and self.frozen_dtype != torch.float32):
             out = self.backbone.predict(z, t, cond, denoiser=module).float()
         x0, eps = diffusion.to_x0_eps(prediction_type, out, z, *diffusion.alpha_sigma(self.acp, t))
@@ -179,9 +234,12 @@ class Progressive(Objective):
         return self.backbone.pipeline(self.student, self.backbone.text_encoders, self.scheduler())
 
     def export(self, out_dir: Path) -> list[Path]:
-        key = self.backbone.denoiser_key
-        self.student.to(getattr(torch, self.recipe.export.dtype)).save_pretrained(out_dir / key, safe_serialization=True)
-        self.student.float()
+        key, dtype = self.backbone.denoiser_key, getattr(torch, self.recipe.export.dtype)
+        if self.lora:
+            adapters.merged_copy(self.student).to(dtype).save_pretrained(out_dir / key, safe_serialization=True)
+        else:
+            self.student.to(dtype).save_pretrained(out_dir / key, safe_serialization=True)
+            self.student.float()
         self.scheduler().save_pretrained(out_dir / "scheduler")
         return [out_dir / key, out_dir / "scheduler"]
 
@@ -249,9 +307,8 @@ def student_grid(num_train_timesteps: int, n: int, device) -> torch.Tensor:
 
 def check_recipe(recipe) -> None:
     cfg, obj = recipe.objective.progressive, recipe.objective
-    if recipe.adapter.kind != "full":
-        raise ConfigError("'adapter.kind': progressive distillation trains full students (LoRA students are not "
-                          "implemented yet); set adapter.kind: full")
+    if recipe.adapter.init_from:
+        raise ConfigError("'adapter.init_from' is for fine-tuning; a progressive LoRA student starts a new LoRA")
     if recipe.adapter.text_encoder:
         raise ConfigError("'adapter.text_encoder': progressive distillation trains the denoiser only; set it false")
     if recipe.ema.enabled:
