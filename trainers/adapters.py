@@ -5,6 +5,7 @@ base model exactly. The LoraConfig travels in the safetensors metadata, so loade
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -82,3 +83,16 @@ def merged_copy(module: torch.nn.Module) -> torch.nn.Module:
         if hasattr(out, attr):
             delattr(out, attr) if attr == "peft_config" else setattr(out, attr, False)
     return out.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def swapped_in(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]):
+    """Run with `tensors` in place of the parameters' data (an EMA target, a previous stage's LoRA), no copies."""
+    live = {k: p.data for k, p in params.items()}
+    for k, p in params.items():
+        p.data = tensors[k]
+    try:
+        yield
+    finally:
+        for k, p in params.items():
+            p.data = live[k]

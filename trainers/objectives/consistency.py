@@ -145,15 +145,8 @@ class Consistency(Objective):
         if self.full or self.target_ema is None:
             yield
             return
-        params = self.trainable_named_parameters()
-        live = {k: p.data for k, p in params.items()}
-        for k, p in params.items():
-            p.data = self.target_ema.shadow[k]
-        try:
+        with adapters.swapped_in(self.trainable_named_parameters(), self.target_ema.shadow):
             yield
-        finally:
-            for k, p in params.items():
-                p.data = live[k]
 
     # ---- sampling and export -------------------------------------------------------------------------
 

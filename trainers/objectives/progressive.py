@@ -194,18 +194,9 @@ class Progressive(Objective):
     @contextlib.contextmanager
     def as_teacher(self):
         """A LoRA student with the last stage's trainable tensors in place of its own, for one teacher pass."""
-        if not self.lora:
+        with adapters.swapped_in(self.trainable_named_parameters(), self.teacher) if self.lora else \
+                contextlib.nullcontext():
             yield
-            return
-        params = self.trainable_named_parameters()
-        live = {k: p.data for k, p in params.items()}
-        for k, p in params.items():
-            p.data = self.teacher[k]
-        try:
-            yield
-        finally:
-            for k, p in params.items():
-                p.data = live[k]
 
     def predict_x0(self, module, z, t, cond, prediction_type, both: bool = False, frozen: bool = False):
         """x0_hat (and eps_hat with both) of a denoiser; frozen (teacher) passes run in the compute dtype."""
