@@ -145,7 +145,7 @@ class Consistency(Objective):
         if self.full or self.target_ema is None:
             yield
             return
-        with adapters.swapped_in(self.trainable_named_parameters(), self.target_ema.shadow):
+        with adapters.swapped_in(self.target_ema.params, self.target_ema.shadow):
             yield
 
     # ---- sampling and export -------------------------------------------------------------------------

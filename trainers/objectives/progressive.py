@@ -74,12 +74,14 @@ class Progressive(Objective):
         self.frozen_dtype = frozen_dtype
         if self.lora:  # the base weights in the compute dtype, the trainable ones float32
             self.place(device, frozen_dtype, frozen=[self.student], trained=[], inputs_cached=inputs_cached)
-            self.teacher = {k: p.detach().clone() for k, p in self.trainable_named_parameters().items()}
+            self.lora_params = self.trainable_named_parameters()  # LoRA (and omega embedding), float32
+            self.teacher = {k: p.detach().clone() for k, p in self.lora_params.items()}
         else:
             self.teacher = copy.deepcopy(self.student).requires_grad_(False)
             self.place(device, frozen_dtype, frozen=[self.base, self.teacher], trained=[self.student],
                        inputs_cached=inputs_cached)
         self.acp = self.acp.to(self.device)
+        self.grids = {n: student_grid(len(self.acp), n, self.device) for _, n in self.stages}  # made once, on device
         self.text = inputs.FrozenText(self.backbone, self.device, encoders_on_cpu=inputs_cached)
 
     def param_groups(self):
@@ -99,9 +101,7 @@ class Progressive(Objective):
             self.stage = stage
 
     def student_tensors(self) -> dict[str, torch.Tensor]:
-        if self.lora:
-            return self.trainable_named_parameters()
-        return dict(self.student.named_parameters())
+        return self.lora_params if self.lora else dict(self.student.named_parameters())
 
     def teacher_tensors(self) -> dict[str, torch.Tensor]:
         return self.teacher if self.lora else dict(self.teacher.named_parameters())
@@ -134,7 +134,7 @@ class Progressive(Objective):
         if kind == GUIDANCE_STAGE:  # any training timestep: the student serves every grid later stages use
             t = seeding.randint(seeds, seeding.TIMESTEP, len(self.acp), device)
         else:
-            t = student_grid(len(self.acp), n_steps, device)[seeding.randint(seeds, seeding.TIMESTEP, n_steps, device)]
+            t = self.grids[n_steps][seeding.randint(seeds, seeding.TIMESTEP, n_steps, device)]
         z_t = diffusion.add_noise(x0, eps, *diffusion.alpha_sigma(self.acp, t))
         cond, teacher = self.condition_and_teacher(batch, stage, omega)
         student_cond = self.student_cond(cond, omega)
@@ -194,7 +194,7 @@ class Progressive(Objective):
     @contextlib.contextmanager
     def as_teacher(self):
         """A LoRA student with the last stage's trainable tensors in place of its own, for one teacher pass."""
-        with adapters.swapped_in(self.trainable_named_parameters(), self.teacher) if self.lora else \
+        with adapters.swapped_in(self.lora_params, self.teacher) if self.lora else \
                 contextlib.nullcontext():
             yield
 
