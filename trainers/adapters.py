@@ -79,9 +79,9 @@ def merged_copy(module: torch.nn.Module) -> torch.nn.Module:
             layer.merge()
             parent, _, child = name.rpartition(".")
             setattr(out.get_submodule(parent), child, layer.get_base_layer())
-    for attr in ("peft_config", "_hf_peft_config_loaded"):
-        if hasattr(out, attr):
-            delattr(out, attr) if attr == "peft_config" else setattr(out, attr, False)
+    if hasattr(out, "peft_config"):  # diffusers' mark of an attached adapter: there is none left
+        del out.peft_config
+    out._hf_peft_config_loaded = False
     return out.requires_grad_(False)
 
 

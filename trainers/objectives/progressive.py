@@ -96,8 +96,9 @@ class Progressive(Objective):
         """From the second stage on, the teacher is the student as it ended the stage before."""
         if stage != self.stage:
             with torch.no_grad():
+                teacher = self.teacher_tensors()
                 for name, p in self.student_tensors().items():
-                    self.teacher_tensors()[name].copy_(p)
+                    teacher[name].copy_(p)
             self.stage = stage
 
     def student_tensors(self) -> dict[str, torch.Tensor]:
