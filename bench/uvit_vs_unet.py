@@ -10,6 +10,8 @@ from the deterministic initial pipeline and the committed teacher's VAE.
     # or the two runs side by side, then the table:
     python bench/uvit_vs_unet.py --model unet & python bench/uvit_vs_unet.py --model uvit; wait
     python bench/uvit_vs_unet.py --model none
+    # a U-ViT run with its own optimizer settings, compared with the same U-Net run:
+    python bench/uvit_vs_unet.py --model uvit --name uvit_lr3e-4 --set optimizer.lr=3e-4 optimizer.betas=[0.9,0.99]
 """
 from __future__ import annotations
 
@@ -29,13 +31,13 @@ from launch.demo_teacher import (MAX_TOKENS, RESOLUTION, UNET_RECIPE, build_init
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def uvit_config(hidden: int, layers: int) -> dict:
-    return {"sample_size": RESOLUTION // 2, "patch_size": 2, "in_channels": 4, "hidden_size": hidden,
+def uvit_config(hidden: int, layers: int, patch: int = 2) -> dict:
+    return {"sample_size": RESOLUTION // 2, "patch_size": patch, "in_channels": 4, "hidden_size": hidden,
             "num_layers": layers, "num_attention_heads": 4, "mlp_ratio": 4.0, "qkv_bias": False,
             "cross_attention_dim": 64, "num_text_tokens": MAX_TOKENS, "use_conv_out": True}
 
 
-def build(start: Path, out: Path, hidden: int, layers: int) -> Path:
+def build(start: Path, out: Path, hidden: int, layers: int, patch: int) -> Path:
     """The teacher's stage-2 starting folder with a random U-ViT in place of the U-Net."""
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -46,7 +48,7 @@ def build(start: Path, out: Path, hidden: int, layers: int) -> Path:
     pipe = UViTPipeline(vae=AutoencoderKL.from_pretrained(start / "vae"),
                         text_encoder=CLIPTextModel.from_pretrained(start / "text_encoder"),
                         tokenizer=CLIPTokenizer.from_pretrained(start / "tokenizer"),
-                        transformer=UViT2DModel(**uvit_config(hidden, layers)),
+                        transformer=UViT2DModel(**uvit_config(hidden, layers, patch)),
                         scheduler=DDPMScheduler.from_pretrained(start / "scheduler"))
     shutil.rmtree(out, ignore_errors=True)
     pipe.save_pretrained(out, safe_serialization=True)
@@ -77,16 +79,22 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--hidden", type=int, default=176)  # 3.89M parameters, the U-Net 3.74M
     parser.add_argument("--layers", type=int, default=9)
+    parser.add_argument("--patch", type=int, default=2, help="patch side in latent pixels (1: 256 tokens at 16x16)")
     parser.add_argument("--model", choices=("both", "unet", "uvit", "none"), default="both",
                         help="which run to train here (none: only print the table of finished runs)")
+    parser.add_argument("--name", default="uvit", help="the U-ViT run's folder under WORK/runs")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="recipe overrides for the U-ViT run only (its own learning rate, betas, ...)")
     args = parser.parse_args(argv)
     start = starting_point(args.work)
-    runs = {"unet": args.work / "runs" / "unet_bench", "uvit": args.work / "runs" / "uvit"}
+    runs = {"unet": args.work / "runs" / "unet_bench", "uvit": args.work / "runs" / args.name}
     data = args.work / "data" / "shapes"
     for name in ("unet", "uvit") if args.model == "both" else (args.model,) if args.model != "none" else ():
-        folder = start if name == "unet" else build(start, args.work / "uvit_initial", args.hidden, args.layers)
+        folder = start if name == "unet" else build(start, args.work / f"{args.name}_initial", args.hidden,
+                                                                    args.layers, args.patch)
         train_stage(UNET_RECIPE, [f"model.pretrained={folder}", f"data.source={data}", f"output_dir={runs[name]}",
-                                  f"train.max_steps={args.steps}", "validation.every_steps=0"])
+                                  f"train.max_steps={args.steps}", "validation.every_steps=0",
+                                  *(args.set if name == "uvit" else ())])
     unet, uvit = losses(runs["unet"]), losses(runs["uvit"])
     print("| step | U-Net loss | U-ViT loss | ratio |\n|---:|---:|---:|---:|")
     for step in sorted(set(uvit) & set(unet)):

@@ -159,6 +159,14 @@ class MemoryConfig:
     attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers needs the package and a GPU
     gradient_checkpointing: bool = False  # ~30% slower steps for much less activation memory
     allow_tf32: bool = True             # faster fp32 matmuls on Ampere+ GPUs
+    channels_last: bool = False         # the denoiser's conv weights in NHWC: faster convs on tensor-core GPUs
+    # torch.compile the denoiser: the first steps (and each new bucket shape) pay the compile; the default backend
+    # (inductor) needs a C++ compiler on CPU and Triton on GPU; reduce-overhead captures CUDA graphs
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    compile_backend: Literal["inductor", "cudagraphs", "aot_eager", "eager"] = "inductor"
+    # QLoRA-style: the frozen denoiser's Linear layers held in 8 bits or 4-bit NF4 (bitsandbytes) under a LoRA
+    quantize_base: Literal["none", "int8", "nf4"] = "none"
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from trainers import checkpoint, memory, preflight, seeding
+from trainers import checkpoint, memory, preflight, quantize, seeding
 from trainers.backbones import load_backbone
 from trainers.config import Recipe, dump_recipe
 from trainers.data import StepSampler, build_dataset, collate, make_loader
@@ -66,8 +66,13 @@ class Trainer:
         self.dataset = build_dataset(recipe.data, recipe.model)  # bad data fails before the models load
         self.heldout = heldout_dataset(recipe)
         seeding.seed_everything(recipe.train.seed)
+        objective_cls = get_objective(recipe.objective.name)
+        if recipe.memory.quantize_base != "none":
+            quantize.check(recipe, objective_cls, self.deepspeed)
         self.backbone = load_backbone(recipe.model)
-        self.objective = get_objective(recipe.objective.name)(recipe, self.backbone)
+        if recipe.memory.quantize_base != "none":  # before the LoRA wraps the layers
+            quantize.quantize_linears(self.backbone.denoiser, recipe.memory.quantize_base, DTYPES[recipe.precision])
+        self.objective = objective_cls(recipe, self.backbone)
         if self.heldout is not None and not self.objective.has_heldout_loss:
             raise UserError(f"validation.loss_source: the {recipe.objective.name} objective has no held-out loss")
         self.objective.to(self.device, DTYPES[recipe.precision],
@@ -80,19 +85,22 @@ class Trainer:
         preflight.check_disk(self.out, preflight.checkpoint_bytes(self.parameter_counts()[0], recipe.optimizer.name,
                                                                   recipe.ema.enabled))
 
-    def parameter_counts(self) -> tuple[int, int]:
-        """(trainable, frozen) parameter counts over every component."""
-        trainable = sum(p.numel() for p in self.params.values())
+    def _frozen_parameters(self) -> list[torch.nn.Parameter]:
+        trained = {id(p) for p in self.params.values()}
         components = [self.backbone.denoiser, self.backbone.vae, *self.backbone.text_encoders.values()]
-        total = sum(p.numel() for m in components for p in m.parameters())
-        return trainable, total - trainable
+        return [p for m in components for p in m.parameters() if id(p) not in trained]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, frozen) parameter counts over every component (quantised weights counted unpacked)."""
+        trainable = sum(p.numel() for p in self.params.values())
+        return trainable, sum(quantize.logical_numel(p) for p in self._frozen_parameters())
 
     def memory_estimate(self) -> int:
         """Bytes for weights, gradients, optimizer state and EMA; activations depend on batch and resolution."""
-        trainable, frozen = self.parameter_counts()
-        frozen_bytes = torch.finfo(DTYPES[self.recipe.precision]).bits // 8
+        trainable = self.parameter_counts()[0]
+        frozen_bytes = sum(p.numel() * p.element_size() for p in self._frozen_parameters())  # as held: cast, 8/4-bit
         gradients = trainable * 4
-        return frozen * frozen_bytes + gradients + preflight.checkpoint_bytes(
+        return frozen_bytes + gradients + preflight.checkpoint_bytes(
             trainable, self.recipe.optimizer.name, self.ema is not None)
 
     def fit(self, until: int | None = None) -> TrainResult:

@@ -1,4 +1,5 @@
-"""Memory and speed options: attention backend, gradient checkpointing, TF32, 8-bit optimizers."""
+"""Memory and speed options: attention backend, gradient checkpointing, TF32, channels_last, torch.compile,
+8-bit optimizers."""
 from __future__ import annotations
 
 import torch
@@ -20,6 +21,13 @@ def configure(modules: dict[str, torch.nn.Module], denoiser_key: str, cfg: Memor
                 module.enable_gradient_checkpointing()
             else:  # transformers models
                 module.gradient_checkpointing_enable()
+    denoiser = modules.get(denoiser_key)
+    if denoiser is not None and cfg.channels_last:
+        denoiser.to(memory_format=torch.channels_last)  # 4-D weights only; convs then run NHWC whatever the input
+    if denoiser is not None and cfg.compile:
+        # in place (nn.Module.compile): parameter names, checkpoints and exports stay those of the plain module
+        denoiser.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
+                         backend=cfg.compile_backend)
 
 
 def enable_xformers(denoiser: torch.nn.Module) -> None:

@@ -76,6 +76,8 @@ class Objective(abc.ABC):
         """The loss of one micro-batch and detached tensors to log (reduced by the engine at log steps)."""
 
     has_heldout_loss = False  # implements heldout_loss (recipes may then set validation.loss_source)
+    # with adapter.kind: lora the export is the LoRA alone, so the frozen base may be quantised (memory.quantize_base)
+    exports_adapter_only = False
 
     def heldout_loss(self, batch: dict, timesteps: torch.Tensor) -> torch.Tensor:
         """Mean loss of a held-out batch at each of `timesteps`, with noise fixed by the batch's seeds."""

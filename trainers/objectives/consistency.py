@@ -31,6 +31,7 @@ LCM_SCHEDULER = "LCMScheduler"
 
 class Consistency(Objective):
     name = "consistency"
+    exports_adapter_only = True
 
     def __init__(self, recipe, backbone):
         super().__init__(recipe, backbone)

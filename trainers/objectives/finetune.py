@@ -19,6 +19,7 @@ from trainers.objectives.base import Objective
 class FineTune(Objective):
     name = "finetune"
     has_heldout_loss = True
+    exports_adapter_only = True
 
     def __init__(self, recipe, backbone):
         super().__init__(recipe, backbone)
