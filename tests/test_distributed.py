@@ -130,6 +130,17 @@ def test_resume_under_two_processes_matches_uninterrupted(ddp_run, tiny_sd15, di
             assert (state[0][k][name] - state[1][k][name]).abs().max().item() < TOL
 
 
+def test_fsdp_without_gpus_is_refused(recipe_for, monkeypatch):
+    """accelerate shards only over GPUs: on CPU processes fsdp.yaml would quietly train as DDP."""
+    from trainers.errors import UserError
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: FSDP applies")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp.yaml` sets
+    with pytest.raises(UserError, match="FSDP .* needs GPUs; without one use accelerate_configs/cpu_ddp.yaml"):
+        Trainer(recipe_for(*COMMON))
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_accelerate_configs_load(path):
     from accelerate.commands.config.config_args import load_config_from_file

@@ -48,6 +48,10 @@ class Trainer:
         from accelerate.utils import ProjectConfiguration
 
         self.recipe, self.out = recipe, Path(recipe.output_dir)
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not _has_device():
+            # accelerate would quietly run plain DDP on CPU processes (it shards only over GPUs)
+            raise UserError("FSDP (accelerate_configs/fsdp.yaml) needs GPUs; without one use "
+                            "accelerate_configs/cpu_ddp.yaml or cpu_zero2.yaml")
         self.accelerator = Accelerator(
             cpu=_cpu_processes(), kwargs_handlers=_process_group_kwargs(),
             gradient_accumulation_steps=recipe.train.grad_accum,
