@@ -32,7 +32,8 @@ def main(argv=None) -> int:
 
     trainer = Trainer(recipe)
     if args.dry_run:
-        print(dry_run_report(trainer))
+        if trainer.is_main:
+            print(dry_run_report(trainer))
         return 0
     result = trainer.fit()
     if trainer.is_main:

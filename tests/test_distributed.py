@@ -172,6 +172,15 @@ def test_deepspeed_zero2_config_dry_run(tiny_sd15, digits_data, tmp_path):
     assert "is valid" in proc.stdout
 
 
+@pytest.mark.parametrize("config", ["cpu.yaml", "cpu_ddp.yaml", "cpu_zero2.yaml"])
+def test_dry_run_under_every_cpu_config(config, tiny_sd15, digits_data, tmp_path):
+    if "zero2" in config and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed not installed (pip install -e '.[deepspeed]')")
+    proc = launch(config, tiny_sd15, digits_data, tmp_path / "dry", "--dry-run", timeout=DS_TIMEOUT)
+    assert proc.stdout.count("is valid") == 1, proc.stdout  # the main process reports, once
+    assert not (tmp_path / "dry").exists()  # a dry run writes nothing
+
+
 @pytest.fixture(scope="module")
 def zero2_run(tiny_sd15, digits_data, tmp_path_factory):
     """ddp_run under DeepSpeed ZeRO-2: 2 CPU processes x batch 2, 4 steps, checkpoints at 2 and 4."""
