@@ -26,7 +26,8 @@ RECIPE = "recipes/demo/sd15_lora_tiny.yaml"
 CONFIGS = ROOT / "accelerate_configs"
 # max_grad_norm stays at the recipe's 1.0: clipping sees the all-reduced gradient, the same on both sides.
 COMMON = ("train.report_to=none", "data.num_workers=0", "validation.every_steps=0", "train.batch_size=2",
-          "train.log_every=1", "lr_schedule.name=constant", "lr_schedule.warmup_steps=0", "train.seed=0")
+          "train.log_every=1", "lr_schedule.name=constant", "lr_schedule.warmup_steps=0", "train.seed=0",
+          "ema.enabled=true", "ema.decay=0.5")  # the EMA (in checkpoints as ema.*, exported in final/) agrees too
 TOL = 1e-6  # measured: 0.0; a gradient twice too large moves the step-4 weights by ~1e-3
 
 
@@ -219,7 +220,9 @@ def test_zero2_on_two_cpu_processes_matches_ddp(zero2_run, ddp_run):
     padding = torch.zeros(2 * halves[0].numel() - trained.numel())  # ZeRO pads the flat group to split it evenly
     assert torch.equal(torch.cat(halves).sort().values, torch.cat([trained, padding]).sort().values)  # each once
 
-    # fp32 both ways; DeepSpeed clips with its own gradient_clipping (= max_grad_norm, the same coefficient at 1.0)
+    # fp32 both ways; DeepSpeed clips with its own gradient_clipping (= max_grad_norm, the same coefficient at 1.0).
+    # The EMA follows the weights DeepSpeed writes back into the module's parameters after each sharded step.
+    assert any(k.startswith("ema.") for k in weights(out, 4))
     for step in (2, 4):
         diff = max_diff(weights(out, step), weights(ddp, step))
         assert diff < TOL, f"step {step}: ZeRO-2 vs DDP on 2 processes differ by {diff:.3g}"
