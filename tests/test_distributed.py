@@ -1,5 +1,5 @@
 """Several processes on CPU: 2-process DDP (gloo) ends where 1 process with accumulation 2 ends; resume under DDP;
-DeepSpeed ZeRO-2 on 2 CPU processes ends where DDP ends, and resumes from its sharded checkpoints.
+DeepSpeed ZeRO-2 on 2 CPU processes ends where DDP ends (the EMA too), and resumes from its sharded checkpoints.
 
 The processes are started the way users start them, `accelerate launch --config_file accelerate_configs/cpu_ddp.yaml`,
 with no extra environment: the engine itself asks accelerate for CPU processes when torchrun started several and
