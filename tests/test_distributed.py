@@ -31,7 +31,7 @@ COMMON = ("train.report_to=none", "data.num_workers=0", "validation.every_steps=
 TOL = 1e-6  # measured: 0.0; a gradient twice too large moves the step-4 weights by ~1e-3
 
 
-def launch(config, tiny_sd15, digits_data, out, *overrides, extra_args=(), timeout=240):
+def launch(config, tiny_sd15, digits_data, out, *overrides, extra_args=(), timeout=240, expect=0):
     """`accelerate launch --config_file accelerate_configs/CONFIG launch/train.py RECIPE ...`, from the repo root."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "DEEPSPEED_"))}
     env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -39,7 +39,7 @@ def launch(config, tiny_sd15, digits_data, out, *overrides, extra_args=(), timeo
            "launch/train.py", RECIPE, f"model.pretrained={tiny_sd15}", f"data.source={digits_data}",
            f"output_dir={out}", *COMMON, *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == expect if expect is not None else proc.returncode != 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
 
@@ -180,6 +180,30 @@ def test_dry_run_under_every_cpu_config(config, tiny_sd15, digits_data, tmp_path
     proc = launch(config, tiny_sd15, digits_data, tmp_path / "dry", "--dry-run", timeout=DS_TIMEOUT)
     assert proc.stdout.count("is valid") == 1, proc.stdout  # the main process reports, once
     assert not (tmp_path / "dry").exists()  # a dry run writes nothing
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("case", ["text_encoder", "bnb_optimizer", "json_optimizer"])
+def test_deepspeed_refusals_before_training(case, tiny_sd15, digits_data, tmp_path):
+    """What one DeepSpeed engine cannot run stops a dry run already, with the cause named (exit code 2)."""
+    config, overrides = "deepspeed_zero2.yaml", ()
+    if case == "text_encoder":
+        overrides, message = ("adapter.text_encoder=true",), "DeepSpeed trains one module, this recipe trains"
+    elif case == "bnb_optimizer":
+        overrides, message = ("optimizer.name=adamw8bit",), "optimizer.name: adamw8bit (bitsandbytes) cannot be"
+    else:  # DeepSpeed's own optimizer would silently override the recipe's
+        ds = json.loads((CONFIGS / "deepspeed_zero2.json").read_text())
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3}}
+        (tmp_path / "ds.json").write_text(json.dumps(ds))
+        config = tmp_path / "ds.yaml"
+        config.write_text((CONFIGS / "deepspeed_zero2.yaml").read_text().replace(
+            "accelerate_configs/deepspeed_zero2.json", str(tmp_path / "ds.json")))
+        message = "the DeepSpeed JSON has an 'optimizer' block"
+    proc = launch(config, tiny_sd15, digits_data, tmp_path / "run", "--dry-run", *overrides,
+                  extra_args=("--num_processes", "1"), timeout=DS_TIMEOUT, expect=None)  # torchrun: exit 1
+    # the training process printed the cause on one line and exited 2 (no traceback of ours)
+    assert f"error: {message}" in proc.stderr and "UserError" not in proc.stderr, proc.stderr[-3000:]
+    assert "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,8 @@ class Trainer:
         self.objective = objective_cls(recipe, self.backbone)
         if self.heldout is not None and not self.objective.has_heldout_loss:
             raise UserError(f"validation.loss_source: the {recipe.objective.name} objective has no held-out loss")
+        if self.deepspeed:
+            self._check_deepspeed()
         self.objective.to(self.device, DTYPES[recipe.precision],
                           inputs_cached=getattr(self.dataset, "cache", None) is not None)
         modules = self.objective.trained_modules()
@@ -192,6 +194,23 @@ class Trainer:
         flag = torch.tensor(float(requested), device=self.device)
         return bool(self.accelerator.reduce(flag, "sum").item() > 0)
 
+    def _check_deepspeed(self) -> None:
+        """What one DeepSpeed engine cannot run, refused before training (and in a dry run)."""
+        r = self.recipe
+        names = list(self.objective.trained_modules())
+        if len(names) != 1:
+            raise UserError(f"DeepSpeed trains one module, this recipe trains {', '.join(names)}: "
+                            "set adapter.text_encoder: false or use accelerate_configs/multi_gpu.yaml")
+        if r.optimizer.name in memory.BNB_OPTIMIZERS:
+            raise UserError(f"optimizer.name: {r.optimizer.name} (bitsandbytes) cannot be sharded by DeepSpeed "
+                            "ZeRO; use optimizer.name: adamw with DeepSpeed, or a DDP config")
+        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        for block in ("optimizer", "scheduler"):
+            if block in ds:
+                raise UserError(f"the DeepSpeed JSON has an {block!r} block, which would replace the recipe's "
+                                f"optimizer.name / lr_schedule; remove it: the recipe chooses them (ZeRO-Offload "
+                                "swaps AdamW for DeepSpeedCPUAdam by itself)")
+
     def _prepare(self) -> None:
         """Wrap the trained modules and the optimizer (DDP, autocast, loss scaling, DeepSpeed)."""
         from accelerate.utils import convert_outputs_to_fp32
@@ -202,12 +221,6 @@ class Trainer:
             m.train()
         optimizer = memory.make_optimizer(self.objective.param_groups(), r.optimizer)
         if self.deepspeed:  # one engine: the model and its optimizer in one call; the recipe fills the "auto"s
-            if len(modules) != 1:
-                raise UserError(f"DeepSpeed trains one module, this recipe trains {', '.join(names)}: "
-                                "set adapter.text_encoder: false or use accelerate_configs/multi_gpu.yaml")
-            if r.optimizer.name in memory.BNB_OPTIMIZERS:
-                raise UserError(f"optimizer.name: {r.optimizer.name} (bitsandbytes) cannot be sharded by DeepSpeed "
-                                "ZeRO; use optimizer.name: adamw with DeepSpeed, or a DDP config")
             acc.state.deepspeed_plugin.deepspeed_config.update(
                 train_micro_batch_size_per_gpu=r.train.batch_size, gradient_accumulation_steps=r.train.grad_accum,
                 gradient_clipping=r.optimizer.max_grad_norm)
