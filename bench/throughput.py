@@ -1,15 +1,25 @@
-"""Engine overhead: the engine's median step time against a bare forward + backward + AdamW step of the same
-model and data in the same process (tiny SD-1.5 LoRA on CPU by default).
+"""Throughput per memory configuration: the engine's median step, images/s and peak memory, against a bare
+forward + backward + optimizer step of the same model, data and options in the same process (the engine's
+overhead as a ratio), and model FLOPs utilisation on a GPU.
 
-    OMP_NUM_THREADS=1 python bench/throughput.py [--steps 60] [--batch 8] [--workers 1] [--workdir DIR]
+    # the engine-overhead figure: tiny SD-1.5 LoRA on CPU
+    OMP_NUM_THREADS=1 python bench/throughput.py [--steps 60] [--batch 8] [--workers 1]
+    # full-size random-initialised models on a GPU (built once by launch/make_tiny_model.py --size full)
+    python bench/throughput.py --arch sd15 --size full --batch 8 --precision bf16 \\
+        --configs plain adamw8bit checkpointing xformers compile checkpointing+adamw8bit
+    python bench/throughput.py --arch sdxl --size full --batch 1 --precision bf16 \\
+        --configs checkpointing checkpointing+adamw8bit checkpointing+nf4
 
-The bare step encodes the same images and captions, draws noise and timesteps with torch's global generator,
-and runs the U-Net, the MSE, backward and the optimizer: what a hand-written loop does. The engine adds data
-loading, per-sample seeding, accumulation bookkeeping, the non-finite guard and clipping.
+A configuration is a name from CONFIGS or several joined by "+". The bare step encodes the same images and
+captions, draws noise and timesteps with torch's global generator and runs the denoiser, the MSE, backward,
+clipping and the optimizer, with the configuration's memory options and optimizer: what a hand-written loop does.
+The engine adds data loading, per-sample seeding, accumulation bookkeeping and the non-finite guard. A
+configuration the engine refuses (xformers without a GPU, say) is reported as refused, with the reason.
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import time
@@ -20,70 +30,194 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.cache_step_time import median_step_seconds  # noqa: E402
 
+CONFIGS = {
+    "plain": [],
+    "sdpa": ["memory.attention=sdpa"],
+    "xformers": ["memory.attention=xformers"],
+    "adamw8bit": ["optimizer.name=adamw8bit"],
+    "checkpointing": ["memory.gradient_checkpointing=true"],
+    "channels_last": ["memory.channels_last=true"],
+    "compile": ["memory.compile=true"],
+    "nf4": ["memory.quantize_base=nf4"],
+    "int8": ["memory.quantize_base=int8"],
+}
+RECIPES = {"sd15": "recipes/demo/sd15_lora_tiny.yaml", "sdxl": "recipes/demo/sdxl_lora_tiny.yaml"}
+RESOLUTION = {("sd15", "tiny"): 64, ("sdxl", "tiny"): 64, ("sd15", "full"): 512, ("sdxl", "full"): 1024}
 
-def bare_step_seconds(recipe, steps: int, warmup: int) -> float:
-    from trainers import adapters, diffusion, memory
+
+def overrides_of(config: str) -> list[str]:
+    unknown = [c for c in config.split("+") if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configuration {'+'.join(unknown)!r}; known: {', '.join(CONFIGS)}")
+    return [o for c in config.split("+") for o in CONFIGS[c]]
+
+
+def reset_accelerate() -> None:
+    """Each Trainer may ask for another precision: accelerate keeps its state per process otherwise."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+class PeakMemory:
+    """Peak bytes allocated on the GPU inside the block; None on CPU (the process RSS never goes down)."""
+
+    def __enter__(self):
+        self.peak = None
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+
+
+def bare_step_seconds(recipe, steps: int, warmup: int) -> tuple[float, int | None]:
+    """The hand-written loop over one fixed batch, with the recipe's precision, memory options and optimizer."""
+    from trainers import adapters, diffusion, memory, quantize
     from trainers.backbones import load_backbone
     from trainers.data import StepSampler, build_dataset, collate
     from trainers.objectives.finetune import noise_betas
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe.precision]
+    with PeakMemory() as peak:
+        bb = load_backbone(recipe.model)
+        if recipe.memory.quantize_base != "none":
+            quantize.quantize_linears(bb.denoiser, recipe.memory.quantize_base, dtype)
+        for m in (bb.denoiser, bb.vae, *bb.text_encoders.values()):
+            m.requires_grad_(False).to(device)
+            if next(m.parameters()).dtype != dtype:  # diffusers warns on any cast
+                m.to(dtype)
+        adapters.add_lora(bb.denoiser, recipe.adapter, recipe.adapter.target_modules or bb.lora_targets)
+        params = [p for p in bb.denoiser.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()  # LoRA weights train in float32 under autocast, as in the engine
+        memory.configure({bb.denoiser_key: bb.denoiser}, bb.denoiser_key, recipe.memory)
+        opt = memory.make_optimizer([{"params": params, "lr": recipe.optimizer.lr}], recipe.optimizer)
+        data = build_dataset(recipe.data)
+        keys = next(iter(StepSampler(data.buckets(), recipe.train.batch_size, 1, 0)))
+        batch = collate([data[k] for k in keys])
+        pixels = batch["pixel_values"].to(device)
+        acp = diffusion.alphas_cumprod(noise_betas(bb.scheduler_config, False)).float().to(device)
+        times = []
+        for _ in range(steps):
+            tick = time.perf_counter()
+            with torch.no_grad(), torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+                dist = bb.encode_images(pixels)
+                x0 = bb.latents_from(dist, torch.randn_like(dist.mean))
+                h = bb.encode_text(batch["captions"], device)
+            eps = torch.randn_like(x0)
+            t = torch.randint(0, len(acp), (x0.shape[0],), device=device)
+            a, s = diffusion.alpha_sigma(acp, t)
+            with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+                pred = bb.denoiser(diffusion.add_noise(x0, eps, a, s), t, **bb.denoiser_kwargs(h, batch, device)).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), eps)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, recipe.optimizer.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - tick)
+    return statistics.median(times[warmup:]), peak.peak
+
+
+def forward_flops(recipe) -> float:
+    """FLOPs of one denoiser forward per image at the recipe's resolution (torch's FLOP counter, on the meta device
+    would miss nothing but is not supported by every layer, so it runs one real forward of batch 1 on the CPU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trainers.backbones import load_backbone
+
     bb = load_backbone(recipe.model)
-    adapters.add_lora(bb.denoiser, recipe.adapter, recipe.adapter.target_modules or bb.lora_targets)
-    params = [p for p in bb.denoiser.parameters() if p.requires_grad]
-    opt = memory.make_optimizer([{"params": params, "lr": recipe.optimizer.lr}], recipe.optimizer)
-    data = build_dataset(recipe.data)
-    keys = next(iter(StepSampler(data.buckets(), recipe.train.batch_size, 1, 0)))
-    batch = collate([data[k] for k in keys])
-    acp = diffusion.alphas_cumprod(noise_betas(bb.scheduler_config, False)).float()
-    times = []
-    for _ in range(steps):
-        tick = time.perf_counter()
-        with torch.no_grad():
-            dist = bb.encode_images(batch["pixel_values"])
-            x0 = bb.latents_from(dist, torch.randn_like(dist.mean))
-            h = bb.encode_text(batch["captions"], "cpu")
-        eps = torch.randn_like(x0)
-        t = torch.randint(0, len(acp), (x0.shape[0],))
-        a, s = diffusion.alpha_sigma(acp, t)
-        pred = bb.denoiser(diffusion.add_noise(x0, eps, a, s), t, **bb.denoiser_kwargs(h, batch, "cpu")).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), eps)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, recipe.optimizer.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - tick)
-    return statistics.median(times[warmup:])
+    side = recipe.data.resolution // (2 ** (len(bb.vae.config.block_out_channels) - 1))
+    x = torch.randn(1, bb.vae.config.latent_channels, side, side)
+    with torch.no_grad():
+        h = bb.encode_text(["a photo"], "cpu")
+        batch = {"original_size": [(recipe.data.resolution,) * 2], "crop_top_left": [(0, 0)],
+                 "target_size": [(recipe.data.resolution,) * 2]}
+        with FlopCounterMode(display=False) as counter:
+            bb.denoiser(x, torch.tensor([500]), **bb.denoiser_kwargs(h, batch, "cpu"))
+    return counter.get_total_flops()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers decoding images")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_throughput"))
-    args = parser.parse_args()
-
+def prepare(args) -> tuple[Path, Path]:
     from datasets_prep.digits import write_digits_dataset
     from launch.make_tiny_model import make_tiny_model
-    from trainers.config import load_recipe
-    from trainers.engine import Trainer
 
     w = args.workdir
-    if not (w / "tiny-sd15" / "model_index.json").exists():
-        make_tiny_model("sd15", w / "tiny-sd15")
-    if not (w / "digits" / "metadata.jsonl").exists():
-        write_digits_dataset(w / "digits", n=512)
-    recipe = load_recipe("recipes/demo/sd15_lora_tiny.yaml", [
-        f"model.pretrained={w / 'tiny-sd15'}", f"data.source={w / 'digits'}", f"output_dir={w / 'run'}",
-        "resume=none", f"train.max_steps={args.steps}", "train.log_every=1", f"train.batch_size={args.batch}",
-        "train.report_to=none", "validation.every_steps=0", "checkpoint.every_steps=0", f"data.num_workers={args.workers}",
-        "objective.caption_dropout=0", "lr_schedule.name=constant"])
-    Trainer(recipe).fit()
-    engine = median_step_seconds(w / "run", warmup=10)
-    bare = bare_step_seconds(recipe, args.steps, warmup=10)
-    print(f"| loop | median step (ms), batch {args.batch} |\n|---|---:|")
-    print(f"| engine (launch/train.py path) | {engine * 1000:.1f} |\n| bare step | {bare * 1000:.1f} |")
-    print(f"\nengine / bare: {engine / bare:.3f}")
+    model = w / f"{args.arch}-{args.size}"
+    if not (model / "model_index.json").exists():
+        make_tiny_model(args.arch, model, size=args.size)
+    data = w / f"digits-{args.resolution}"
+    if not (data / "metadata.jsonl").exists():
+        write_digits_dataset(data, n=max(64, 4 * args.batch), size=args.resolution)
+    return model, data
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=sorted(RECIPES), default="sd15")
+    parser.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    parser.add_argument("--resolution", type=int, default=None, help="default: 64 tiny, 512 SD-1.5, 1024 SDXL")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median (compiles, allocator)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers decoding images")
+    parser.add_argument("--configs", nargs="+", default=["plain"], help=f"names or a+b: {', '.join(CONFIGS)}")
+    parser.add_argument("--no-bare", action="store_true", help="time the engine only")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense peak for MFU (H100 SXM bf16: 989); default: 989 on CUDA, none on CPU")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_throughput"))
+    args = parser.parse_args(argv)
+    args.resolution = args.resolution or RESOLUTION[(args.arch, args.size)]
+    configs = {c: overrides_of(c) for c in args.configs}
+
+    from trainers.config import load_recipe
+    from trainers.engine import Trainer
+    from trainers.errors import UserError
+
+    model, data = prepare(args)
+    base = [f"model.pretrained={model}", f"data.source={data}", f"data.resolution={args.resolution}",
+            "resume=none", f"train.max_steps={args.steps}", "train.log_every=1", f"train.batch_size={args.batch}",
+            f"precision={args.precision}", f"adapter.rank={args.rank}", f"adapter.alpha={args.rank}",
+            "train.report_to=none", "validation.every_steps=0", "checkpoint.every_steps=0",
+            f"data.num_workers={args.workers}", "objective.caption_dropout=0", "lr_schedule.name=constant"]
+    peak_tflops = args.peak_tflops or (989.0 if torch.cuda.is_available() else None)
+    flops = forward_flops(load_recipe(RECIPES[args.arch], base + [f"output_dir={args.workdir / 'flops'}"]))
+    print(f"{args.arch} {args.size} at {args.resolution} px, batch {args.batch}, LoRA rank {args.rank}, "
+          f"precision {args.precision}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}; "
+          f"denoiser forward {flops / 1e12:.3f} TFLOP per image\n")
+    print("| configuration | engine step (ms) | images/s | peak GiB | MFU | bare step (ms) | bare peak GiB "
+          "| engine / bare |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    gib = lambda b: f"{b / 2**30:.2f}" if b is not None else "-"  # noqa: E731
+    for name, overrides in configs.items():
+        run = args.workdir / "runs" / name
+        shutil.rmtree(run, ignore_errors=True)  # metrics.jsonl would keep an earlier run's rows
+        recipe = load_recipe(RECIPES[args.arch], base + overrides + [f"output_dir={run}"])
+        reset_accelerate()
+        try:
+            with PeakMemory() as peak:
+                Trainer(recipe).fit()
+        except UserError as e:
+            print(f"| {name} | refused: {e} | | | | | | |")
+            continue
+        engine = median_step_seconds(run, warmup=args.warmup)
+        images = args.batch / engine
+        mfu = f"{3 * flops * images / (peak_tflops * 1e12):.1%}" if peak_tflops else "-"  # forward + 2x backward
+        bare, bare_peak = (None, None) if args.no_bare else bare_step_seconds(recipe, args.steps, args.warmup)
+        ratio = f"{engine / bare:.3f}" if bare else "-"
+        bare_ms = f"{bare * 1000:.1f}" if bare else "-"
+        print(f"| {name} | {engine * 1000:.1f} | {images:.1f} | {gib(peak.peak)} | {mfu} | {bare_ms} | "
+              f"{gib(bare_peak)} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":

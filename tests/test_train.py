@@ -61,6 +61,23 @@ def test_resume_mid_run_matches_uninterrupted(recipe_for, tmp_path, family_model
     assert final.keys() == load_file(tmp_path / "straight" / "final" / "pytorch_lora_weights.safetensors").keys()
 
 
+def test_metrics_log_follows_the_resumed_run(recipe_for, tmp_path):
+    """A run killed after its last checkpoint logged steps it will train again; a fresh start (resume: none) in the
+    same folder is a new run. Either way each step has one row, from the run that the weights come from."""
+    import shutil
+
+    args = ("train.max_steps=6", "checkpoint.every_steps=3", "train.log_every=1", "train.batch_size=2")
+    out = tmp_path / "run"
+    Trainer(recipe_for(*args, out=out)).fit()
+    first = losses(out)
+    shutil.rmtree(out / "checkpoints" / "step-6")  # as if killed after logging step 6, before its checkpoint
+    Trainer(recipe_for(*args, "resume=auto", out=out)).fit()
+    assert [json.loads(x)["step"] for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert losses(out) == first
+    Trainer(recipe_for("train.max_steps=2", "train.log_every=1", "train.batch_size=2", "resume=none", out=out)).fit()
+    assert len(losses(out)) == 2
+
+
 def test_accumulation_gives_the_same_first_update(recipe_for, tmp_path):
     # Adam's first step is lr * g / (|g| + eps): with the default eps it is nearly sign(g), blind to a wrongly
     # scaled gradient and chaotic where g ~ 0. A large eps makes the update proportional to g, so this compares

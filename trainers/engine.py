@@ -115,6 +115,8 @@ class Trainer:
         last = min(until, r.train.max_steps) if until is not None else r.train.max_steps
         self._prepare()
         start = self._resume()
+        if self.is_main:
+            _keep_metrics_until(self.out / "logs" / "metrics.jsonl", start)
         sampler = StepSampler(self.dataset.buckets(), r.train.batch_size, r.train.grad_accum, r.train.seed,
                               start_step=start, world_size=acc.num_processes, rank=acc.process_index)
         if sampler.unused() and self.is_main:
@@ -395,6 +397,19 @@ def heldout_dataset(recipe: Recipe):
         return build_dataset(data, recipe.model)
     except UserError as e:
         raise UserError(f"validation.loss_source: {e}") from None
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """The log continues the run that is resumed: rows of a fresh start's predecessor, or those an interrupted run
+    wrote after its last checkpoint, would otherwise stand twice for the same steps."""
+    if not path.is_file():
+        return
+    rows = path.read_text().splitlines(keepends=True)
+    kept = [row for row in rows if row.strip() and json.loads(row).get("step", 0) <= step]
+    if len(kept) != len(rows):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
 
 def _launched_processes() -> int:
