@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -47,6 +48,7 @@ def main() -> None:
     results = {}
     for name, use_cache in (("images", False), ("cache", True)):
         out = w / f"run-{name}"
+        shutil.rmtree(out, ignore_errors=True)  # a new run each time (resume: none refuses an old run's folder)
         recipe = load_recipe("recipes/demo/sd15_lora_tiny.yaml", [
             f"model.pretrained={model}", f"data.source={w / 'prepared'}", f"output_dir={out}", "resume=none",
             f"data.use_cache={str(use_cache).lower()}", f"train.max_steps={args.steps}", "train.log_every=1",

@@ -63,7 +63,8 @@ def test_resume_mid_run_matches_uninterrupted(recipe_for, tmp_path, family_model
 
 def test_metrics_log_follows_the_resumed_run(recipe_for, tmp_path):
     """A run killed after its last checkpoint logged steps it will train again; a fresh start (resume: none) in the
-    same folder is a new run. Either way each step has one row, from the run that the weights come from."""
+    same folder (allowed once the old checkpoints are gone) is a new run. Either way each step has one row, from the
+    run that the weights come from."""
     import shutil
 
     args = ("train.max_steps=6", "checkpoint.every_steps=3", "train.log_every=1", "train.batch_size=2")
@@ -74,7 +75,13 @@ def test_metrics_log_follows_the_resumed_run(recipe_for, tmp_path):
     Trainer(recipe_for(*args, "resume=auto", out=out)).fit()
     assert [json.loads(x)["step"] for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
     assert losses(out) == first
-    Trainer(recipe_for("train.max_steps=2", "train.log_every=1", "train.batch_size=2", "resume=none", out=out)).fit()
+    from trainers.errors import UserError
+    fresh = ("train.max_steps=2", "train.log_every=1", "train.batch_size=2", "resume=none")
+    with pytest.raises(UserError, match="resume: none starts a new run, but .* holds checkpoints of an earlier one "
+                                        r"\(newest step-6\)"):
+        Trainer(recipe_for(*fresh, out=out))  # the earlier run's checkpoints would mix with this one's
+    shutil.rmtree(out / "checkpoints")
+    Trainer(recipe_for(*fresh, out=out)).fit()
     assert len(losses(out)) == 2
 
 

@@ -35,6 +35,16 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
+def check_fresh_start(resume: str, output_dir: Path) -> None:
+    """`resume: none` over an earlier run's checkpoints would mix two runs in one folder, and a later `resume: auto`
+    could pick up the earlier run's newest step."""
+    found = complete_checkpoints(output_dir) if resume == "none" else []
+    if found:
+        raise UserError(f"resume: none starts a new run, but {output_dir} holds checkpoints of an earlier one (newest "
+                        f"{found[-1].name}): use resume: auto to continue it, another output_dir, or delete "
+                        f"{Path(output_dir) / 'checkpoints'}")
+
+
 def resolve_resume(resume: str, output_dir: Path) -> Path | None:
     """`auto`: the newest complete checkpoint (or none); `none`; or an explicit checkpoint folder."""
     if resume == "none":

@@ -66,6 +66,7 @@ class Trainer:
         self.device, self.is_main = self.accelerator.device, self.accelerator.is_main_process
         self.deepspeed = self.accelerator.distributed_type == "DEEPSPEED"
         preflight.check_output_dir(self.out)
+        checkpoint.check_fresh_start(recipe.resume, self.out)
         preflight.check_model_folder(recipe)
         self.dataset = build_dataset(recipe.data, recipe.model)  # bad data fails before the models load
         self.heldout = heldout_dataset(recipe)
