@@ -157,27 +157,30 @@ def test_ldm_names_of_sd15(diffusers_name, ldm_name):
     assert kohya.diffusers_path(ldm_name, 2) == diffusers_name
 
 
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 @pytest.mark.parametrize("size", ["tiny", "full"])
-def test_ldm_names_agree_with_diffusers_single_file_conversion(size):
-    """Every attention-block layer named the LDM way lands on itself through convert_ldm_unet_checkpoint."""
+def test_ldm_names_agree_with_diffusers_single_file_conversion(arch, size):
+    """Every U-Net layer with weights, named the LDM way, lands on itself through convert_ldm_unet_checkpoint
+    (diffusers' reader of original SD/SDXL checkpoints): attentions, ResNets, down/upsamplers, time and SDXL's
+    micro-conditioning embeddings, conv_in/out. LCM-LoRA targets ResNets and samplers too."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    from launch.make_tiny_model import sd15_unet_config
+    from launch import make_tiny_model
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**sd15_unet_config(size))
-    cfg, lpb = unet.config, unet.config.layers_per_block
-    layers = (torch.nn.Linear, torch.nn.Conv2d)
-    paths = [p for p, m in unet.named_modules() if ".attentions." in p and isinstance(m, layers)]
-    prefix = "model.diffusion_model."
-    ckpt = {f"{prefix}{kohya.ldm_path(p, lpb)}.weight": torch.tensor(float(i)) for i, p in enumerate(paths)}
-    blocks = len(cfg.block_out_channels) * (lpb + 1)  # convert_ldm_unet_checkpoint counts blocks from the keys present
-    ckpt |= {f"{prefix}{kind}.{b}.0.in_layers.0.weight": torch.tensor(-1.0)
-             for kind in ("input_blocks", "output_blocks") for b in range(blocks)}
-    ckpt |= {f"{prefix}middle_block.{b}.in_layers.0.weight": torch.tensor(-1.0) for b in (0, 2)}
-    converted = convert_ldm_unet_checkpoint(ckpt, dict(cfg))
-    assert all(converted[f"{p}.weight"].item() == i for i, p in enumerate(paths))
+        unet = UNet2DConditionModel(**getattr(make_tiny_model, f"{arch}_unet_config")(size))
+    family = kohya.family_for(arch, unet)
+    paths = [p for p, m in unet.named_modules() if getattr(m, "weight", None) is not None]
+    params = [(p, kind) for p, m in unet.named_modules() for kind in ("weight", "bias")
+              if getattr(m, kind, None) is not None]
+    ldm = {p: kohya.ldm_path(p, family.layers_per_block, family.up_attention) for p in paths}
+    ckpt = {f"model.diffusion_model.{ldm[p]}.{kind}": torch.tensor(float(i)) for i, (p, kind) in enumerate(params)}
+    converted = convert_ldm_unet_checkpoint(ckpt, dict(unet.config))
+    assert {k: v.item() for k, v in converted.items()} == {f"{p}.{kind}": float(i) for i, (p, kind) in enumerate(params)}
+    for p in paths:  # and back
+        assert kohya.diffusers_path(kohya.ldm_path(p, family.layers_per_block, family.up_attention),
+                                    family.layers_per_block) == p
 
 
 def test_every_layer_name_survives_the_round_trip(tiny_sd15):
@@ -279,12 +282,21 @@ def test_clear_errors_for_what_cannot_convert(trained):
         kohya.from_kohya({"lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0)})
     with pytest.raises(UserError, match="no kohya naming"):
         kohya.to_kohya(state, alphas, family="dit")
-    with pytest.raises(UserError, match="outside the attention blocks"):
-        kohya.to_kohya({"unet.down_blocks.0.resnets.0.conv1.lora_A.weight": torch.zeros(2, 3),
-                        "unet.down_blocks.0.resnets.0.conv1.lora_B.weight": torch.zeros(3, 2)}, 1.0, "sdxl")
+    with pytest.raises(UserError, match="'class_embedding.linear_1' has no LDM name"):
+        kohya.to_kohya({"unet.class_embedding.linear_1.lora_A.weight": torch.zeros(2, 3),
+                        "unet.class_embedding.linear_1.lora_B.weight": torch.zeros(3, 2)}, 1.0, "sdxl")
+    with pytest.raises(UserError, match="has no diffusers name"):
+        kohya.from_kohya({"lora_unet_output_blocks_2_2_proj_in.lora_down.weight": torch.zeros(2, 3),
+                          "lora_unet_output_blocks_2_2_proj_in.lora_up.weight": torch.zeros(3, 2)}, "sdxl")
 
 
-def test_sdxl_seam_writes_ldm_names_and_two_text_encoders(tiny_sdxl):
+# recipes/sdxl_lcm_lora.yaml's targets: ResNets, samplers and time projections besides the attention layers
+LCM_TARGETS = UNET_TARGETS + ["conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+                              "time_emb_proj"]
+
+
+@pytest.mark.parametrize("unet_targets", [UNET_TARGETS, LCM_TARGETS], ids=["attention", "lcm"])
+def test_sdxl_seam_writes_ldm_names_and_two_text_encoders(tiny_sdxl, unet_targets):
     """SDXL as kohya writes it: LDM U-Net names, lora_te1_/lora_te2_; diffusers' SDXL pipeline reads it back."""
     from diffusers import StableDiffusionXLPipeline
     from peft import LoraConfig
@@ -302,15 +314,19 @@ def test_sdxl_seam_writes_ldm_names_and_two_text_encoders(tiny_sdxl):
     torch.manual_seed(0)
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     encoders = {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
-    for module, targets in ((pipe.unet, UNET_TARGETS), *((m, TE_TARGETS) for m in encoders.values())):
+    for module, targets in ((pipe.unet, unet_targets), *((m, TE_TARGETS) for m in encoders.values())):
         module.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights=False, target_modules=targets))
     expected = outputs(pipe)
     family = kohya.family_for("sdxl", pipe.unet)
     out = kohya.to_kohya(*kohya.peft_lora({"unet": pipe.unet, **encoders}), family)
     modules = {key.split(".")[0] for key in out}
-    assert all(m.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_1_", "lora_unet_output_blocks_",
-                             "lora_te1_text_model_", "lora_te2_text_model_")) for m in modules)
+    assert all(m.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_",
+                             "lora_te1_text_model_", "lora_te2_text_model_")) for m in modules), modules
     assert "lora_te2_text_model_encoder_layers_0_self_attn_q_proj" in modules
+    if unet_targets is LCM_TARGETS:  # ResNet layers and samplers under their LDM names, as sd-scripts writes them
+        assert {"lora_unet_input_blocks_1_0_in_layers_2", "lora_unet_input_blocks_1_0_emb_layers_1",
+                "lora_unet_input_blocks_2_0_op", "lora_unet_middle_block_2_out_layers_3"} <= modules
+        assert any(m.endswith("_skip_connection") for m in modules) and any(m.endswith("_conv") for m in modules)
     assert all(out[f"{m}.alpha"].item() == ALPHA for m in modules)
 
     loaded = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)

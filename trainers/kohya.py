@@ -62,14 +62,16 @@ class Family:
     architecture: str              # modelspec.architecture
     implementation: str            # modelspec.implementation
     resolution: int                # the side modelspec.resolution defaults to
+    up_attention: tuple[bool, ...] = ()  # which U-Net up blocks hold attentions: where LDM puts their upsampler
 
 
 FAMILIES = {
     "sd15": Family("diffusers", {"text_encoder": "lora_te"}, 2, "sd_v1", "stable-diffusion-v1/lora",
-                   "diffusers", 512),
+                   "diffusers", 512, (False, True, True, True)),
     # The seam for SDXL: kohya's SDXL U-Net has LDM names; two text encoders, lora_te1_ (CLIP-L), lora_te2_ (bigG).
     "sdxl": Family("ldm", {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}, 2, "sdxl_base_v1-0",
-                   "stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models", 1024),
+                   "stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models", 1024,
+                   (True, True, False)),
 }
 
 # How a LoRA factor's key ends: peft (lora_A/lora_B), diffusers' U-Net and text-encoder spellings.
@@ -104,15 +106,26 @@ def family_of(family: str | Family) -> Family:
 
 
 def family_for(name: str, unet: torch.nn.Module) -> Family:
-    """FAMILIES[name] with this U-Net's layers_per_block (LDM block numbers depend on it; tiny models have 1)."""
-    return replace(family_of(name), layers_per_block=unet.config.layers_per_block)
+    """FAMILIES[name] with this U-Net's block layout (LDM block numbers depend on it; tiny models differ)."""
+    return replace(family_of(name), layers_per_block=unet.config.layers_per_block,
+                   up_attention=tuple("CrossAttn" in t for t in unet.config.up_block_types))
 
 
-def ldm_path(path: str, layers_per_block: int) -> str:
+# diffusers -> LDM (sgm) names: a ResNet block's layers, and the layers outside the down/mid/up blocks
+_RESNET_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_TOP_LDM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+            "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+            "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def ldm_path(path: str, layers_per_block: int, up_attention: tuple[bool, ...] = ()) -> str:
     """diffusers U-Net module path -> the original SD (LDM) one: down_blocks.1.attentions.0.X -> input_blocks.4.1.X.
 
     Down block x holds layers_per_block resnet+attention pairs and a downsampler, so its layer i is LDM input block
-    1 + (layers_per_block + 1) x + i; an up block has one pair more and no separate index for its upsampler.
+    1 + (layers_per_block + 1) x + i (resnet at .0, attention at .1) and its downsampler input block
+    (layers_per_block + 1)(x + 1), `.0.op`. An up block has one pair more and puts its upsampler in its last block,
+    after the attention if it has one (`up_attention`).
     """
     n = layers_per_block + 1
     if m := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", path):
@@ -121,25 +134,55 @@ def ldm_path(path: str, layers_per_block: int) -> str:
         return f"middle_block.1.{m[1]}"
     if m := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", path):
         return f"output_blocks.{n * int(m[1]) + int(m[2])}.1.{m[3]}"
-    raise UserError(f"kohya export: U-Net layer {path!r} is outside the attention blocks, which is all the LDM "
-                    f"naming is written for; target attention layers only")
+    if (m := re.fullmatch(r"(down|mid|up)_blocks?\.(?:(\d+)\.)?resnets\.(\d+)\.(\w+)", path)) and m[4] in _RESNET_LDM:
+        layer = _RESNET_LDM[m[4]]
+        if m[1] == "down":
+            return f"input_blocks.{1 + n * int(m[2]) + int(m[3])}.0.{layer}"
+        if m[1] == "mid":
+            return f"middle_block.{2 * int(m[3])}.{layer}"
+        return f"output_blocks.{n * int(m[2]) + int(m[3])}.0.{layer}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", path):
+        return f"input_blocks.{n * (int(m[1]) + 1)}.0.op"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", path):
+        block = int(m[1])
+        if block >= len(up_attention):
+            raise UserError(f"kohya export: where LDM puts {path!r} depends on the U-Net's up_block_types; "
+                            "use kohya.family_for(name, unet)")
+        return f"output_blocks.{n * block + n - 1}.{2 if up_attention[block] else 1}.conv"
+    if path in _TOP_LDM:
+        return _TOP_LDM[path]
+    raise UserError(f"kohya export: U-Net layer {path!r} has no LDM name")
 
 
 def diffusers_path(path: str, layers_per_block: int) -> str:
     """The inverse of `ldm_path`; a path already in diffusers' names comes back unchanged."""
     n = layers_per_block + 1
-    if m := re.fullmatch(r"input_blocks\.(\d+)\.1\.(.+)", path):
+    resnet = {v: k for k, v in _RESNET_LDM.items()}
+    top = {v: k for k, v in _TOP_LDM.items()}
+    if path in top:
+        return top[path]
+    if m := re.fullmatch(r"input_blocks\.(\d+)\.([01])\.(.+)", path):
         block, layer = divmod(int(m[1]) - 1, n)
-        if layer < layers_per_block:
-            return f"down_blocks.{block}.attentions.{layer}.{m[2]}"
+        if layer < layers_per_block and m[2] == "1":
+            return f"down_blocks.{block}.attentions.{layer}.{m[3]}"
+        if layer < layers_per_block and m[3] in resnet:
+            return f"down_blocks.{block}.resnets.{layer}.{resnet[m[3]]}"
+        if layer == layers_per_block and (m[2], m[3]) == ("0", "op"):
+            return f"down_blocks.{block}.downsamplers.0.conv"
     elif m := re.fullmatch(r"middle_block\.1\.(.+)", path):
         return f"mid_block.attentions.0.{m[1]}"
-    elif m := re.fullmatch(r"output_blocks\.(\d+)\.1\.(.+)", path):
+    elif (m := re.fullmatch(r"middle_block\.([02])\.(.+)", path)) and m[2] in resnet:
+        return f"mid_block.resnets.{int(m[1]) // 2}.{resnet[m[2]]}"
+    elif m := re.fullmatch(r"output_blocks\.(\d+)\.([012])\.(.+)", path):
         block, layer = divmod(int(m[1]), n)
-        return f"up_blocks.{block}.attentions.{layer}.{m[2]}"
-    if path.startswith(("input_blocks.", "middle_block.", "output_blocks.")):
-        raise UserError(f"kohya import: LDM U-Net layer {path!r} is outside the attention blocks; "
-                        f"only those can be read back")
+        if m[3] == "conv" and m[2] != "0":  # an attention has no layer named plain "conv"
+            return f"up_blocks.{block}.upsamplers.0.conv"
+        if m[2] == "1":
+            return f"up_blocks.{block}.attentions.{layer}.{m[3]}"
+        if m[2] == "0" and m[3] in resnet:
+            return f"up_blocks.{block}.resnets.{layer}.{resnet[m[3]]}"
+    if path.startswith(("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")):
+        raise UserError(f"kohya import: LDM U-Net layer {path!r} has no diffusers name")
     return path
 
 
@@ -175,7 +218,8 @@ def to_kohya(state: dict[str, torch.Tensor], alphas: dict[str, float] | float,
     prefixes = {UNET: UNET_PREFIX, **fam.text_encoders}
     out = {}
     for (component, path), factor in _factors(state, prefixes).items():
-        kohya_path = ldm_path(path, fam.layers_per_block) if component == UNET and fam.unet_names == "ldm" else path
+        kohya_path = (ldm_path(path, fam.layers_per_block, fam.up_attention)
+                      if component == UNET and fam.unet_names == "ldm" else path)
         name = f"{prefixes[component]}_{kohya_path.replace('.', '_')}"
         out[f"{name}.lora_down.weight"] = factor["down"]
         out[f"{name}.lora_up.weight"] = factor["up"]
