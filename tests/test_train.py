@@ -71,7 +71,9 @@ def test_metrics_log_follows_the_resumed_run(recipe_for, tmp_path):
     out = tmp_path / "run"
     Trainer(recipe_for(*args, out=out)).fit()
     first = losses(out)
-    shutil.rmtree(out / "checkpoints" / "step-6")  # as if killed after logging step 6, before its checkpoint
+    shutil.rmtree(out / "checkpoints" / "step-6")  # as if killed after logging step 6, before its checkpoint,
+    with open(out / "logs" / "metrics.jsonl", "a") as f:  # and in the middle of writing step 7's row
+        f.write('{"step": 7, "lo')
     Trainer(recipe_for(*args, "resume=auto", out=out)).fit()
     assert [json.loads(x)["step"] for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
     assert losses(out) == first

@@ -405,8 +405,14 @@ def _keep_metrics_until(path: Path, step: int) -> None:
     wrote after its last checkpoint, would otherwise stand twice for the same steps."""
     if not path.is_file():
         return
+    def kept_row(row: str) -> bool:
+        try:
+            return json.loads(row).get("step", 0) <= step
+        except ValueError:  # a line cut short when the process died mid-write
+            return False
+
     rows = path.read_text().splitlines(keepends=True)
-    kept = [row for row in rows if row.strip() and json.loads(row).get("step", 0) <= step]
+    kept = [row for row in rows if row.strip() and kept_row(row)]
     if len(kept) != len(rows):
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(kept))

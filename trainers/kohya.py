@@ -117,6 +117,8 @@ _RESNET_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": 
 _TOP_LDM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
             "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
             "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_RESNET_DIFFUSERS = {v: k for k, v in _RESNET_LDM.items()}
+_TOP_DIFFUSERS = {v: k for k, v in _TOP_LDM.items()}
 
 
 def ldm_path(path: str, layers_per_block: int, up_attention: tuple[bool, ...] = ()) -> str:
@@ -157,10 +159,9 @@ def ldm_path(path: str, layers_per_block: int, up_attention: tuple[bool, ...] = 
 def diffusers_path(path: str, layers_per_block: int) -> str:
     """The inverse of `ldm_path`; a path already in diffusers' names comes back unchanged."""
     n = layers_per_block + 1
-    resnet = {v: k for k, v in _RESNET_LDM.items()}
-    top = {v: k for k, v in _TOP_LDM.items()}
-    if path in top:
-        return top[path]
+    resnet = _RESNET_DIFFUSERS
+    if path in _TOP_DIFFUSERS:
+        return _TOP_DIFFUSERS[path]
     if m := re.fullmatch(r"input_blocks\.(\d+)\.([01])\.(.+)", path):
         block, layer = divmod(int(m[1]) - 1, n)
         if layer < layers_per_block and m[2] == "1":
