@@ -22,6 +22,14 @@ def median_step_seconds(run_dir: Path, warmup: int) -> float:
     return statistics.median(1 / r["steps_per_s"] for r in rows[warmup:])
 
 
+def reset_accelerate() -> None:
+    """Another Trainer in the same process (another precision, say): accelerate keeps its state per process."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
@@ -56,10 +64,7 @@ def main() -> None:
             "checkpoint.every_steps=0", "data.num_workers=0"])
         Trainer(recipe).fit()
         results[name] = median_step_seconds(out, warmup=10)
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
     print(f"| input | median step (ms), batch {args.batch} |\n|---|---:|")
     for name, sec in results.items():
         print(f"| {name} | {sec * 1000:.1f} |")

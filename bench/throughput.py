@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.cache_step_time import median_step_seconds  # noqa: E402
+from bench.cache_step_time import median_step_seconds, reset_accelerate  # noqa: E402
 
 CONFIGS = {
     "plain": [],
@@ -50,14 +50,6 @@ def overrides_of(config: str) -> list[str]:
     if unknown:
         raise SystemExit(f"unknown configuration {'+'.join(unknown)!r}; known: {', '.join(CONFIGS)}")
     return [o for c in config.split("+") for o in CONFIGS[c]]
-
-
-def reset_accelerate() -> None:
-    """Each Trainer may ask for another precision: accelerate keeps its state per process otherwise."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 class PeakMemory:
@@ -82,10 +74,11 @@ def bare_step_seconds(recipe, steps: int, warmup: int) -> tuple[float, int | Non
     from trainers import adapters, diffusion, memory, quantize
     from trainers.backbones import load_backbone
     from trainers.data import StepSampler, build_dataset, collate
+    from trainers.engine import DTYPES
     from trainers.objectives.finetune import noise_betas
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe.precision]
+    dtype = DTYPES[recipe.precision]
     with PeakMemory() as peak:
         bb = load_backbone(recipe.model)
         if recipe.memory.quantize_base != "none":
@@ -129,8 +122,8 @@ def bare_step_seconds(recipe, steps: int, warmup: int) -> tuple[float, int | Non
 
 
 def forward_flops(recipe) -> float:
-    """FLOPs of one denoiser forward per image at the recipe's resolution (torch's FLOP counter, on the meta device
-    would miss nothing but is not supported by every layer, so it runs one real forward of batch 1 on the CPU)."""
+    """FLOPs of one denoiser forward per image at the recipe's resolution: torch's FLOP counter over a real
+    batch-1 forward on the CPU."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from trainers.backbones import load_backbone
