@@ -1,0 +1,100 @@
+"""Denoising loss of text-to-image runs at fixed noise levels, to see where one denoiser lags another (issue #5).
+
+A run's training loss mixes every timestep; this evaluates each run's raw (non-EMA) weights at checkpoint STEP
+on the same images, captions and noise at a few timesteps, in the run's own parameterisation (eps or v).
+
+    python bench/loss_by_timestep.py teacher_work/runs/unet_bench teacher_work/runs/uvit3k --step 3000 \
+        --data teacher_work/data/shapes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainers.diffusion import add_noise, alpha_sigma, target_for  # noqa: E402
+
+TIMESTEPS = (10, 50, 100, 200, 300, 500, 700, 900, 990)
+
+
+def load_denoiser(run: Path, step: int):
+    """(denoiser, text encoder, tokenizer, scheduler, prediction type) with the raw weights of checkpoint `step`."""
+    import yaml
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from trainers.backbones.coord_unet import CoordUNet2DConditionModel
+    from trainers.backbones.uvit_model import UViT2DModel
+
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    start = Path(recipe["model"]["pretrained"])
+    final = run / "final"
+    name = "transformer" if (final / "transformer").is_dir() else "unet"
+    classes = {c.__name__: c for c in (UNet2DConditionModel, CoordUNet2DConditionModel, UViT2DModel)}
+    denoiser = classes[json.loads((final / name / "config.json").read_text())["_class_name"]].from_pretrained(final / name)
+    text_encoder = CLIPTextModel.from_pretrained(final / "text_encoder" if (final / "text_encoder").is_dir()
+                                                 else start / "text_encoder")
+    weights = load_file(run / "checkpoints" / f"step-{step}" / "weights.safetensors")
+    for prefix, module in ((f"model.{name}.", denoiser), ("model.text_encoder.", text_encoder)):
+        state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        if state:
+            module.load_state_dict(state)
+    scheduler = DDPMScheduler.from_pretrained(final / "scheduler")
+    return (denoiser.eval(), text_encoder.eval(), CLIPTokenizer.from_pretrained(start / "tokenizer"),
+            AutoencoderKL.from_pretrained(start / "vae").eval(), scheduler)
+
+
+def images_and_captions(data: Path, n: int) -> tuple[torch.Tensor, list[str]]:
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()[:n]]
+    pixels = [np.asarray(Image.open(data / r["file_name"]).convert("RGB"), dtype=np.float32) for r in rows]
+    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2) / 127.5 - 1, [r["text"] for r in rows]
+
+
+@torch.no_grad()
+def losses_by_timestep(run: Path, step: int, data: Path, n: int, chunk: int = 64) -> dict[int, float]:
+    denoiser, text_encoder, tokenizer, vae, scheduler = load_denoiser(run, step)
+    pixels, captions = images_and_captions(data, n)
+    latents = torch.cat([vae.encode(p).latent_dist.mean for p in pixels.split(chunk)]) * vae.config.scaling_factor
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    context = text_encoder(ids)[0]
+    acp = scheduler.alphas_cumprod
+    prediction = scheduler.config.prediction_type
+    generator = torch.Generator().manual_seed(0)  # the same noise for every run
+    out = {}
+    for t in TIMESTEPS:
+        eps = torch.randn(latents.shape, generator=generator)
+        alpha, sigma = alpha_sigma(acp, torch.full((n,), t))
+        z = add_noise(latents, eps, alpha, sigma)
+        pred = torch.cat([denoiser(z[i:i + chunk], torch.full((len(z[i:i + chunk]),), t), context[i:i + chunk]).sample
+                          for i in range(0, n, chunk)])
+        target = target_for(prediction, latents, eps, alpha, sigma)
+        out[t] = torch.mean((pred - target) ** 2).item()
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, nargs="+")
+    parser.add_argument("--step", type=int, required=True, help="the checkpoint every run is evaluated at")
+    parser.add_argument("--data", type=Path, default=Path("teacher_work/data/shapes"))
+    parser.add_argument("--images", type=int, default=256)
+    args = parser.parse_args(argv)
+    table = {run.name: losses_by_timestep(run, args.step, args.data, args.images) for run in args.runs}
+    print("| t | " + " | ".join(table) + " |\n|---:|" + "---:|" * len(table))
+    for t in TIMESTEPS:
+        print(f"| {t} | " + " | ".join(f"{table[name][t]:.4f}" for name in table) + " |")
+    print("| mean | " + " | ".join(f"{np.mean(list(v.values())):.4f}" for v in table.values()) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
