@@ -1,10 +1,11 @@
 """Denoising loss of text-to-image runs at fixed noise levels, to see where one denoiser lags another (issue #5).
 
-A run's training loss mixes every timestep; this evaluates each run's raw (non-EMA) weights at checkpoint STEP
-on the same images, captions and noise at a few timesteps, in the run's own parameterisation (eps or v).
+A run's training loss mixes every timestep; this evaluates each run's raw (non-EMA) weights at a checkpoint
+on the same images, captions and noise at a few timesteps, in the run's own parameterisation (eps or v). Name a
+run folder (with --step) or a checkpoint folder RUN/checkpoints/step-N.
 
-    python bench/loss_by_timestep.py teacher_work/runs/unet_bench teacher_work/runs/uvit3k --step 3000 \
-        --data teacher_work/data/shapes
+    python bench/loss_by_timestep.py teacher_work/runs/unet_bench/checkpoints/step-3000 \
+        teacher_work/runs/uvit_lowlr/checkpoints/step-2250 --data teacher_work/data/shapes
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def load_denoiser(run: Path, step: int):
 
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     start = Path(recipe["model"]["pretrained"])
-    final = run / "final"
+    final = run / "final" if (run / "final" / "scheduler").is_dir() else start  # a run stopped early: its start
     name = "transformer" if (final / "transformer").is_dir() else "unet"
     classes = {c.__name__: c for c in (UNet2DConditionModel, CoordUNet2DConditionModel, UViT2DModel)}
     denoiser = classes[json.loads((final / name / "config.json").read_text())["_class_name"]].from_pretrained(final / name)
@@ -83,12 +84,18 @@ def losses_by_timestep(run: Path, step: int, data: Path, n: int, chunk: int = 64
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path, nargs="+")
-    parser.add_argument("--step", type=int, required=True, help="the checkpoint every run is evaluated at")
+    parser.add_argument("runs", type=Path, nargs="+", help="run folders, or checkpoint folders RUN/checkpoints/step-N")
+    parser.add_argument("--step", type=int, help="the checkpoint of every run folder given")
     parser.add_argument("--data", type=Path, default=Path("teacher_work/data/shapes"))
     parser.add_argument("--images", type=int, default=256)
     args = parser.parse_args(argv)
-    table = {run.name: losses_by_timestep(run, args.step, args.data, args.images) for run in args.runs}
+    table = {}
+    for path in args.runs:
+        run, step = ((path.parents[1], int(path.name.removeprefix("step-"))) if path.name.startswith("step-")
+                     else (path, args.step))
+        if step is None:
+            parser.error(f"{path} is a run folder: give --step or a checkpoint folder")
+        table[f"{run.name} @ {step}"] = losses_by_timestep(run, step, args.data, args.images)
     print("| t | " + " | ".join(table) + " |\n|---:|" + "---:|" * len(table))
     for t in TIMESTEPS:
         print(f"| {t} | " + " | ".join(f"{table[name][t]:.4f}" for name in table) + " |")

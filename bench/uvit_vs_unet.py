@@ -37,7 +37,7 @@ def uvit_config(hidden: int, layers: int, patch: int = 2) -> dict:
             "cross_attention_dim": 64, "num_text_tokens": MAX_TOKENS, "use_conv_out": True}
 
 
-def build(start: Path, out: Path, hidden: int, layers: int, patch: int, sincos: bool = False) -> Path:
+def build(start: Path, out: Path, hidden: int, layers: int, patch: int, pos_init: str = "sincos") -> Path:
     """The teacher's stage-2 starting folder with a random U-ViT in place of the U-Net."""
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -46,11 +46,8 @@ def build(start: Path, out: Path, hidden: int, layers: int, patch: int, sincos: 
 
     torch.manual_seed(0)
     transformer = UViT2DModel(**uvit_config(hidden, layers, patch))
-    if sincos:
-        from diffusers.models.embeddings import get_2d_sincos_pos_embed
-        grid = get_2d_sincos_pos_embed(hidden, RESOLUTION // 2 // patch, output_type="pt")
-        with torch.no_grad():
-            transformer.pos_embed[0, transformer.extras:] = grid.float()
+    if pos_init == "normal":  # U-ViT's own start (the runs before session 6; redrawn, so not their exact values)
+        torch.nn.init.trunc_normal_(transformer.pos_embed, std=0.02)
     pipe = UViTPipeline(vae=AutoencoderKL.from_pretrained(start / "vae"),
                         text_encoder=CLIPTextModel.from_pretrained(start / "text_encoder"),
                         tokenizer=CLIPTokenizer.from_pretrained(start / "tokenizer"),
@@ -88,7 +85,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=176)  # 3.89M parameters, the U-Net 3.74M
     parser.add_argument("--layers", type=int, default=9)
     parser.add_argument("--patch", type=int, default=2, help="patch side in latent pixels (1: 256 tokens at 16x16)")
-    parser.add_argument("--sincos", action="store_true", help="2-D sin-cos initial patch position embeddings")
+    parser.add_argument("--pos-init", choices=("sincos", "normal"), default="sincos",
+                        help="initial patch position embeddings: 2-D sin-cos (the model's), or U-ViT's N(0, 0.02)")
     parser.add_argument("--model", choices=("both", "unet", "uvit", "none"), default="both",
                         help="which run to train here (none: only print the table of finished runs)")
     parser.add_argument("--name", default="uvit", help="the U-ViT run's folder under WORK/runs")
@@ -100,7 +98,7 @@ def main(argv=None) -> int:
     data = args.work / "data" / "shapes"
     for name in ("unet", "uvit") if args.model == "both" else (args.model,) if args.model != "none" else ():
         folder = start if name == "unet" else build(start, args.work / f"{args.name}_initial", args.hidden,
-                                                                    args.layers, args.patch, args.sincos)
+                                                                    args.layers, args.patch, args.pos_init)
         train_stage(UNET_RECIPE, [f"model.pretrained={folder}", f"data.source={data}", f"output_dir={runs[name]}",
                                   f"train.max_steps={args.steps}", "validation.every_steps=0",
                                   *(args.set if name == "uvit" else ())])

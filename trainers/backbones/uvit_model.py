@@ -111,6 +111,8 @@ class UViT2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             raise ValueError(f"num_layers counts in + mid + out blocks and must be odd, got {num_layers}")
         if sample_size % patch_size:
             raise ValueError(f"sample_size {sample_size} is not a multiple of patch_size {patch_size}")
+        if hidden_size % 4:
+            raise ValueError(f"hidden_size {hidden_size} must be a multiple of 4 (2-D sin-cos position embeddings)")
         dim, depth = hidden_size, num_layers // 2
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.time_embed = TimestepEmbedding(dim, 4 * dim, out_dim=dim)
@@ -128,8 +130,16 @@ class UViT2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """As U-ViT: truncated normal (std 0.02) for Linear weights and position embeddings, zero biases."""
+        """As U-ViT: truncated normal (std 0.02) for Linear weights and the time/text position embeddings, zero
+        biases; but the patch grid's learned position embeddings start as 2-D sin-cos (as MAE's and DiT's fixed
+        ones). From U-ViT's near-zero start the patch embeddings soon outgrow them, and a small U-ViT trained from
+        scratch still placed shapes at chance after 2250 steps (bench/README.md, #5)."""
+        from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        n = self.config.sample_size // self.config.patch_size
+        with torch.no_grad():
+            self.pos_embed[0, self.extras:] = get_2d_sincos_pos_embed(self.config.hidden_size, n, output_type="pt")
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
