@@ -26,7 +26,8 @@ TIMESTEPS = (10, 50, 100, 200, 300, 500, 700, 900, 990)
 
 
 def load_denoiser(run: Path, step: int):
-    """(denoiser, text encoder, tokenizer, scheduler, prediction type) with the raw weights of checkpoint `step`."""
+    """(denoiser, text encoder, tokenizer, VAE, scheduler); denoiser and text encoder hold checkpoint `step`'s raw
+    (non-EMA) weights."""
     import yaml
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from safetensors.torch import load_file
@@ -40,7 +41,8 @@ def load_denoiser(run: Path, step: int):
     final = run / "final" if (run / "final" / "scheduler").is_dir() else start  # a run stopped early: its start
     name = "transformer" if (final / "transformer").is_dir() else "unet"
     classes = {c.__name__: c for c in (UNet2DConditionModel, CoordUNet2DConditionModel, UViT2DModel)}
-    denoiser = classes[json.loads((final / name / "config.json").read_text())["_class_name"]].from_pretrained(final / name)
+    config = json.loads((final / name / "config.json").read_text())
+    denoiser = classes[config["_class_name"]].from_pretrained(final / name)
     text_encoder = CLIPTextModel.from_pretrained(final / "text_encoder" if (final / "text_encoder").is_dir()
                                                  else start / "text_encoder")
     weights = load_file(run / "checkpoints" / f"step-{step}" / "weights.safetensors")
