@@ -133,7 +133,7 @@ class UViT2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         """As U-ViT: truncated normal (std 0.02) for Linear weights and the time/text position embeddings, zero
         biases; but the patch grid's learned position embeddings start as 2-D sin-cos (as MAE's and DiT's fixed
         ones). From U-ViT's near-zero start the patch embeddings soon outgrow them, and a small U-ViT trained from
-        scratch still placed shapes at chance after 2250 steps (bench/README.md, #5)."""
+        scratch still placed shapes poorly after 2250 steps (position adherence 0.50, bench/README.md, #5)."""
         from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
