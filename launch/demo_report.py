@@ -7,6 +7,9 @@ from pathlib import Path
 FACTORS = ("colour", "shape", "size", "position", "all", "all_but_position")
 
 
+CONTROL_PROMPTS = ("empty", "full")  # evaluations of the ControlNet stage: "<model>/<captions>"
+
+
 def write_report(out: Path, run: Path, evaluations: dict, concept: dict) -> Path:
     """Write every evaluation's results folder, the plots and report.md; returns the report's path."""
     from launch.evaluate import write_results
@@ -25,14 +28,19 @@ def write_report(out: Path, run: Path, evaluations: dict, concept: dict) -> Path
              "them with the teacher's rows at the same steps.", "",
              "| model | prompts | steps | " + " | ".join(f.replace("_", " ") for f in FACTORS) + " | SWD |",
              "|---|---|---:|" + "---:|" * (len(FACTORS) + 1)]
+    control = {k: v for k, v in evaluations.items() if k.split("/")[1] in CONTROL_PROMPTS}
     for name, results in sorted(evaluations.items(), key=lambda item: item[0].split("/")[1]):
         model, prompts = name.split("/")
+        if name in control:
+            continue
         real = results["real"]
         if model == "teacher":  # the same prompts and renders for both models: one row of real images
             lines.append(f"| real images | {prompts} | - | " + cells(real) + f" | {real['swd']:.4f} |")
         for entry in results["runs"]:
             lines.append(f"| {model} | {prompts} | {entry['steps']} | " + cells(entry) + f" | {entry['swd']:.4f} |")
     lines += ["", f"![loss]({loss_png.relative_to(out)})", "", f"![adherence vs steps]({steps_png.relative_to(out)})", ""]
+    if control:
+        lines += controlnet_section(control)
     for name, folder in folders.items():
         results = evaluations[name]
         last = results["runs"][-1]["steps"]
@@ -46,6 +54,23 @@ def write_report(out: Path, run: Path, evaluations: dict, concept: dict) -> Path
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def controlnet_section(control: dict) -> list[str]:
+    """A table of the ControlNet stage: where the shape lands with and without the edge map."""
+    lines = ["## ControlNet: shapes where the edge map draws them", "",
+             "The ControlNet (recipes/demo/sd15_controlnet_tiny.yaml) is given the outline of a render of each "
+             "held-out prompt's factors. From the empty prompt the teacher alone can only guess position, shape and "
+             "size; with the edge map they should follow it. Colour and background are not in an outline: from the "
+             "empty prompt they stay guesses, with the full prompt they come from the text.", "",
+             "| model | prompt | steps | " + " | ".join(f.replace("_", " ") for f in FACTORS) + " | SWD |",
+             "|---|---|---:|" + "---:|" * (len(FACTORS) + 1)]
+    for name, results in control.items():
+        model, captions = name.split("/")
+        label = "teacher alone" if model == "teacher" else "teacher + ControlNet"
+        for entry in results["runs"]:
+            lines.append(f"| {label} | {captions} | {entry['steps']} | " + cells(entry) + f" | {entry['swd']:.4f} |")
+    return lines + [""]
 
 
 def cells(entry: dict) -> str:

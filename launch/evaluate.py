@@ -2,13 +2,16 @@
 
     python launch/evaluate.py --pipeline DIR [--lora DIR_OR_FILE] [--scheduler ddim|dpmpp|lcm|euler] \
         --steps 1,2,4,8 [--guidance 7.5] [--prompts 50] [--images-per-prompt 4] [--only colour=purple] \
-        [--exclude colour=purple] [--seed 0] [--resolution 32] --out DIR
+        [--exclude colour=purple] [--seed 0] [--resolution 32] [--controlnet DIR] [--captions empty] --out DIR
     python launch/evaluate.py --real --prompts 100 --out DIR     # the same scores for rendered images
 
 Prompts are captions of factors drawn from datasets_prep.synth with a held-out seed. For every step count it
 reports adherence per factor (datasets_prep.synth_analysis), the sliced Wasserstein distance to real renders of
 the same prompts (datasets_prep.synth_distance), denoiser calls per image and wall seconds per image, and writes
 results.json, results.md and grid-<steps>.png (one row per prompt). Errors print one line and exit 2.
+
+--controlnet samples through a ControlNet given each prompt's edge map (the outline of a render of its factors);
+--captions empty then drops the prompts, so position, shape and size can come from the edge map alone.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from datasets_prep.synth import caption, draw_factors, parse_rules, render, restrict  # noqa: E402
+from datasets_prep.synth import caption, draw_factors, outline, parse_rules, render, restrict  # noqa: E402
 from datasets_prep.synth_analysis import SCORED, adherence, chance  # noqa: E402
 from datasets_prep.synth_distance import sliced_wasserstein  # noqa: E402
 from launch.cli import run_cli  # noqa: E402
@@ -36,6 +39,7 @@ SCHEDULERS = {  # name: (diffusers class, options beyond the pipeline's own sche
 }
 HELD_OUT_SEED = 1_000_000  # prompt and render stream offset, far from the small seeds training data is written with
 SCORE_KEYS = (*SCORED, "all", "all_but_position")
+CAPTIONS = ("full", "empty")  # what the pipeline is prompted with: each prompt, or the empty prompt
 BATCH = 64                 # images per pipeline call; bounds memory without changing any image (per-image seeds)
 
 
@@ -79,7 +83,8 @@ def make_scheduler(config, name: str, timestep_spacing: str | None = None):
     return getattr(diffusers, class_name).from_config(config, **options)
 
 
-def load_pipeline(folder: Path, lora: Path | None, device: str, student: Path | None = None):
+def load_pipeline(folder: Path, lora: Path | None, device: str, student: Path | None = None,
+                  controlnet: Path | None = None):
     """DiffusionPipeline.from_pretrained on a folder, with the project's classes registered, then a distilled
     student's denoiser and scheduler (an export with unet/ or transformer/) or a LoRA in place."""
     if not (Path(folder) / "model_index.json").is_file():
@@ -88,6 +93,8 @@ def load_pipeline(folder: Path, lora: Path | None, device: str, student: Path | 
         raise UserError(f"LoRA path not found: {lora}")
     if student is not None and not any((Path(student) / n / "config.json").is_file() for n in ("unet", "transformer")):
         raise UserError(f"student folder has no unet/ or transformer/ with a config.json: {student}")
+    if controlnet is not None and not (Path(controlnet) / "config.json").is_file():
+        raise UserError(f"ControlNet folder has no config.json: {controlnet}")
     from trainers.backbones import coord_unet, uvit_pipeline  # noqa: F401  (importing registers our classes)
     from launch.sample import load_pipeline as load_any, resolve_device
 
@@ -101,6 +108,13 @@ def load_pipeline(folder: Path, lora: Path | None, device: str, student: Path | 
     if lora is not None:
         load_lora(pipe, Path(lora))
         use_exported_scheduler(pipe, Path(lora))
+    if controlnet is not None:
+        from trainers.objectives.controlnet import load_controlnet, with_controlnet
+
+        try:
+            pipe = with_controlnet(pipe, load_controlnet(controlnet).to(pipe.device))
+        except (OSError, ValueError, KeyError) as error:
+            raise UserError(f"cannot load the ControlNet in {controlnet}: {error}") from None
     return pipe
 
 
@@ -163,8 +177,10 @@ class CallCounter:
 
 
 def generate(pipe, captions: list[str], per_prompt: int, steps: int, guidance: float, seed: int,
-             resolution: int) -> tuple[list, dict]:
+             resolution: int, conditioning: list | None = None) -> tuple[list, dict]:
     """Images prompt-major, and cost per image: denoiser calls, evaluations (batch rows) and wall seconds.
+
+    conditioning: a ControlNet pipeline's image per prompt.
 
     Every image has its own generator, seeded by (seed, image index), so it starts from the same noise for every
     step count and batch split.
@@ -178,10 +194,11 @@ def generate(pipe, captions: list[str], per_prompt: int, steps: int, guidance: f
         first = start * per_prompt
         generators = [torch.Generator("cpu").manual_seed(stream_seed(seed, first + i))
                       for i in range(len(prompts) * per_prompt)]
+        extra = {"image": conditioning[start:start + chunk]} if conditioning is not None else {}
         with CallCounter(denoiser(pipe)) as counter:
             began = time.perf_counter()
             out = pipe(prompt=prompts, num_images_per_prompt=per_prompt, num_inference_steps=steps,
-                       guidance_scale=guidance, generator=generators, height=resolution, width=resolution)
+                       guidance_scale=guidance, generator=generators, height=resolution, width=resolution, **extra)
             seconds += time.perf_counter() - began  # PIL output has already synchronised with the device
         images += out.images
         calls += counter.calls * len(generators)  # every image of the batch went through every call
@@ -228,11 +245,13 @@ def evaluate_real(prompts: int = 20, images_per_prompt: int = 4, only: dict | No
 def evaluate(pipe_or_dir, steps: list[int], *, lora=None, student=None, scheduler: str | None = "ddim",
              timestep_spacing: str | None = None, guidance: float = 7.5, prompts: int = 20,
              images_per_prompt: int = 4, only: dict | None = None, exclude: dict | None = None, seed: int = 0,
-             resolution: int = 32, device: str = "auto") -> dict:
+             resolution: int = 32, device: str = "auto", controlnet=None, captions: str = "full") -> dict:
     """Sample held-out prompts at each step count and score them; `evaluate_real`'s dict plus one run per count.
 
     pipe_or_dir: a pipeline folder or a loaded pipeline (its scheduler is restored afterwards; `lora`, if given,
     stays loaded on it). scheduler: a SCHEDULERS name, or None / "default" for the pipeline's own.
+    controlnet: a ControlNet folder; each prompt's edge map conditions it. captions: "full", or "empty" to sample
+    every image from the empty prompt (scores still compare with the drawn factors, which the edge map draws).
     Each run: {"steps", "adherence", "swd", "calls_per_image", "evaluations_per_image", "seconds_per_image",
     "detected", "images"}; "images" (PIL, prompt-major) is left out of results.json.
     """
@@ -240,7 +259,9 @@ def evaluate(pipe_or_dir, steps: list[int], *, lora=None, student=None, schedule
         raise UserError(f"steps must be positive integers, got {steps}")
     results, drawn, reference = benchmark(prompts, images_per_prompt, only, exclude, seed, resolution)
     loaded = hasattr(pipe_or_dir, "scheduler")
-    pipe = pipe_or_dir if loaded else load_pipeline(Path(pipe_or_dir), lora, device, student)
+    if captions not in CAPTIONS:
+        raise UserError(f"--captions must be one of {', '.join(CAPTIONS)}, got {captions!r}")
+    pipe = pipe_or_dir if loaded else load_pipeline(Path(pipe_or_dir), lora, device, student, controlnet)
     if loaded and lora is not None:
         load_lora(pipe, Path(lora))
     pipe.set_progress_bar_config(disable=True)
@@ -248,10 +269,12 @@ def evaluate(pipe_or_dir, steps: list[int], *, lora=None, student=None, schedule
     own, scheduler = pipe.scheduler, scheduler_name(scheduler)
     if scheduler is not None:
         pipe.scheduler = make_scheduler(own.config, scheduler, timestep_spacing)
+    texts = results["prompts"] if captions == "full" else [""] * len(results["prompts"])
+    edges = [outline(factors, resolution, render_seed) for factors, render_seed in drawn] if controlnet else None
     try:
-        generate(pipe, results["prompts"][:1], 1, 1, guidance, seed, resolution)  # warm-up: first-call costs
+        generate(pipe, texts[:1], 1, 1, guidance, seed, resolution, edges and edges[:1])  # warm-up: first-call costs
         for n in steps:
-            images, cost = generate(pipe, results["prompts"], images_per_prompt, int(n), guidance, seed, resolution)
+            images, cost = generate(pipe, texts, images_per_prompt, int(n), guidance, seed, resolution, edges)
             run = scores(images, drawn, images_per_prompt, reference)
             results["runs"].append({"steps": int(n), **run, **cost, "images": images})
     finally:
@@ -259,6 +282,7 @@ def evaluate(pipe_or_dir, steps: list[int], *, lora=None, student=None, schedule
         pipe.scheduler = own
     source = {"pipeline": type(pipe).__name__ if loaded else str(pipe_or_dir),
               "lora": None if lora is None else str(lora), "student": None if student is None else str(student),
+              "controlnet": None if controlnet is None else str(controlnet), "captions": captions,
               "scheduler": sampler,
               "prediction_type": own.config.get("prediction_type"), "guidance": guidance}
     return source | results
@@ -284,6 +308,8 @@ def markdown(results: dict) -> str:
     head = ["# Synthetic-shapes evaluation", "",
             f"pipeline `{results.get('pipeline', 'none (real images)')}`"
             + (f", LoRA `{results['lora']}`" if results.get("lora") else "")
+            + (f", ControlNet `{results['controlnet']}` on each prompt's edge map" if results.get("controlnet") else "")
+            + (", every image from the empty prompt" if results.get("captions") == "empty" else "")
             + (f", {results['scheduler']} ({results['prediction_type']}), guidance {results['guidance']:g}"
                if "scheduler" in results else ""),
             f"{len(results['prompts'])} held-out prompts x {results['images_per_prompt']} images, "
@@ -343,6 +369,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--student", type=Path,
                         help="a distilled student's export (unet/ or transformer/, scheduler/) to sample instead "
                              "of the pipeline's denoiser; --scheduler default samples with its own scheduler")
+    parser.add_argument("--controlnet", type=Path, help="a ControlNet folder: each prompt's edge map conditions it")
+    parser.add_argument("--captions", choices=CAPTIONS, default="full",
+                        help="empty: sample from the empty prompt (scored against the edge map's factors)")
     parser.add_argument("--scheduler", default="ddim", help=f"{'|'.join(SCHEDULERS)} or 'default' (the pipeline's)")
     parser.add_argument("--timestep-spacing", choices=("leading", "trailing", "linspace"),
                         help="override the pipeline's spacing (few-step sampling usually wants trailing)")
@@ -379,6 +408,7 @@ def main(argv=None) -> int:
         results = evaluate(args.pipeline, parse_steps(args.steps), lora=args.lora, student=args.student,
                            scheduler=scheduler,
                            timestep_spacing=args.timestep_spacing, guidance=args.guidance, device=args.device,
+                           controlnet=args.controlnet, captions=args.captions,
                            **common)
     out = write_results(results, args.out)
     print((out / "results.md").read_text(), end="")

@@ -26,7 +26,8 @@ def test_every_recipe_validates_and_opens_with_its_command(path):
 
 def test_recipes_exist():
     names = {p.name for p in RECIPES}
-    assert {"sd15_lora.yaml", "sd15_full.yaml", "sd15_lora_tiny.yaml"} <= names
+    assert {"sd15_lora.yaml", "sd15_full.yaml", "sd15_lora_tiny.yaml", "sd15_controlnet.yaml", "sdxl_controlnet.yaml",
+            "sd15_controlnet_tiny.yaml"} <= names
 
 
 def test_defaults_fill_everything_but_required():

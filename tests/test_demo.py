@@ -38,11 +38,16 @@ def test_demo_chain_end_to_end(tmp_path):
     out = tmp_path / "demo"
     assert main(["--out", str(out), "--images", "16", "--prompts", "2", "--images-per-prompt", "1",
                  "--steps", "1,2", "train.max_steps=2", "train.batch_size=4", *FAST,
-                 *[f"--lcm={o}" for o in ("train.max_steps=2", "train.batch_size=4", *FAST)]]) == 0
+                 *[f"--lcm={o}" for o in ("train.max_steps=2", "train.batch_size=4", *FAST)],
+                 "--edge-images", "16", *[f"--controlnet={o}" for o in ("train.max_steps=2", "train.batch_size=4", *FAST)]]) == 0
     report = (out / "report.md").read_text()
     assert "| teacher | old | 1 |" in report and "| lora | new | 2 |" in report
     assert "| lcm-lora | old | 1 |" in report and "| lcm-lora | old | 2 |" in report
     assert (out / "runs" / "lcm_lora" / "final" / "scheduler" / "scheduler_config.json").is_file()
+    assert "| teacher alone | empty | 2 |" in report and "| teacher + ControlNet | full | 2 |" in report
+    assert (out / "runs" / "controlnet" / "final" / "diffusion_pytorch_model.safetensors").is_file()
+    control = json.loads((out / "eval" / "controlnet-empty" / "results.json").read_text())
+    assert control["captions"] == "empty" and control["controlnet"].endswith("final")
     for png in ("loss.png", "adherence_vs_steps.png", "eval/teacher-old/grid-2.png", "eval/lora-new/grid-1.png"):
         assert (out / png).stat().st_size > 0, png
     results = json.loads((out / "eval" / "teacher-old" / "results.json").read_text())

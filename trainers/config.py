@@ -94,6 +94,17 @@ class ProgressiveObjectiveConfig:
 
 
 @dataclass(frozen=True)
+class ControlNetObjectiveConfig:
+    # ControlNet (Zhang et al. 2023): a trained copy of the U-Net's encoder whose zero-initialised outputs are
+    # added to the frozen U-Net's skip connections; conditioning images are read from data (conditioning_image)
+    init_from: Optional[str] = None     # an existing ControlNet (folder or hub id) to go on from; None: from the U-Net
+    conditioning_dropout: float = _f(0.0, min=0.0, max=1.0)  # p of a black conditioning image (caption kept)
+    # channels of the conditioning image encoder's convs; one stride-2 step between each pair, so their number
+    # sets the downsampling: None is SD's (16, 32, 96, 256) for a VAE that downsamples 8x, shortened for a smaller one
+    conditioning_embedding_channels: Optional[tuple[int, ...]] = None
+
+
+@dataclass(frozen=True)
 class ObjectiveConfig:
     name: str = "finetune"              # which recipe trainer: see trainers/objectives/__init__.py
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None  # None: the model scheduler's
@@ -104,6 +115,7 @@ class ObjectiveConfig:
     autoencoder: AutoencoderObjectiveConfig = field(default_factory=AutoencoderObjectiveConfig)  # name: autoencoder
     consistency: ConsistencyObjectiveConfig = field(default_factory=ConsistencyObjectiveConfig)  # name: consistency
     progressive: ProgressiveObjectiveConfig = field(default_factory=ProgressiveObjectiveConfig)  # name: progressive
+    controlnet: ControlNetObjectiveConfig = field(default_factory=ControlNetObjectiveConfig)  # name: controlnet
 
 
 @dataclass(frozen=True)
@@ -178,6 +190,7 @@ class ValidationConfig:
     images_per_prompt: int = _f(1, min=1)
     seed: int = 0
     scheduler: Literal["dpmsolver", "ddim", "euler", "lcm"] = "dpmsolver"  # lcm: consistency-distilled models
+    conditioning_images: tuple[str, ...] = ()  # ControlNet: one image file per prompt (or one for all)
     # a sampler-free gauge: the objective's loss on held-out images at fixed timesteps and fixed noise
     loss_source: Optional[str] = None   # held-out imagefolder or prepared dataset; None: no held-out loss
     loss_samples: int = _f(64, min=1)   # its first N records

@@ -16,9 +16,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from datasets_prep.reader import decode_image
 from trainers import seeding
 from trainers.config import DataConfig, ModelConfig
 from trainers.errors import UserError
+
+CONDITIONING_COLUMN = "conditioning_image"  # a ControlNet's input image, beside each training image
 
 
 class CaptionedImages(Protocol):
@@ -32,7 +35,7 @@ class CaptionedImages(Protocol):
 class ImageFolderDataset:
     """An imagefolder with metadata.jsonl or metadata.csv (file_name, text), read with Hugging Face datasets."""
 
-    def __init__(self, cfg: DataConfig):
+    def __init__(self, cfg: DataConfig, conditioning: bool = False):
         import datasets
 
         root = Path(cfg.source)
@@ -48,11 +51,16 @@ class ImageFolderDataset:
         if cfg.caption_column not in ds.column_names:
             raise UserError(f"data.caption_column: {cfg.caption_column!r} not in {root} metadata "
                             f"(columns: {', '.join(ds.column_names)})")
+        if conditioning and CONDITIONING_COLUMN not in ds.column_names:
+            raise UserError(f"data.source: {root} metadata has no {CONDITIONING_COLUMN!r} column, which a ControlNet "
+                            "trains on; add one (a path per image), or derive edge maps with `python -m datasets_prep "
+                            "prepare --conditioning canny`")
         if cfg.max_samples:
             ds = ds.select(range(min(cfg.max_samples, len(ds))))
         if len(ds) == 0:
             raise UserError(f"data.source: {root} holds no images")
         self.ds, self.cfg, self.root = ds.cast_column("image", datasets.Image(decode=False)), cfg, root
+        self.conditioning = conditioning
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -65,9 +73,31 @@ class ImageFolderDataset:
         row = self.ds[index]
         caption = row[self.cfg.caption_column] or ""
         image = self._decode(row["image"])
-        pixels, crop = square_crop(image, self.cfg, seeding.numpy_rng(seed, seeding.AUGMENT))
-        return {"pixel_values": pixels, "caption": caption, "seed": seed, "target_size": tuple(pixels.shape[-2:]),
-                "original_size": (image.height, image.width), "crop_top_left": crop}
+        plan = SquareCrop.draw(image.size, self.cfg, seeding.numpy_rng(seed, seeding.AUGMENT))
+        pixels = to_tensor(plan(image))
+        item = {"pixel_values": pixels, "caption": caption, "seed": seed, "target_size": tuple(pixels.shape[-2:]),
+                "original_size": (image.height, image.width), "crop_top_left": plan.top_left}
+        if self.conditioning:
+            item["conditioning_pixel_values"] = to_unit_tensor(plan(self._conditioning_image(row, image.size)))
+        return item
+
+    def _conditioning_image(self, row: dict, size: tuple[int, int]) -> Image.Image:
+        """The row's conditioning image (a path relative to the folder), named when absent, unreadable or of
+        another size than its image (it is cropped with the image, pixel for pixel)."""
+        name = row.get(CONDITIONING_COLUMN)
+        if not name:
+            raise UserError(f"data.source: {row['image'].get('path') or self.root}: no {CONDITIONING_COLUMN} "
+                            "in its metadata row")
+        path = self.root / name
+        try:
+            image = Image.open(path)
+            image.load()
+        except Exception as e:
+            raise UserError(f"data.source: cannot read conditioning image {path}: {e}") from None
+        if image.size != size:
+            raise UserError(f"data.source: conditioning image {path} is {image.size[0]}x{image.size[1]}, its image "
+                            f"{size[0]}x{size[1]}; they must match")
+        return image
 
 
     def _decode(self, image: dict) -> Image.Image:
@@ -89,21 +119,40 @@ def square_crop(image: Image.Image, cfg: DataConfig, rng: np.random.Generator) -
     Returns (3, R, R) pixels in [-1, 1] and the crop's (top, left) in the resized image, as SDXL's
     micro-conditioning reads it (a flip mirrors the left edge).
     """
-    r = cfg.resolution
-    image = image.convert("RGB")
-    w, h = image.size
-    scale = r / min(w, h)
-    nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
-    image = image.resize((nw, nh), Image.Resampling.BICUBIC)
-    if cfg.center_crop:
-        left, top = (nw - r) // 2, (nh - r) // 2
-    else:
-        left, top = int(rng.integers(0, nw - r + 1)), int(rng.integers(0, nh - r + 1))
-    image = image.crop((left, top, left + r, top + r))
-    if cfg.random_flip and rng.random() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left = nw - left - r
-    return to_tensor(image), (top, left)
+    plan = SquareCrop.draw(image.size, cfg, rng)
+    return to_tensor(plan(image)), plan.top_left
+
+
+@dataclasses.dataclass(frozen=True)
+class SquareCrop:
+    """One draw of resize, square crop and flip, so an image and its conditioning image are cut alike."""
+
+    resized: tuple[int, int]   # (width, height) after the short side is scaled to the resolution
+    left: int
+    top: int
+    side: int
+    flip: bool
+
+    @classmethod
+    def draw(cls, size: tuple[int, int], cfg: DataConfig, rng: np.random.Generator) -> "SquareCrop":
+        r, (w, h) = cfg.resolution, size
+        scale = r / min(w, h)
+        nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
+        if cfg.center_crop:
+            left, top = (nw - r) // 2, (nh - r) // 2
+        else:
+            left, top = int(rng.integers(0, nw - r + 1)), int(rng.integers(0, nh - r + 1))
+        return cls((nw, nh), left, top, r, bool(cfg.random_flip and rng.random() < 0.5))
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        image = image.convert("RGB").resize(self.resized, Image.Resampling.BICUBIC)
+        image = image.crop((self.left, self.top, self.left + self.side, self.top + self.side))
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.flip else image
+
+    @property
+    def top_left(self) -> tuple[int, int]:
+        """(top, left) of the crop as SDXL's micro-conditioning reads it: a flip mirrors the left edge."""
+        return self.top, (self.resized[0] - self.left - self.side) if self.flip else self.left
 
 
 class PreparedImages:
@@ -113,7 +162,7 @@ class PreparedImages:
     of pixels, and nothing is decoded.
     """
 
-    def __init__(self, cfg: DataConfig, model: ModelConfig | None = None):
+    def __init__(self, cfg: DataConfig, model: ModelConfig | None = None, conditioning: bool = False):
         from datasets_prep.cache import CacheReader, find_cache
         from datasets_prep.reader import PreparedDataset
 
@@ -129,9 +178,20 @@ class PreparedImages:
         if self.cache and cfg.random_flip:
             raise UserError(f"data.random_flip: the cache {found} holds unflipped latents; set data.random_flip: "
                             "false, or data.use_cache: false to flip images")
+        self.conditioning = conditioning
+        if conditioning:  # the first record before any training; every record as it is read
+            self._conditioning_of(self.ds.record(0, decode=False))
 
     def __len__(self) -> int:
         return len(self.ds)
+
+    def _conditioning_of(self, rec: dict) -> Image.Image:
+        image = rec["conditioning_image"]
+        if image is None:
+            raise UserError(f"data.source: record {rec['key']!r} in {self.cfg.source} has no conditioning image, "
+                            "which a ControlNet trains on; prepare again from a source with a conditioning_image "
+                            "column, or with --conditioning canny")
+        return decode_image(image) if isinstance(image, bytes) else image
 
     def buckets(self) -> list[np.ndarray]:
         column = self.ds.bucket_column
@@ -140,20 +200,29 @@ class PreparedImages:
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, seed = key
         rec = self.ds.record(index, decode=self.cache is None)
+        control = {}
+        if self.conditioning:  # never cached: the VAE does not see it
+            control["conditioning_pixel_values"] = to_unit_tensor(self._conditioning_of(rec))
         if self.cache is not None:
-            return self.cache.get(index) | {
+            return self.cache.get(index) | control | {
                 "caption": rec["caption"], "seed": seed, "target_size": (rec["height"], rec["width"]),
                 "original_size": (rec["original_height"], rec["original_width"]),
                 "crop_top_left": (rec["crop_top"], rec["crop_left"])}
         image, left = rec["image"], rec["crop_left"]
         if self.cfg.random_flip and seeding.numpy_rng(seed, seeding.AUGMENT).random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            control = {k: v.flip(-1) for k, v in control.items()}
             scale = max(rec["width"] / rec["original_width"], rec["height"] / rec["original_height"])
             left = max(rec["width"], round(rec["original_width"] * scale)) - left - rec["width"]
         return {"pixel_values": to_tensor(image), "caption": rec["caption"], "seed": seed,
                 "target_size": (rec["height"], rec["width"]),
                 "original_size": (rec["original_height"], rec["original_width"]),
-                "crop_top_left": (rec["crop_top"], left)}
+                "crop_top_left": (rec["crop_top"], left)} | control
+
+
+def to_unit_tensor(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float in [0, 1]: how diffusers' ControlNet pipelines feed a conditioning image."""
+    return to_tensor(image).add(1.0).div(2.0)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -187,21 +256,24 @@ class MixedSources:
         return self.parts[s][(index - int(self.offsets[s]), seed)] | {"loss_weight": self.loss_weights[s]}
 
 
-def build_dataset(cfg: DataConfig, model: ModelConfig | None = None) -> CaptionedImages:
-    """The recipe's data: one source, or several mixed with repeats and loss weights."""
+def build_dataset(cfg: DataConfig, model: ModelConfig | None = None, conditioning: bool = False) -> CaptionedImages:
+    """The recipe's data: one source, or several mixed with repeats and loss weights.
+
+    conditioning: items also carry `conditioning_pixel_values` (ControlNet), and every source must have them.
+    """
     sources = [(cfg.source, cfg.repeats, cfg.loss_weight),
                *((s.source, s.repeats, s.loss_weight) for s in cfg.extra_sources)]
-    parts = [build_source(dataclasses.replace(cfg, source=src), model) for src, _, _ in sources]
+    parts = [build_source(dataclasses.replace(cfg, source=src), model, conditioning) for src, _, _ in sources]
     if len(parts) == 1 and cfg.repeats == 1 and cfg.loss_weight == 1.0:
         return parts[0]
     return MixedSources(parts, [r for _, r, _ in sources], [w for _, _, w in sources])
 
 
-def build_source(cfg: DataConfig, model: ModelConfig | None) -> CaptionedImages:
+def build_source(cfg: DataConfig, model: ModelConfig | None, conditioning: bool = False) -> CaptionedImages:
     """A prepared dataset (has progress.json; cached for `model` if a cache exists) or a raw imagefolder."""
     if (Path(cfg.source) / "progress.json").is_file():
-        return PreparedImages(cfg, model)
-    return ImageFolderDataset(cfg)
+        return PreparedImages(cfg, model, conditioning)
+    return ImageFolderDataset(cfg, conditioning)
 
 
 class StepSampler:
@@ -261,7 +333,7 @@ def collate(items: list[dict]) -> dict:
     batch = {"captions": [it["caption"] for it in items], "seeds": [it["seed"] for it in items]}
     for key in ("original_size", "crop_top_left", "target_size"):
         batch[key] = [it[key] for it in items]
-    for key in ("pixel_values", "latent_mean", "latent_std"):  # (B, 3, H, W) pixels or (B, C, h, w) posteriors
+    for key in ("pixel_values", "latent_mean", "latent_std", "conditioning_pixel_values"):  # (B, C, H, W)
         if key in items[0]:
             batch[key] = torch.stack([it[key] for it in items])
     if "loss_weight" in items[0]:

@@ -68,10 +68,11 @@ class Trainer:
         preflight.check_output_dir(self.out)
         checkpoint.check_fresh_start(recipe.resume, self.out)
         preflight.check_model_folder(recipe)
-        self.dataset = build_dataset(recipe.data, recipe.model)  # bad data fails before the models load
+        objective_cls = get_objective(recipe.objective.name)
+        self.dataset = build_dataset(recipe.data, recipe.model,  # bad data fails before the models load
+                                     conditioning=objective_cls.needs_conditioning_images)
         self.heldout = heldout_dataset(recipe)
         seeding.seed_everything(recipe.train.seed)
-        objective_cls = get_objective(recipe.objective.name)
         if recipe.memory.quantize_base != "none":
             quantize.check(recipe, objective_cls, self.deepspeed)
         self.backbone = load_backbone(recipe.model)
@@ -84,8 +85,7 @@ class Trainer:
             self._check_deepspeed()
         self.objective.to(self.device, DTYPES[recipe.precision],
                           inputs_cached=getattr(self.dataset, "cache", None) is not None)
-        modules = self.objective.trained_modules()
-        memory.configure(modules, self.backbone.denoiser_key, recipe.memory)
+        memory.configure(self.objective.memory_modules(), self.backbone.denoiser_key, recipe.memory)
         self.params = self.objective.trainable_named_parameters()
         self.ema = EMA(self.params, recipe.ema.decay) if recipe.ema.enabled else None
         self.nonfinite = NonFiniteGuard(self.device, recipe.train.max_nonfinite_steps)
@@ -347,7 +347,7 @@ class Trainer:
         if self.is_main and cfg.prompts:
             with self.objective.on_device_for_sampling():
                 grid = sample_grid(self.objective.validation_pipeline(), cfg, self.recipe.data.resolution,
-                                   self.accelerator.autocast)
+                                   self.accelerator.autocast, **self.objective.validation_inputs())
             path = self.out / "samples" / f"step-{step}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             grid.save(path)

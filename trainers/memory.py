@@ -13,8 +13,12 @@ def configure(modules: dict[str, torch.nn.Module], denoiser_key: str, cfg: Memor
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if cfg.attention == "xformers" and denoiser_key in modules:
-        enable_xformers(modules[denoiser_key])
+    if cfg.attention == "xformers":
+        from diffusers import ModelMixin
+
+        for module in modules.values():  # the denoiser, and a ControlNet beside it (text encoders keep SDPA)
+            if isinstance(module, ModelMixin):
+                enable_xformers(module)
     if cfg.gradient_checkpointing:
         for module in modules.values():
             if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models

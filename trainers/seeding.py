@@ -25,7 +25,7 @@ def mix(*parts: int) -> int:
 
 
 # Purposes, so that two draws for one sample never share a stream.
-NOISE, TIMESTEP, DROPOUT, OFFSET, AUGMENT, LATENT, GUIDANCE = range(7)
+NOISE, TIMESTEP, DROPOUT, OFFSET, AUGMENT, LATENT, GUIDANCE, CONTROL_DROPOUT = range(8)
 
 
 def _generators(seeds: list[int], purpose: int, device: torch.device) -> list[torch.Generator]:

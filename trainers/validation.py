@@ -11,8 +11,12 @@ from trainers.images import make_grid
 from trainers.schedulers import set_scheduler
 
 @torch.no_grad()
-def sample_grid(pipeline, cfg: ValidationConfig, resolution: int, autocast=contextlib.nullcontext) -> Image.Image:
-    """One row per prompt, `images_per_prompt` columns; the global RNG is left untouched."""
+def sample_grid(pipeline, cfg: ValidationConfig, resolution: int, autocast=contextlib.nullcontext,
+                **inputs) -> Image.Image:
+    """One row per prompt, `images_per_prompt` columns; the global RNG is left untouched.
+
+    inputs: further pipeline arguments, e.g. a ControlNet's conditioning `image`s (one per prompt).
+    """
     set_scheduler(pipeline, cfg.scheduler)
     pipeline.set_progress_bar_config(disable=True)
     modules = [m for m in pipeline.components.values() if isinstance(m, torch.nn.Module)]
@@ -23,7 +27,7 @@ def sample_grid(pipeline, cfg: ValidationConfig, resolution: int, autocast=conte
         images = pipeline(list(cfg.prompts), num_images_per_prompt=cfg.images_per_prompt,
                           num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                           height=resolution, width=resolution,
-                          generator=torch.Generator("cpu").manual_seed(cfg.seed)).images
+                          generator=torch.Generator("cpu").manual_seed(cfg.seed), **inputs).images
     for m, mode in zip(modules, modes):
         m.train(mode)
     return make_grid(images, rows=len(cfg.prompts), cols=cfg.images_per_prompt)

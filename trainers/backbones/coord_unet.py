@@ -9,7 +9,7 @@ model_index.json names it loads with `DiffusionPipeline.from_pretrained`.
 from __future__ import annotations
 
 import torch
-from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401  (ModelMixin: diffusers' loader looks
+from diffusers import ControlNetModel, ModelMixin, UNet2DConditionModel  # noqa: F401  (ModelMixin: diffusers' loader looks
 # for a known base class in the module model_index.json names)
 
 COORD_CHANNELS = 2
@@ -31,6 +31,24 @@ class CoordUNet2DConditionModel(UNet2DConditionModel):
         return super().forward(with_coordinates(sample), timestep, encoder_hidden_states, *args, **kwargs)
 
 
+class CoordControlNetModel(ControlNetModel):
+    """The ControlNet of a CoordUNet: `ControlNetModel.from_unet` copies the U-Net's 6-channel conv_in, so the copy
+    must see the same coordinates."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        stock = self.conv_in
+        self.conv_in = torch.nn.Conv2d(stock.in_channels + COORD_CHANNELS, stock.out_channels,
+                                       stock.kernel_size, padding=stock.padding)
+
+    @staticmethod
+    def _get_init_keys(input_class):
+        return ControlNetModel._get_init_keys(ControlNetModel)
+
+    def forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        return super().forward(with_coordinates(sample), timestep, encoder_hidden_states, *args, **kwargs)
+
+
 def with_coordinates(sample: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, C + 2, H, W): x then y of each latent pixel's centre, from -1 (left/top) to 1."""
     b, _, h, w = sample.shape
@@ -44,7 +62,8 @@ def _register_with_diffusers() -> None:
     """model_index.json names component classes by library; ours resolve on the diffusers package."""
     import diffusers
 
-    setattr(diffusers, CoordUNet2DConditionModel.__name__, CoordUNet2DConditionModel)
+    for cls in (CoordUNet2DConditionModel, CoordControlNetModel):
+        setattr(diffusers, cls.__name__, cls)
 
 
 _register_with_diffusers()

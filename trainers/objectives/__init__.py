@@ -8,7 +8,8 @@ from trainers.errors import ConfigError
 OBJECTIVES = {"finetune": "trainers.objectives.finetune:FineTune",
               "autoencoder": "trainers.objectives.autoencoder:Autoencoder",
               "consistency": "trainers.objectives.consistency:Consistency",
-              "progressive": "trainers.objectives.progressive:Progressive"}
+              "progressive": "trainers.objectives.progressive:Progressive",
+              "controlnet": "trainers.objectives.controlnet:ControlNet"}
 
 
 def get_objective(name: str):

@@ -30,6 +30,11 @@ class Objective(abc.ABC):
         """Take back the engine's wrapped modules; `loss` calls these, export uses the unwrapped ones."""
         self.wrapped = modules
 
+    def memory_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules the recipe's memory options (attention, gradient checkpointing) apply to: those that run forward
+        with gradients."""
+        return self.trained_modules()
+
     @abc.abstractmethod
     def to(self, device: torch.device, frozen_dtype: torch.dtype, inputs_cached: bool = False) -> None:
         """Put frozen parts on the device in the compute dtype; trainable weights stay float32.
@@ -75,6 +80,7 @@ class Objective(abc.ABC):
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of one micro-batch and detached tensors to log (reduced by the engine at log steps)."""
 
+    needs_conditioning_images = False  # batches carry conditioning_pixel_values (ControlNet)
     has_heldout_loss = False  # implements heldout_loss (recipes may then set validation.loss_source)
     # with adapter.kind: lora the export is the LoRA alone, so the frozen base may be quantised (memory.quantize_base)
     exports_adapter_only = False
@@ -101,6 +107,10 @@ class Objective(abc.ABC):
     @abc.abstractmethod
     def validation_pipeline(self):
         """A diffusers pipeline over the current weights, without a scheduler swap."""
+
+    def validation_inputs(self) -> dict:
+        """Keyword arguments the validation pipeline needs beyond the prompts (a ControlNet's images)."""
+        return {}
 
     def usage_snippet(self, repo_or_dir: str) -> str:
         """Python that loads the export, for the model card."""
