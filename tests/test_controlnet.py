@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,3 +282,24 @@ def test_the_full_size_recipes_train_a_step_on_the_tiny_models(recipe, arch, tin
     assert np.isfinite(trainer.fit().last_loss)
     assert (tmp_path / "run" / "samples" / "step-1.png").is_file()
     assert (tmp_path / "run" / "final" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(not Path("assets/demo_teacher/model_index.json").is_file(), reason="no committed demo teacher")
+def test_after_the_tiny_demo_training_shapes_land_where_the_edge_map_draws_them(tmp_path):
+    """#9's acceptance, shortened: 100 steps of the demo recipe, then from empty prompts the evaluator reads back
+    the position of each prompt's edge map; the teacher alone can only guess it (chance 1/9)."""
+    from datasets_prep.synth import write_synth_dataset
+    from launch.evaluate import evaluate, load_pipeline
+
+    write_synth_dataset(tmp_path / "edges", n=512, size=32, seed=3, edges=True, exclude={"colour": "purple"})
+    recipe = load_recipe(RECIPE, [f"data.source={tmp_path / 'edges'}", f"output_dir={tmp_path / 'run'}",
+                                  "train.max_steps=100", "train.batch_size=16", "validation.every_steps=0",
+                                  "checkpoint.every_steps=0", "train.report_to=none"])
+    final = Trainer(recipe).fit().final_dir
+    common = dict(scheduler="dpmpp", guidance=3.0, prompts=30, images_per_prompt=1, exclude={"colour": "purple"},
+                  captions="empty", device="cpu")
+    alone = evaluate(load_pipeline(Path("assets/demo_teacher"), None, "cpu"), [10], **common)["runs"][0]["adherence"]
+    pipe = load_pipeline(Path("assets/demo_teacher"), None, "cpu", controlnet=final)
+    guided = evaluate(pipe, [10], controlnet=final, **common)["runs"][0]["adherence"]
+    assert alone["position"] < 0.3 and guided["position"] > 0.8, (alone, guided)
+    assert guided["size"] > alone["size"]

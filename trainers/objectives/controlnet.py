@@ -204,11 +204,12 @@ def load_controlnet(folder, **kwargs):
 
 
 def load_validation_images(recipe) -> list:
-    """validation.conditioning_images as RGB images at the training resolution, one per prompt (or one for all)."""
+    """validation.conditioning_images as RGB images at the training resolution, one per prompt (or one for all);
+    read when the recipe samples grids, so a missing file fails before training rather than at the first grid."""
     from PIL import Image
 
     cfg = recipe.validation
-    if not cfg.prompts:
+    if not (cfg.prompts and cfg.every_steps):  # no grids are sampled
         return []
     if not cfg.conditioning_images:
         raise ConfigError("'validation.conditioning_images': a ControlNet samples from a conditioning image; "
