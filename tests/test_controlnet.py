@@ -251,10 +251,14 @@ def test_init_from_goes_on_from_an_existing_controlnet(cn_recipe, tmp_path):
                                first.objective.controlnet.controlnet_mid_block.weight)
 
 
-def test_memory_options_reach_the_frozen_unet_and_the_controlnet(cn_recipe):
+def test_memory_options_reach_the_frozen_unet_and_the_controlnet(cn_recipe, monkeypatch):
     trainer = Trainer(cn_recipe("memory.gradient_checkpointing=true", "optimizer.name=adamw8bit", "train.max_steps=2"))
     assert trainer.objective.unet.is_gradient_checkpointing and trainer.objective.controlnet.is_gradient_checkpointing
     assert np.isfinite(trainer.fit().last_loss)
+    switched = []  # xformers needs CUDA: record which networks it would be switched on for
+    monkeypatch.setattr("trainers.memory.enable_xformers", lambda module: switched.append(type(module).__name__))
+    Trainer(cn_recipe("memory.attention=xformers"))
+    assert sorted(switched) == ["ControlNetModel", "UNet2DConditionModel"]
 
 
 def test_validation_grid_uses_the_conditioning_images(cn_recipe, tmp_path):
