@@ -26,8 +26,7 @@ def write_report(out: Path, run: Path, evaluations: dict, concept: dict) -> Path
              "(lower is better). Old prompts never name the concept; new prompts always do. The lcm-lora rows are an "
              "LCM-LoRA distilled from the teacher, sampled with LCMScheduler in 1-4 steps and no CFG pass; compare "
              "them with the teacher's rows at the same steps.", "",
-             "| model | prompts | steps | " + " | ".join(f.replace("_", " ") for f in FACTORS) + " | SWD |",
-             "|---|---|---:|" + "---:|" * (len(FACTORS) + 1)]
+             *table_head("prompts")]
     control = {k: v for k, v in evaluations.items() if k.split("/")[1] in CONTROL_PROMPTS}
     for name, results in sorted(evaluations.items(), key=lambda item: item[0].split("/")[1]):
         model, prompts = name.split("/")
@@ -63,14 +62,19 @@ def controlnet_section(control: dict) -> list[str]:
              "held-out prompt's factors. From the empty prompt the teacher alone can only guess position, shape and "
              "size; with the edge map they should follow it. Colour and background are not in an outline: from the "
              "empty prompt they stay guesses, with the full prompt they come from the text.", "",
-             "| model | prompt | steps | " + " | ".join(f.replace("_", " ") for f in FACTORS) + " | SWD |",
-             "|---|---|---:|" + "---:|" * (len(FACTORS) + 1)]
+             *table_head("prompt")]
     for name, results in control.items():
         model, captions = name.split("/")
         label = "teacher alone" if model == "teacher" else "teacher + ControlNet"
         for entry in results["runs"]:
             lines.append(f"| {label} | {captions} | {entry['steps']} | " + cells(entry) + f" | {entry['swd']:.4f} |")
     return lines + [""]
+
+
+def table_head(prompts: str) -> list[str]:
+    """The header of a results table: model, prompts, steps, one column per factor, SWD."""
+    return [f"| model | {prompts} | steps | " + " | ".join(f.replace("_", " ") for f in FACTORS) + " | SWD |",
+            "|---|---|---:|" + "---:|" * (len(FACTORS) + 1)]
 
 
 def cells(entry: dict) -> str:

@@ -225,9 +225,9 @@ def test_data_without_conditioning_images_is_named(cn_recipe, digits_data, tmp_p
 
 
 @pytest.mark.parametrize("override, names", [
-    (["validation.conditioning_images=[]"], "validation.conditioning_images"),
-    (["validation.conditioning_images=[a.png, b.png, c.png]"], "3 images for 2 prompts"),
-    (["validation.conditioning_images=[missing.png]"], "cannot read missing.png"),
+    (["validation.conditioning_images=[]", "validation.every_steps=5"], "validation.conditioning_images"),
+    (["validation.conditioning_images=[a.png, b.png, c.png]", "validation.every_steps=5"], "3 images for 2 prompts"),
+    (["validation.conditioning_images=[missing.png]", "validation.every_steps=5"], "cannot read missing.png"),
     (["adapter.text_encoder=true"], "'adapter'"),
     (["objective.controlnet.conditioning_embedding_channels=[16, 32]"], "downsamples 8x"),
     (["objective.controlnet.init_from=tests"], "objective.controlnet.init_from"),

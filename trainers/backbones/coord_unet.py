@@ -4,7 +4,8 @@ A convolutional U-Net knows where it is only through its zero padding; on small 
 for prompts that name positions ("in the top left"). The channels are appended inside `forward`, so the
 model's config still says `in_channels: 4` and every stock pipeline, scheduler and LoRA loader treats it as the
 U-Net it subclasses. Importing this module registers the class with diffusers, so a pipeline folder whose
-model_index.json names it loads with `DiffusionPipeline.from_pretrained`.
+model_index.json names it loads with `DiffusionPipeline.from_pretrained`. Its ControlNet (CoordControlNetModel)
+appends the same channels.
 """
 from __future__ import annotations
 
@@ -15,38 +16,35 @@ from diffusers import ControlNetModel, ModelMixin, UNet2DConditionModel  # noqa:
 COORD_CHANNELS = 2
 
 
-class CoordUNet2DConditionModel(UNet2DConditionModel):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)  # registers the stock U-Net config
-        stock = self.conv_in
-        self.conv_in = torch.nn.Conv2d(stock.in_channels + COORD_CHANNELS, stock.out_channels,
-                                       stock.kernel_size, padding=stock.padding)
+class CoordinateInput:
+    """Appends the coordinate channels to a diffusers model's input; `stock` is the class it extends."""
 
-    @staticmethod
-    def _get_init_keys(input_class):
-        """The stock U-Net's config keys: this class adds no option, so its config loads anywhere the stock one does."""
-        return UNet2DConditionModel._get_init_keys(UNet2DConditionModel)
+    stock: type
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # registers the stock config
+        conv = self.conv_in
+        self.conv_in = torch.nn.Conv2d(conv.in_channels + COORD_CHANNELS, conv.out_channels,
+                                       conv.kernel_size, padding=conv.padding)
+
+    @classmethod
+    def _get_init_keys(cls, input_class):
+        """The stock class's config keys: this adds no option, so its config loads anywhere the stock one does."""
+        return cls.stock._get_init_keys(cls.stock)
 
     def forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
         return super().forward(with_coordinates(sample), timestep, encoder_hidden_states, *args, **kwargs)
 
 
-class CoordControlNetModel(ControlNetModel):
+class CoordUNet2DConditionModel(CoordinateInput, UNet2DConditionModel):
+    stock = UNet2DConditionModel
+
+
+class CoordControlNetModel(CoordinateInput, ControlNetModel):
     """The ControlNet of a CoordUNet: `ControlNetModel.from_unet` copies the U-Net's 6-channel conv_in, so the copy
     must see the same coordinates."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        stock = self.conv_in
-        self.conv_in = torch.nn.Conv2d(stock.in_channels + COORD_CHANNELS, stock.out_channels,
-                                       stock.kernel_size, padding=stock.padding)
-
-    @staticmethod
-    def _get_init_keys(input_class):
-        return ControlNetModel._get_init_keys(ControlNetModel)
-
-    def forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
-        return super().forward(with_coordinates(sample), timestep, encoder_hidden_states, *args, **kwargs)
+    stock = ControlNetModel
 
 
 def with_coordinates(sample: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from trainers import diffusion, seeding
 from trainers.errors import ConfigError
 from trainers.objectives import inputs
 from trainers.objectives.base import Objective
-from trainers.objectives.finetune import noise_betas
+from trainers.objectives.finetune import noise_betas, sampling_scheduler_config
 
 PIPELINES = {"sd15": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}
 SD_EMBEDDING_CHANNELS = (16, 32, 96, 256)  # SD's conditioning image encoder: 8x down to the latent
@@ -98,16 +98,12 @@ class ControlNet(Objective):
         return self.unet(z_t, t, down_block_additional_residuals=[r.to(dtype) for r in down],
                          mid_block_additional_residual=mid.to(dtype), **cond).sample
 
-    def sampling_scheduler_config(self) -> dict:
-        cfg = dict(self.backbone.scheduler_config, prediction_type=self.prediction_type)
-        if self.recipe.objective.zero_terminal_snr:
-            cfg |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
-        return cfg
-
     def validation_pipeline(self):
         from diffusers import DDPMScheduler
 
-        return controlnet_pipeline(self.backbone, self.controlnet, DDPMScheduler.from_config(self.sampling_scheduler_config()))
+        config = sampling_scheduler_config(self.backbone.scheduler_config, self.prediction_type,
+                                           self.recipe.objective.zero_terminal_snr)
+        return controlnet_pipeline(self.backbone, self.controlnet, DDPMScheduler.from_config(config))
 
     def validation_inputs(self) -> dict:
         return {"image": self.validation_images}

@@ -157,11 +157,8 @@ class FineTune(Objective):
                                            text=inputs.cached_text(batch, self.device), uncond=self._uncond)
 
     def sampling_scheduler_config(self) -> dict:
-        """The training schedule as the exported model samples it."""
-        cfg = dict(self.backbone.scheduler_config, prediction_type=self.prediction_type)
-        if self.recipe.objective.zero_terminal_snr:
-            cfg |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
-        return cfg
+        return sampling_scheduler_config(self.backbone.scheduler_config, self.prediction_type,
+                                         self.recipe.objective.zero_terminal_snr)
 
     def validation_pipeline(self):
         from diffusers import DDPMScheduler
@@ -207,6 +204,14 @@ class FineTune(Objective):
     @property
     def card_tags(self):
         return ("lora",) if self.recipe.adapter.kind == "lora" else ("full-finetune",)
+
+
+def sampling_scheduler_config(scheduler_config: dict, prediction_type: str, zero_terminal_snr: bool) -> dict:
+    """The training schedule as the exported model samples it."""
+    cfg = dict(scheduler_config, prediction_type=prediction_type)
+    if zero_terminal_snr:
+        cfg |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    return cfg
 
 
 def noise_betas(scheduler_config: dict, zero_terminal_snr: bool) -> torch.Tensor:
