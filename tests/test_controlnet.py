@@ -93,6 +93,7 @@ def test_exported_controlnet_loads_in_a_fresh_process_into_the_stock_pipeline(cn
     assert (final / "config.json").is_file() and (final / "diffusion_pytorch_model.safetensors").is_file()
     card = (final / "README.md").read_text()
     assert "StableDiffusionControlNetPipeline" in card and "controlnet" in card
+    assert "| Trained | a ControlNet, from a copy of the U-Net encoder |" in card and "LoRA" not in card
     perturb_zero_convs(trainer.objective.controlnet)  # export a ControlNet whose output shows
     trainer.objective.export(final)
     edges = edges_data / "conditioning" / "00003.png"

@@ -67,7 +67,7 @@ def test_local_base_model_stays_out_of_the_front_matter(tmp_path):
 def test_summary_table_before_the_full_recipe(tmp_path):
     recipe = make_recipe(ema={"enabled": True, "decay": 0.999})
     _, body, _ = card(tmp_path, recipe=recipe, num_processes=3)
-    rows = ["| Base model | `org/base-model` |", "| Objective | finetune |", "| Adapter | LoRA, rank 8, alpha 16 |",
+    rows = ["| Base model | `org/base-model` |", "| Objective | finetune |", "| Trained | LoRA, rank 8, alpha 16 |",
             "| Steps | 300 |", "| Batch | 2 x 4 accumulation x 3 processes = 24 |",
             "| Learning rate | 5e-05 (adamw), cosine, 10 warmup steps |", "| Resolution | 768 px |",
             "| Precision | bf16 mixed, exported as float32 |", "| EMA | decay 0.999 |", "| Seed | 7 |"]
@@ -80,7 +80,7 @@ def test_summary_table_before_the_full_recipe(tmp_path):
 
 def test_full_fine_tune_row(tmp_path):
     _, body, _ = card(tmp_path, recipe=make_recipe(adapter={"kind": "full"}), tags=("full-finetune",))
-    assert "| Adapter | full fine-tune |" in body and "a full fine-tune" in body
+    assert "| Trained | full fine-tune |" in body and "a full fine-tune" in body
 
 
 @pytest.mark.parametrize("token", ["hf_" + "Ab1" * 11 + "c", "a-plain-secret-1234"])

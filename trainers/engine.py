@@ -379,7 +379,7 @@ class Trainer:
                 shutil.copy(samples[-1], tmp / "samples.png")
             write_model_card(tmp, self.recipe, self.objective.card_tags, self.objective.usage_snippet(str(final)),
                              "samples.png" if samples else None, trigger_words=self.recipe.data.trigger_words,
-                             num_processes=self.accelerator.num_processes)
+                             num_processes=self.accelerator.num_processes, trained=self.objective.card_trained())
             (tmp / "recipe.yaml").write_text(dump_recipe(self.recipe))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)

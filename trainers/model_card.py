@@ -27,7 +27,7 @@ FILE_NOTES = {  # what each known export file is for; others are listed without 
 def write_model_card(final_dir: Path, recipe: Recipe, tags: Sequence[str], usage: str,
                      sample_image: str | None = None, *, trigger_words: Sequence[str] = (),
                      num_processes: int = 1, license: str = "creativeml-openrail-m",
-                     pipeline_tag: str = "text-to-image") -> Path:
+                     pipeline_tag: str = "text-to-image", trained: str | None = None) -> Path:
     """Write final_dir/README.md and return its path.
 
     Args:
@@ -36,12 +36,14 @@ def write_model_card(final_dir: Path, recipe: Recipe, tags: Sequence[str], usage
         sample_image: a grid beside the card (relative path), shown and used as the hub widget's output.
         trigger_words: words the training captions carry (the recipe's data.trigger_words).
         num_processes: data-parallel processes, for the effective batch size.
+        trained: what was trained where the recipe's adapter section does not say it (the objective's
+            `card_trained`, e.g. a ControlNet).
     """
     words = tuple(trigger_words)
     front = front_matter(recipe, tags, words, sample_image, license, pipeline_tag)
     files = sorted(p.relative_to(final_dir).as_posix() for p in Path(final_dir).rglob("*.safetensors"))
     lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "",
-             f"# {recipe.name}", "", _summary_sentence(recipe), ""]
+             f"# {recipe.name}", "", _summary_sentence(recipe, trained), ""]
     if sample_image:
         lines += [f"![samples]({sample_image})", "", _sample_caption(recipe), ""]
     if words:
@@ -51,7 +53,7 @@ def write_model_card(final_dir: Path, recipe: Recipe, tags: Sequence[str], usage
     if files:
         lines += ["## Files", ""] + [f"- `{f}`" + (f": {FILE_NOTES[f]}" if f in FILE_NOTES else "") for f in files]
         lines += [""]
-    lines += ["## Training", ""] + summary_table(recipe, num_processes)
+    lines += ["## Training", ""] + summary_table(recipe, num_processes, trained)
     lines += ["", "The full recipe (`recipe.yaml`), as run:", "", "```yaml", dump_recipe(recipe).rstrip(), "```", ""]
     path = Path(final_dir) / "README.md"
     path.write_text(redact("\n".join(lines)))
@@ -79,17 +81,17 @@ def is_hub_id(ref: str) -> bool:
     return bool(HUB_ID.match(ref)) and not Path(ref).exists()
 
 
-def summary_table(recipe: Recipe, num_processes: int = 1) -> list[str]:
+def summary_table(recipe: Recipe, num_processes: int = 1, trained: str | None = None) -> list[str]:
     """The settings that decide a result, as Markdown table rows."""
     r, ad, t = recipe, recipe.adapter, recipe.train
     objective = r.objective.name + (f" ({r.objective.prediction_type})" if r.objective.prediction_type else "")
-    adapter = (f"LoRA, rank {ad.rank}, alpha {ad.alpha:g}" + (", + text encoder" if ad.text_encoder else "")
-               if ad.kind == "lora" else "full fine-tune")
+    adapter = trained or (f"LoRA, rank {ad.rank}, alpha {ad.alpha:g}" + (", + text encoder" if ad.text_encoder else "")
+                          if ad.kind == "lora" else "full fine-tune")
     batch = (f"{t.batch_size} x {t.grad_accum} accumulation x {num_processes} "
              f"process{'es' if num_processes != 1 else ''} = {t.batch_size * t.grad_accum * num_processes}")
     schedule = r.lr_schedule.name + (f", {r.lr_schedule.warmup_steps} warmup steps" if r.lr_schedule.warmup_steps
                                      else "")
-    rows = [("Base model", f"`{r.model.pretrained}`"), ("Objective", objective), ("Adapter", adapter),
+    rows = [("Base model", f"`{r.model.pretrained}`"), ("Objective", objective), ("Trained", adapter),
             ("Steps", str(t.max_steps)), ("Batch", batch),
             ("Learning rate", f"{r.optimizer.lr:g} ({r.optimizer.name}), {schedule}"),
             ("Resolution", f"{r.data.resolution} px"),
@@ -98,8 +100,8 @@ def summary_table(recipe: Recipe, num_processes: int = 1) -> list[str]:
     return ["| Setting | Value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
 
 
-def _summary_sentence(recipe: Recipe) -> str:
-    kind = "a LoRA" if recipe.adapter.kind == "lora" else "a full fine-tune"
+def _summary_sentence(recipe: Recipe, trained: str | None = None) -> str:
+    kind = trained or ("a LoRA" if recipe.adapter.kind == "lora" else "a full fine-tune")
     return (f"Trained with difftune (objective `{recipe.objective.name}`, {kind}) from `{recipe.model.pretrained}` "
             f"for {recipe.train.max_steps} steps.")
 
@@ -107,5 +109,7 @@ def _summary_sentence(recipe: Recipe) -> str:
 def _sample_caption(recipe: Recipe) -> str:
     v = recipe.validation
     prompts = "; ".join(f'"{p}"' for p in v.prompts) or "the validation prompts"
+    conditioning = (f" Conditioning images: {', '.join(f'`{Path(c).name}`' for c in v.conditioning_images)}."
+                    if v.conditioning_images else "")
     return (f"Rows: {prompts}. {v.images_per_prompt} image(s) per prompt, {v.steps} {v.scheduler} steps, "
-            f"guidance {v.guidance_scale:g}, seed {v.seed}.")
+            f"guidance {v.guidance_scale:g}, seed {v.seed}.{conditioning}")

@@ -112,6 +112,10 @@ class Objective(abc.ABC):
         """Keyword arguments the validation pipeline needs beyond the prompts (a ControlNet's images)."""
         return {}
 
+    def card_trained(self) -> str | None:
+        """What the model card says was trained, where the recipe's adapter section does not say it."""
+        return None
+
     def usage_snippet(self, repo_or_dir: str) -> str:
         """Python that loads the export, for the model card."""
         return ""

@@ -118,6 +118,10 @@ class ControlNet(Objective):
             self.controlnet.float()
         return sorted(p for p in Path(out_dir).iterdir() if p.name.startswith(("config", "diffusion_pytorch_model")))
 
+    def card_trained(self) -> str:
+        start = self.recipe.objective.controlnet.init_from
+        return f"a ControlNet, from {f'`{start}`' if start else 'a copy of the U-Net encoder'}"
+
     def usage_snippet(self, where: str) -> str:
         cls, pipe = type(self.controlnet), PIPELINES[self.backbone.family]
         model = cls.__name__
