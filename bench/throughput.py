@@ -9,6 +9,9 @@ overhead as a ratio), and model FLOPs utilisation on a GPU.
         --configs plain adamw8bit checkpointing xformers compile checkpointing+adamw8bit
     python bench/throughput.py --arch sdxl --size full --batch 1 --precision bf16 \\
         --configs checkpointing checkpointing+adamw8bit checkpointing+nf4
+    # a ControlNet (recipes/sd15_controlnet.yaml) on synthetic shapes with outlines; engine only (no bare step)
+    python bench/throughput.py --objective controlnet --arch sd15 --size full --batch 4 --precision fp16 \\
+        --configs checkpointing+adamw8bit checkpointing+adamw8bit+xformers
 
 A configuration is a name from CONFIGS or several joined by "+". The bare step encodes the same images and
 captions, draws noise and timesteps with torch's global generator and runs the denoiser, the MSE, backward,
@@ -42,6 +45,7 @@ CONFIGS = {
     "int8": ["memory.quantize_base=int8"],
 }
 RECIPES = {"sd15": "recipes/demo/sd15_lora_tiny.yaml", "sdxl": "recipes/demo/sdxl_lora_tiny.yaml"}
+CONTROLNET_RECIPES = {"sd15": "recipes/sd15_controlnet.yaml", "sdxl": "recipes/sdxl_controlnet.yaml"}
 RESOLUTION = {("sd15", "tiny"): 64, ("sdxl", "tiny"): 64, ("sd15", "full"): 512, ("sdxl", "full"): 1024}
 
 
@@ -148,6 +152,13 @@ def prepare(args) -> tuple[Path, Path]:
     model = w / f"{args.arch}-{args.size}"
     if not (model / "model_index.json").exists():
         make_tiny_model(args.arch, model, size=args.size)
+    if args.objective == "controlnet":  # shapes with outlines, resized to the resolution by the loader
+        from datasets_prep.synth import write_synth_dataset
+
+        data = w / "edges"
+        if not (data / "metadata.jsonl").exists():
+            write_synth_dataset(data, n=max(64, 4 * args.batch), size=64, edges=True)
+        return model, data
     data = w / f"digits-{args.resolution}"
     if not (data / "metadata.jsonl").exists():
         write_digits_dataset(data, n=max(64, 4 * args.batch), size=args.resolution)
@@ -157,6 +168,8 @@ def prepare(args) -> tuple[Path, Path]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=sorted(RECIPES), default="sd15")
+    parser.add_argument("--objective", choices=("lora", "controlnet"), default="lora",
+                        help="controlnet: the ControlNet recipe of --arch, timed by the engine only")
     parser.add_argument("--size", choices=("tiny", "full"), default="tiny")
     parser.add_argument("--resolution", type=int, default=None, help="default: 64 tiny, 512 SD-1.5, 1024 SDXL")
     parser.add_argument("--steps", type=int, default=60)
@@ -172,6 +185,8 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_throughput"))
     args = parser.parse_args(argv)
     args.resolution = args.resolution or RESOLUTION[(args.arch, args.size)]
+    recipe_path = RECIPES[args.arch] if args.objective == "lora" else CONTROLNET_RECIPES[args.arch]
+    args.no_bare = args.no_bare or args.objective == "controlnet"  # the bare loop is a LoRA step
     configs = {c: overrides_of(c) for c in args.configs}
 
     from trainers.config import load_recipe
@@ -183,10 +198,14 @@ def main(argv=None) -> None:
             "resume=none", f"train.max_steps={args.steps}", "train.log_every=1", f"train.batch_size={args.batch}",
             f"precision={args.precision}", f"adapter.rank={args.rank}", f"adapter.alpha={args.rank}",
             "train.report_to=none", "validation.every_steps=0", "checkpoint.every_steps=0",
-            f"data.num_workers={args.workers}", "objective.caption_dropout=0", "lr_schedule.name=constant"]
+            f"data.num_workers={args.workers}", "objective.caption_dropout=0", "lr_schedule.name=constant",
+            "train.grad_accum=1", "data.random_flip=false"]
+    if args.objective == "controlnet":  # the recipe's optimizer and memory options are what --configs varies
+        base += ["optimizer.name=adamw", "memory.gradient_checkpointing=false"]
     peak_tflops = args.peak_tflops or (989.0 if torch.cuda.is_available() else None)
-    flops = forward_flops(load_recipe(RECIPES[args.arch], base + [f"output_dir={args.workdir / 'flops'}"]))
-    print(f"{args.arch} {args.size} at {args.resolution} px, batch {args.batch}, LoRA rank {args.rank}, "
+    flops = forward_flops(load_recipe(recipe_path, base + [f"output_dir={args.workdir / 'flops'}"]))
+    what = "ControlNet" if args.objective == "controlnet" else f"LoRA rank {args.rank}"
+    print(f"{args.arch} {args.size} at {args.resolution} px, batch {args.batch}, {what}, "
           f"precision {args.precision}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}; "
           f"denoiser forward {flops / 1e12:.3f} TFLOP per image\n")
     print("| configuration | engine step (ms) | images/s | peak GiB | MFU | bare step (ms) | bare peak GiB "
@@ -195,7 +214,7 @@ def main(argv=None) -> None:
     for name, overrides in configs.items():
         run = args.workdir / "runs" / name
         shutil.rmtree(run, ignore_errors=True)  # metrics.jsonl would keep an earlier run's rows
-        recipe = load_recipe(RECIPES[args.arch], base + overrides + [f"output_dir={run}"])
+        recipe = load_recipe(recipe_path, base + overrides + [f"output_dir={run}"])
         reset_accelerate()
         try:
             with PeakMemory() as peak:
@@ -205,7 +224,8 @@ def main(argv=None) -> None:
             continue
         engine = median_step_seconds(run, warmup=args.warmup)
         images = args.batch / engine
-        mfu = f"{3 * flops * images / (peak_tflops * 1e12):.1%}" if peak_tflops else "-"  # forward + 2x backward
+        # forward + 2x backward of the denoiser; a ControlNet step runs more than that, so no figure for it
+        mfu = f"{3 * flops * images / (peak_tflops * 1e12):.1%}" if peak_tflops and args.objective == "lora" else "-"
         bare, bare_peak = (None, None) if args.no_bare else bare_step_seconds(recipe, args.steps, args.warmup)
         ratio = f"{engine / bare:.3f}" if bare else "-"
         bare_ms = f"{bare * 1000:.1f}" if bare else "-"
