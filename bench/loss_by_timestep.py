@@ -6,6 +6,8 @@ run folder (with --step) or a checkpoint folder RUN/checkpoints/step-N.
 
     python bench/loss_by_timestep.py teacher_work/runs/unet_bench/checkpoints/step-3000 \
         teacher_work/runs/uvit_lowlr/checkpoints/step-2250 --data teacher_work/data/shapes
+    # the mean over N evenly spaced timesteps estimates what the training loss averages (t uniform)
+    python bench/loss_by_timestep.py RUN_A/checkpoints/step-N RUN_B/checkpoints/step-N --uniform 20
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ def images_and_captions(data: Path, n: int) -> tuple[torch.Tensor, list[str]]:
 
 
 @torch.no_grad()
-def losses_by_timestep(run: Path, step: int, data: Path, n: int, chunk: int = 64) -> dict[int, float]:
+def losses_by_timestep(run: Path, step: int, data: Path, n: int, timesteps=TIMESTEPS, chunk: int = 64) -> dict[int, float]:
     denoiser, text_encoder, tokenizer, vae, scheduler = load_denoiser(run, step)
     pixels, captions = images_and_captions(data, n)
     latents = torch.cat([vae.encode(p).latent_dist.mean for p in pixels.split(chunk)]) * vae.config.scaling_factor
@@ -73,7 +75,7 @@ def losses_by_timestep(run: Path, step: int, data: Path, n: int, chunk: int = 64
     prediction = scheduler.config.prediction_type
     generator = torch.Generator().manual_seed(0)  # the same noise for every run
     out = {}
-    for t in TIMESTEPS:
+    for t in timesteps:
         eps = torch.randn(latents.shape, generator=generator)
         alpha, sigma = alpha_sigma(acp, torch.full((n,), t))
         z = add_noise(latents, eps, alpha, sigma)
@@ -90,16 +92,19 @@ def main(argv=None) -> int:
     parser.add_argument("--step", type=int, help="the checkpoint of every run folder given")
     parser.add_argument("--data", type=Path, default=Path("teacher_work/data/shapes"))
     parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--uniform", type=int, metavar="N",
+                        help=f"N evenly spaced timesteps (bin centres over 0-999) instead of {TIMESTEPS}")
     args = parser.parse_args(argv)
+    timesteps = [int((k + 0.5) * 1000 / args.uniform) for k in range(args.uniform)] if args.uniform else TIMESTEPS
     table = {}
     for path in args.runs:
         run, step = ((path.parents[1], int(path.name.removeprefix("step-"))) if path.name.startswith("step-")
                      else (path, args.step))
         if step is None:
             parser.error(f"{path} is a run folder: give --step or a checkpoint folder")
-        table[f"{run.name} @ {step}"] = losses_by_timestep(run, step, args.data, args.images)
+        table[f"{run.name} @ {step}"] = losses_by_timestep(run, step, args.data, args.images, timesteps)
     print("| t | " + " | ".join(table) + " |\n|---:|" + "---:|" * len(table))
-    for t in TIMESTEPS:
+    for t in timesteps:
         print(f"| {t} | " + " | ".join(f"{table[name][t]:.4f}" for name in table) + " |")
     print("| mean | " + " | ".join(f"{np.mean(list(v.values())):.4f}" for v in table.values()) + " |")
     return 0
