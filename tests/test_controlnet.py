@@ -308,3 +308,20 @@ def test_after_the_tiny_demo_training_shapes_land_where_the_edge_map_draws_them(
     guided = evaluate(pipe, [10], controlnet=final, **common)["runs"][0]["adherence"]
     assert alone["position"] < 0.3 and guided["position"] > 0.8, (alone, guided)
     assert guided["size"] > alone["size"]
+
+
+def test_an_imagefolder_conditioning_image_of_another_size_is_scaled_or_named(cn_recipe, tmp_path):
+    from datasets_prep.synth import write_synth_dataset
+    from trainers.data import build_dataset
+
+    folder = tmp_path / "sizes"
+    write_synth_dataset(folder, n=2, size=64, seed=2, edges=True)
+    edges = folder / "conditioning" / "00000.png"
+    Image.open(edges).resize((128, 128), Image.Resampling.NEAREST).save(edges)  # same shape, twice the pixels
+    recipe = cn_recipe(data=folder)
+    item = build_dataset(recipe.data, recipe.model, conditioning=True)[(0, 0)]
+    expected = np.asarray(Image.open(edges).convert("RGB").resize((64, 64), Image.Resampling.BICUBIC), np.float32) / 255
+    np.testing.assert_allclose(item["conditioning_pixel_values"].permute(1, 2, 0).numpy(), expected, atol=1e-6)
+    Image.open(edges).resize((128, 64)).save(edges)
+    with pytest.raises(UserError, match="00000.png is 128x64, its image 64x64: another aspect ratio"):
+        build_dataset(recipe.data, recipe.model, conditioning=True)[(0, 0)]

@@ -82,8 +82,8 @@ class ImageFolderDataset:
         return item
 
     def _conditioning_image(self, row: dict, size: tuple[int, int]) -> Image.Image:
-        """The row's conditioning image (a path relative to the folder), named when absent, unreadable or of
-        another size than its image (it is cropped with the image, pixel for pixel)."""
+        """The row's conditioning image (a path relative to the folder) at its image's size, so the two are cropped
+        alike; named when absent, unreadable or of another aspect ratio."""
         name = row.get(CONDITIONING_COLUMN)
         if not name:
             raise UserError(f"data.source: {row['image'].get('path') or self.root}: no {CONDITIONING_COLUMN} "
@@ -95,8 +95,10 @@ class ImageFolderDataset:
         except Exception as e:
             raise UserError(f"data.source: cannot read conditioning image {path}: {e}") from None
         if image.size != size:
-            raise UserError(f"data.source: conditioning image {path} is {image.size[0]}x{image.size[1]}, its image "
-                            f"{size[0]}x{size[1]}; they must match")
+            if abs(image.size[0] * size[1] - image.size[1] * size[0]) > 0.01 * size[0] * size[1]:
+                raise UserError(f"data.source: conditioning image {path} is {image.size[0]}x{image.size[1]}, its "
+                                f"image {size[0]}x{size[1]}: another aspect ratio cannot be cropped alike")
+            image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
         return image
 
 
