@@ -325,3 +325,30 @@ def test_an_imagefolder_conditioning_image_of_another_size_is_scaled_or_named(cn
     Image.open(edges).resize((128, 64)).save(edges)
     with pytest.raises(UserError, match="00000.png is 128x64, its image 64x64: another aspect ratio"):
         build_dataset(recipe.data, recipe.model, conditioning=True)[(0, 0)]
+
+
+def test_two_process_ddp_trains_the_controlnet_as_one_process_with_accumulation(cn_recipe, tiny_sd15, edges_data,
+                                                                                 tmp_path):
+    """DDP wraps the ControlNet alone (every one of its parameters gets a gradient); the frozen U-Net stays outside."""
+    import os
+
+    from safetensors.torch import load_file
+
+    common = ["train.max_steps=2", "checkpoint.every_steps=2", "train.batch_size=2", "train.seed=0",
+              "objective.controlnet.conditioning_dropout=0.5"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "DEEPSPEED_"))}
+    env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_ddp.yaml",
+           "launch/train.py", RECIPE, f"model.pretrained={tiny_sd15}", f"data.source={edges_data}",
+           f"output_dir={tmp_path / 'ddp'}", *FAST, *common]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(cn_recipe(*common, "train.grad_accum=2", f"output_dir={tmp_path / 'one'}")).fit()
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (load_file(tmp_path / run / "checkpoints" / "step-2" / "weights.safetensors") for run in ("ddp", "one"))
+    assert a.keys() == b.keys() and all(k.startswith(("model.controlnet.", "ema.")) for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
