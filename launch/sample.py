@@ -1,4 +1,7 @@
-"""Render one PNG grid (rows = prompts, columns = images per prompt) from a pipeline folder, to look at a result."""
+"""Render one PNG grid (rows = prompts, columns = images per prompt) from a pipeline folder, to look at a result.
+
+With --controlnet DIR and --image FILE (one per prompt, or one for all) a trained ControlNet conditions the
+pipeline (StableDiffusion(XL)ControlNetPipeline around the same components)."""
 
 import argparse
 import sys
@@ -21,6 +24,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--pipeline", required=True, type=Path, help="diffusers pipeline folder (model_index.json)")
     parser.add_argument("--lora", type=Path, help="LoRA folder or weights file to load on top")
+    parser.add_argument("--controlnet", type=Path, help="a ControlNet folder (config.json) to condition on --image")
+    parser.add_argument("--image", type=Path, action="append", default=[],
+                        help="the ControlNet's conditioning image; repeat for one per prompt")
     parser.add_argument("--scheduler", choices=["default", *SCHEDULERS], default="default")
     parser.add_argument("--steps", required=True, type=positive_int, help="inference steps")
     parser.add_argument("--prompt", required=True, action="append", help="repeat for more rows")
@@ -41,6 +47,15 @@ def check_paths(args: argparse.Namespace) -> None:
         raise UserError(f"pipeline folder not found (no model_index.json): {args.pipeline}")
     if args.lora is not None and not args.lora.exists():
         raise UserError(f"LoRA path not found: {args.lora}")
+    if args.controlnet is not None and not (args.controlnet / "config.json").is_file():
+        raise UserError(f"ControlNet folder not found (no config.json): {args.controlnet}")
+    if (args.controlnet is None) != (not args.image):
+        raise UserError("--controlnet and --image go together: a ControlNet samples from a conditioning image")
+    if len(args.image) not in (0, 1, len(args.prompt)):
+        raise UserError(f"{len(args.image)} --image for {len(args.prompt)} --prompt; give one per prompt, or one")
+    for image in args.image:
+        if not image.is_file():
+            raise UserError(f"--image not found: {image}")
 
 
 def resolve_device(name: str) -> str:
@@ -58,6 +73,8 @@ def load_pipeline(path: Path, device: str, dtype: str):
     """Load any DiffusionPipeline, leaving out the safety checker where the pipeline has one."""
     import torch
     from diffusers import DiffusionPipeline
+
+    from trainers.backbones import coord_unet, uvit_pipeline  # noqa: F401  (registers the classes folders name)
 
     config = DiffusionPipeline.load_config(path)
     extra = {}
@@ -80,11 +97,26 @@ def check_size(pipe, args: argparse.Namespace) -> None:
             raise UserError(f"{flag} {value} is not a multiple of the VAE scale factor {factor}")
 
 
+def conditioning_images(paths: list[Path], prompts: int) -> list:
+    """The --image files as RGB, one per prompt."""
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        try:
+            images.append(Image.open(path).convert("RGB"))
+        except OSError as error:
+            raise UserError(f"--image {path}: {error}") from None
+    return images * prompts if len(images) == 1 else images
+
+
 def generate(pipe, args: argparse.Namespace) -> list:
     """Run the pipeline once for all prompts; images come back prompt by prompt."""
     import torch
 
     sizes = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
+    if args.image:
+        sizes["image"] = conditioning_images(args.image, len(args.prompt))
     return pipe(
         prompt=args.prompt,
         num_images_per_prompt=args.images_per_prompt,
@@ -106,10 +138,24 @@ def sample(args: argparse.Namespace) -> Path:
         set_scheduler(pipe, args.scheduler)
     if args.lora is not None:
         pipe.load_lora_weights(str(args.lora))
+    if args.controlnet is not None:
+        pipe = with_trained_controlnet(pipe, args.controlnet, args.dtype)
     grid = make_grid(generate(pipe, args), rows=len(args.prompt), cols=args.images_per_prompt)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(args.out)
     return args.out
+
+
+def with_trained_controlnet(pipe, folder: Path, dtype: str):
+    import torch
+
+    from trainers.objectives.controlnet import load_controlnet, with_controlnet
+
+    try:
+        controlnet = load_controlnet(folder, torch_dtype=getattr(torch, dtype))
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"cannot load the ControlNet in {folder}: {error}") from None
+    return with_controlnet(pipe, controlnet.to(pipe.device))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,11 +48,12 @@ def sample(pipe, image, **kw):
 
 
 def perturb_zero_convs(controlnet, seed=0):
-    """Give the zero convolutions weights, as training would, so the ControlNet's output matters."""
+    """Give the zero convolutions (outputs, and the image encoder's last) weights, as training would, so the
+    ControlNet's output and its conditioning image matter."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in controlnet.named_parameters():
-            if "zero_conv" in name or "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 

@@ -90,3 +90,54 @@ def test_lora_changes_samples(tiny_sd15, tiny_lora, tmp_path):
     base, again, lora = (Image.open(tmp_path / f"{n}.png").tobytes() for n in ("base", "again", "lora"))
     assert base == again
     assert base != lora
+
+
+@pytest.fixture(scope="module")
+def tiny_controlnet(tiny_sd15, tmp_path_factory):
+    """A ControlNet of the tiny U-Net whose zero convolutions (outputs and the image encoder's last) have weights,
+    so the conditioning image matters."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(tiny_sd15 / "unet"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in controlnet.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                p.normal_(0, 0.05)
+    out = tmp_path_factory.mktemp("controlnet")
+    controlnet.save_pretrained(out)
+    return out
+
+
+def test_controlnet_samples_follow_the_conditioning_image(tiny_sd15, tiny_controlnet, tmp_path):
+    import numpy as np
+
+    edges = []
+    for i, box in enumerate([(8, 8, 24, 24), (40, 40, 56, 56)]):
+        image = Image.new("RGB", (64, 64))
+        image.paste((255, 255, 255), box)
+        edges.append(tmp_path / f"edges{i}.png")
+        image.save(edges[-1])
+    common = ["--pipeline", str(tiny_sd15), "--controlnet", str(tiny_controlnet), "--prompt", "a", "--prompt", "b",
+              "--steps", "2", "--images-per-prompt", "2", "--device", "cpu"]
+    assert main([*common, "--image", str(edges[0]), "--image", str(edges[1]), "--out", str(tmp_path / "two.png")]) == 0
+    assert main([*common, "--image", str(edges[0]), "--out", str(tmp_path / "one.png")]) == 0
+    two, one = (np.asarray(Image.open(tmp_path / n)) for n in ("two.png", "one.png"))
+    assert two.shape == (128, 128, 3)
+    assert np.array_equal(two[:64], one[:64]) and not np.array_equal(two[64:], one[64:])  # row 2's image differs
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image", "x.png"], "--controlnet and --image go together"),
+    (["--controlnet", "CN"], "--controlnet and --image go together"),
+    (["--controlnet", "CN", "--image", "E", "--image", "E", "--image", "E"], "3 --image for 2 --prompt"),
+    (["--controlnet", "CN", "--image", "missing.png"], "--image not found: missing.png"),
+    (["--controlnet", "nowhere", "--image", "E"], "ControlNet folder not found"),
+])
+def test_controlnet_arguments_are_named(tiny_sd15, tiny_controlnet, tmp_path, capsys, args, message):
+    edge = tmp_path / "e.png"
+    Image.new("RGB", (64, 64)).save(edge)
+    args = [str(tiny_controlnet) if a == "CN" else str(edge) if a == "E" else a for a in args]
+    code = main(["--pipeline", str(tiny_sd15), "--prompt", "a", "--prompt", "b", "--steps", "1", *args])
+    assert code == 2 and message in capsys.readouterr().err
