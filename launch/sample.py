@@ -132,7 +132,11 @@ def sample(args: argparse.Namespace) -> Path:
     from trainers.images import make_grid
 
     check_paths(args)
-    pipe = load_pipeline(args.pipeline, resolve_device(args.device), args.dtype)
+    device = resolve_device(args.device)
+    try:
+        pipe = load_pipeline(args.pipeline, device, args.dtype)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"cannot load a pipeline from {args.pipeline}: {str(error).splitlines()[0]}") from None
     check_size(pipe, args)
     if args.scheduler != "default":
         set_scheduler(pipe, args.scheduler)

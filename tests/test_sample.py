@@ -141,3 +141,17 @@ def test_controlnet_arguments_are_named(tiny_sd15, tiny_controlnet, tmp_path, ca
     args = [str(tiny_controlnet) if a == "CN" else str(edge) if a == "E" else a for a in args]
     code = main(["--pipeline", str(tiny_sd15), "--prompt", "a", "--prompt", "b", "--steps", "1", *args])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_the_demo_teacher_samples_and_a_broken_folder_is_one_line(tmp_path, capsys):
+    """The demo teacher's U-Net is the project's class: sample.py registers it before loading."""
+    teacher = REPO / "assets" / "demo_teacher"
+    if (teacher / "model_index.json").is_file():
+        assert main(["--pipeline", str(teacher), "--prompt", "a large red circle in the center on a light grey "
+                     "background", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "t.png")]) == 0
+        assert Image.open(tmp_path / "t.png").size == (32, 32)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["nowhere", "X"]}')
+    assert main(["--pipeline", str(broken), "--prompt", "a", "--steps", "1", "--device", "cpu"]) == 2
+    assert "cannot load a pipeline from" in capsys.readouterr().err
