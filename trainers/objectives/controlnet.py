@@ -67,7 +67,8 @@ class ControlNet(Objective):
     def loss(self, batch, step):
         obj, seeds, device = self.recipe.objective, batch["seeds"], self.device
         x0 = inputs.latents(self.backbone, batch, device)
-        dropped = (seeding.rand(seeds, seeding.DROPOUT, "cpu") < obj.caption_dropout).tolist()
+        p = obj.caption_dropout
+        dropped = (seeding.rand(seeds, seeding.DROPOUT, "cpu") < p).tolist() if p > 0 else [False] * len(seeds)
         cond = self.text(batch, dropped)
         control = batch["conditioning_pixel_values"].to(device, non_blocking=True)
         if obj.controlnet.conditioning_dropout:
