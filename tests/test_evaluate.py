@@ -164,9 +164,10 @@ def test_evaluate_a_loaded_coord_unet_pipeline_without_guidance(coord_pipeline):
     (["--pipeline", "{missing}", "--exclude", "colour"], "not of the form factor=value"),
     (["--pipeline", "{missing}", "--scheduler", "heun"], "unknown scheduler 'heun'"),
     (["--pipeline", "{missing}", "--steps", "2,0"], "--steps wants positive integers"),
+    (["--pipeline", "{tiny}", "--controlnet", "{missing}"], "ControlNet folder has no config.json"),
 ])
-def test_bad_inputs_are_one_line_errors(tmp_path, capsys, args, message):
-    argv = [a.format(missing=tmp_path / "nothing") for a in args] + ["--out", str(tmp_path / "out")]
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys, tiny_sd15, args, message):
+    argv = [a.format(missing=tmp_path / "nothing", tiny=tiny_sd15) for a in args] + ["--out", str(tmp_path / "out")]
     assert run_cli(main, argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
