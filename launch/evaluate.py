@@ -96,7 +96,7 @@ def load_pipeline(folder: Path, lora: Path | None, device: str, student: Path | 
     if controlnet is not None and not (Path(controlnet) / "config.json").is_file():
         raise UserError(f"ControlNet folder has no config.json: {controlnet}")
     from trainers.backbones import coord_unet, uvit_pipeline  # noqa: F401  (importing registers our classes)
-    from launch.sample import load_pipeline as load_any, resolve_device
+    from launch.sample import load_pipeline as load_any, resolve_device, with_trained_controlnet
 
     try:
         pipe = load_any(Path(folder), resolve_device(device), "float32")
@@ -109,12 +109,7 @@ def load_pipeline(folder: Path, lora: Path | None, device: str, student: Path | 
         load_lora(pipe, Path(lora))
         use_exported_scheduler(pipe, Path(lora))
     if controlnet is not None:
-        from trainers.objectives.controlnet import load_controlnet, with_controlnet
-
-        try:
-            pipe = with_controlnet(pipe, load_controlnet(controlnet).to(pipe.device))
-        except (OSError, ValueError, KeyError) as error:
-            raise UserError(f"cannot load the ControlNet in {controlnet}: {error}") from None
+        pipe = with_trained_controlnet(pipe, Path(controlnet), "float32")
     return pipe
 
 

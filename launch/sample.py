@@ -151,6 +151,8 @@ def sample(args: argparse.Namespace) -> Path:
 
 
 def with_trained_controlnet(pipe, folder: Path, dtype: str):
+    """The ControlNet pipeline of `pipe` with the ControlNet in `folder` (its own class, our CoordControlNetModel
+    included); a folder that cannot load is a UserError."""
     import torch
 
     from trainers.objectives.controlnet import load_controlnet, with_controlnet

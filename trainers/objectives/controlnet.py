@@ -18,7 +18,7 @@ from trainers import diffusion, seeding
 from trainers.errors import ConfigError
 from trainers.objectives import inputs
 from trainers.objectives.base import Objective
-from trainers.objectives.finetune import noise_betas, sampling_scheduler_config
+from trainers.objectives.finetune import denoising_loss, noise_betas, sampling_scheduler_config
 
 PIPELINES = {"sd15": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}
 SD_EMBEDDING_CHANNELS = (16, 32, 96, 256)  # SD's conditioning image encoder: 8x down to the latent
@@ -67,29 +67,14 @@ class ControlNet(Objective):
     def loss(self, batch, step):
         obj, seeds, device = self.recipe.objective, batch["seeds"], self.device
         x0 = inputs.latents(self.backbone, batch, device)
-        p = obj.caption_dropout
-        dropped = (seeding.rand(seeds, seeding.DROPOUT, "cpu") < p).tolist() if p > 0 else [False] * len(seeds)
-        cond = self.text(batch, dropped)
+        cond = self.text(batch, inputs.dropped_captions(seeds, obj.caption_dropout))
         control = batch["conditioning_pixel_values"].to(device, non_blocking=True)
         if obj.controlnet.conditioning_dropout:
             kept = seeding.rand(seeds, seeding.CONTROL_DROPOUT, device) >= obj.controlnet.conditioning_dropout
             control = control * kept.view(-1, 1, 1, 1)
-        eps = seeding.randn(seeds, seeding.NOISE, x0.shape[1:], device)
-        if obj.noise_offset:
-            eps = diffusion.offset_noise(eps, seeding.randn(seeds, seeding.OFFSET, x0.shape[1:2], device),
-                                         obj.noise_offset)
-        t = seeding.randint(seeds, seeding.TIMESTEP, len(self.acp), device)
-        alpha_t, sigma_t = diffusion.alpha_sigma(self.acp, t)
-        z_t = diffusion.add_noise(x0, eps, alpha_t, sigma_t)
-        pred = self.predict(z_t, t, cond, control, self.wrapped["controlnet"])
-        target = diffusion.target_for(self.prediction_type, x0, eps, alpha_t, sigma_t)
-        per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
-        if obj.snr_gamma:
-            snr_t = diffusion.snr(alpha_t, sigma_t).clamp(min=1e-12)
-            per_sample = per_sample * diffusion.min_snr_weight(snr_t, obj.snr_gamma, self.prediction_type)
-        if "loss_weight" in batch:
-            per_sample = per_sample * batch["loss_weight"].to(device, non_blocking=True)
-        loss = per_sample.mean()
+        controlnet = self.wrapped["controlnet"]
+        loss = denoising_loss(x0, batch, self.acp, obj, self.prediction_type,
+                              lambda z_t, t: self.predict(z_t, t, cond, control, controlnet))
         return loss, {"loss": loss.detach()}
 
     def predict(self, z_t, t, cond: dict, control: torch.Tensor, controlnet) -> torch.Tensor:

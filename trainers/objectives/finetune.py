@@ -29,7 +29,6 @@ class FineTune(Objective):
             raise ConfigError("'objective.zero_terminal_snr' needs objective.prediction_type: v_prediction "
                               "(at SNR 0 an epsilon model cannot recover x0)")
         self.acp = diffusion.alphas_cumprod(noise_betas(backbone.scheduler_config, obj.zero_terminal_snr)).float()
-        self.num_timesteps = len(self.acp)
         self.denoiser = backbone.denoiser
         self.trained_encoders: dict[str, torch.nn.Module] = {}
         if ad.kind == "lora":
@@ -100,22 +99,11 @@ class FineTune(Objective):
         return groups
 
     def loss(self, batch, step):
-        obj, seeds, device = self.recipe.objective, batch["seeds"], self.device
         x0 = inputs.latents(self.backbone, batch, self.device)  # (B, C, h, w)
-        cond = self.condition(batch, seeds)
-        eps = seeding.randn(seeds, seeding.NOISE, x0.shape[1:], device)
-        if obj.noise_offset:
-            eps = diffusion.offset_noise(eps, seeding.randn(seeds, seeding.OFFSET, x0.shape[1:2], device),
-                                         obj.noise_offset)
-        t = seeding.randint(seeds, seeding.TIMESTEP, self.num_timesteps, device)
-        alpha_t, sigma_t = diffusion.alpha_sigma(self.acp, t)
-        per_sample = self.denoising_error(x0, eps, t, cond, self.wrapped[self.backbone.denoiser_key])
-        if obj.snr_gamma:
-            snr_t = diffusion.snr(alpha_t, sigma_t).clamp(min=1e-12)
-            per_sample = per_sample * diffusion.min_snr_weight(snr_t, obj.snr_gamma, self.prediction_type)
-        if "loss_weight" in batch:  # per-source weights, e.g. prior preservation
-            per_sample = per_sample * batch["loss_weight"].to(device, non_blocking=True)
-        loss = per_sample.mean()
+        cond = self.condition(batch, batch["seeds"])
+        denoiser = self.wrapped[self.backbone.denoiser_key]
+        loss = denoising_loss(x0, batch, self.acp, self.recipe.objective, self.prediction_type,
+                              lambda z_t, t: self.backbone.predict(z_t, t, cond, denoiser=denoiser))
         return loss, {"loss": loss.detach()}
 
     def denoising_error(self, x0, eps, t, cond, denoiser) -> torch.Tensor:
@@ -144,8 +132,7 @@ class FineTune(Objective):
         Frozen text encoders: cached text tensors are used when the batch has them, and the unconditional
         input is computed once.
         """
-        p = self.recipe.objective.caption_dropout
-        dropped = (seeding.rand(seeds, seeding.DROPOUT, "cpu") < p).tolist() if p > 0 else [False] * len(seeds)
+        dropped = inputs.dropped_captions(seeds, self.recipe.objective.caption_dropout)
         if self.trained_encoders:
             encoders = {**self.backbone.text_encoders, **{k: self.wrapped[k] for k in self.trained_encoders}}
             return self.backbone.condition(batch["captions"], dropped, batch, self.device, encoders)
@@ -204,6 +191,26 @@ class FineTune(Objective):
     @property
     def card_tags(self):
         return ("lora",) if self.recipe.adapter.kind == "lora" else ("full-finetune",)
+
+
+def denoising_loss(x0: torch.Tensor, batch: dict, acp: torch.Tensor, obj, prediction_type: str, predict) -> torch.Tensor:
+    """The mean training loss of `predict(z_t, t)` against its target (eps or v) on each sample's seeded noise
+    (with the recipe's offset) and timestep, min-SNR-gamma weighted when set, times the batch's per-source weights."""
+    seeds, device = batch["seeds"], x0.device
+    eps = seeding.randn(seeds, seeding.NOISE, x0.shape[1:], device)
+    if obj.noise_offset:
+        eps = diffusion.offset_noise(eps, seeding.randn(seeds, seeding.OFFSET, x0.shape[1:2], device), obj.noise_offset)
+    t = seeding.randint(seeds, seeding.TIMESTEP, len(acp), device)
+    alpha_t, sigma_t = diffusion.alpha_sigma(acp, t)
+    pred = predict(diffusion.add_noise(x0, eps, alpha_t, sigma_t), t)
+    target = diffusion.target_for(prediction_type, x0, eps, alpha_t, sigma_t)
+    per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
+    if obj.snr_gamma:
+        snr_t = diffusion.snr(alpha_t, sigma_t).clamp(min=1e-12)
+        per_sample = per_sample * diffusion.min_snr_weight(snr_t, obj.snr_gamma, prediction_type)
+    if "loss_weight" in batch:  # per-source weights, e.g. prior preservation
+        per_sample = per_sample * batch["loss_weight"].to(device, non_blocking=True)
+    return per_sample.mean()
 
 
 def sampling_scheduler_config(scheduler_config: dict, prediction_type: str, zero_terminal_snr: bool) -> dict:

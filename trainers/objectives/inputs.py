@@ -18,6 +18,11 @@ def latents(backbone: Backbone, batch: dict, device) -> torch.Tensor:
     return backbone.latents_from(dist, seeding.randn(batch["seeds"], seeding.LATENT, dist.mean.shape[1:], device))
 
 
+def dropped_captions(seeds: list[int], p: float) -> list[bool]:
+    """Which captions train as the empty prompt (classifier-free guidance), each drawn from its sample's seed."""
+    return (seeding.rand(seeds, seeding.DROPOUT, "cpu") < p).tolist() if p > 0 else [False] * len(seeds)
+
+
 def cached_text(batch: dict, device) -> dict | None:
     """The batch's cached text tensors on the device, or None (then the encoders run)."""
     return {k: v.to(device, non_blocking=True) for k, v in batch["text"].items()} if "text" in batch else None

@@ -159,10 +159,7 @@ class Progressive(Objective):
         if self.cfg.guided and stage == 0:  # the CFG-guided original: cond and uncond as one batch
             cond, uncond = self.text.pair(batch)
             return cond, self.guided_base(cond, uncond, omega)
-        p = self.recipe.objective.caption_dropout
-        seeds = batch["seeds"]
-        dropped = (seeding.rand(seeds, seeding.DROPOUT, "cpu") < p).tolist() if p > 0 else [False] * len(seeds)
-        cond = self.text(batch, dropped)
+        cond = self.text(batch, inputs.dropped_captions(batch["seeds"], self.recipe.objective.caption_dropout))
         if stage == 0:
             return cond, self.denoiser_fn(self.base, cond, self.teacher_type, self.as_base)
         teacher = self.student if self.lora else self.teacher
