@@ -1,27 +1,39 @@
-# make demo · make test — each creates .venv and installs what it needs.
+# make demo · make test — each creates .venv and installs the locked set of tested versions (constraints.txt).
 # On a machine without a GPU, torch==2.13.0 is installed first (a CPU build); override with `make TORCH=torch`.
+# make lock: refresh constraints.txt from the newest versions (written only if the suite passes on them).
+# make test-latest: the suite on the newest versions in a scratch venv; reports what moved and broke, never gates.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+LOCK := constraints.txt
+INSTALL := $(PY) -m pip install -q -c $(LOCK)
 STAMP := $(VENV)/.installed
+FULL ?=
+JOBS ?= 2  # pytest-xdist workers: the tests run one thread each
 
-.PHONY: demo test install clean
+.PHONY: demo test install lock test-latest clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(INSTALL) --upgrade pip setuptools
+	$(INSTALL) "$(TORCH)"
+	$(INSTALL) --build-constraint $(LOCK) -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) launch/demo.py --out demo_out
+	$(PY) launch/demo.py --out demo_out $(if $(FULL),--full)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS)
+
+lock:
+	$(PYTHON) tools/deps.py lock --torch "$(TORCH)"
+
+test-latest:
+	$(PYTHON) tools/deps.py drift --torch "$(TORCH)"
 
 clean:
-	rm -rf demo_out .cache/difftune
+	rm -rf demo_out .cache/difftune .cache/deps

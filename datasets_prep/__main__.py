@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from trainers.errors import UserError
+from trainers.versions import check_versions
 
 
 def positive_int(text: str) -> int:
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; a UserError becomes one line on stderr and its exit code, not a traceback."""
     args = build_parser().parse_args(argv)
     try:
+        check_versions()
         return args.run(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -6,8 +6,10 @@ import sys
 
 def run_cli(main, *args) -> int:
     from trainers.errors import UserError
+    from trainers.versions import check_versions
 
     try:
+        check_versions()
         return main(*args) or 0
     except UserError as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -27,27 +29,89 @@ TEACHER = ROOT / "assets" / "demo_teacher"
 RECIPE = ROOT / "recipes" / "demo" / "shapes_concept_lora_tiny.yaml"
 LCM_RECIPE = ROOT / "recipes" / "demo" / "sd15_lcm_lora_tiny.yaml"
 CONTROLNET_RECIPE = ROOT / "recipes" / "demo" / "sd15_controlnet_tiny.yaml"
-EDGE_IMAGES = 4096  # the ControlNet's shapes with outlines: more than the LoRA's, it learns a whole new input
 LCM_STEPS = (1, 2, 4)  # an LCM student samples in few steps; beyond that it does not improve
 CONCEPT = {"colour": "purple"}  # held out of the teacher's data (launch/demo_teacher.py HELD_OUT)
 SCHEDULER, GUIDANCE = "dpmpp", 3.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much the demo trains and evaluates. `seconds` is each stage's time on the 2-core CPU machine, measured
+    (bench/README.md "make demo"); it only scales the estimate of what remains."""
+
+    name: str
+    images: int  # purple images, and as many prior images
+    edge_images: int  # shapes with outlines for the ControlNet: more than the LoRA's, it learns a whole new input
+    prompts: int
+    images_per_prompt: int
+    steps: str  # sampling steps the teacher is scored at
+    lora: tuple[str, ...]  # overrides of each recipe: the committed recipes are the full figures
+    lcm: tuple[str, ...]
+    controlnet: tuple[str, ...]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+FULL = Plan("full", images=512, edge_images=4096, prompts=20, images_per_prompt=4, steps="1,2,4,8,25", lora=(),
+            lcm=(), controlnet=(), seconds={"data": 20, "lora": 150, "lcm": 330, "edges": 40, "controlnet": 150,
+                                            "evaluate": 200, "report": 5})
+FAST = Plan("fast", images=512, edge_images=1024, prompts=10, images_per_prompt=4, steps="1,2,4,25",
+            lora=("train.max_steps=400", "checkpoint.every_steps=400", "validation.every_steps=200"),
+            lcm=("train.max_steps=120", "train.batch_size=16", "checkpoint.every_steps=120",
+                 "validation.every_steps=120"),
+            controlnet=("train.max_steps=160", "train.batch_size=16", "checkpoint.every_steps=160",
+                        "validation.every_steps=160"),
+            seconds={"data": 10, "lora": 70, "lcm": 70, "edges": 10, "controlnet": 30, "evaluate": 90, "report": 5})
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=Path("demo_out"), type=Path)
     parser.add_argument("--teacher", default=TEACHER, type=Path, help="the demo teacher pipeline folder")
-    parser.add_argument("--images", type=int, default=512, help="purple images, and as many prior images")
-    parser.add_argument("--prompts", type=int, default=20, help="held-out prompts per evaluation")
-    parser.add_argument("--images-per-prompt", type=int, default=4)
-    parser.add_argument("--steps", default="1,2,4,8,25", help="sampling steps the teacher is scored at")
+    parser.add_argument("--full", action="store_true",
+                        help="the committed recipes' full step counts and evaluations (about 20 min on 2 cores) "
+                             "instead of the shortened chain (under 8 min)")
+    parser.add_argument("--images", type=int, help="purple images, and as many prior images")
+    parser.add_argument("--prompts", type=int, help="held-out prompts per evaluation")
+    parser.add_argument("--images-per-prompt", type=int)
+    parser.add_argument("--steps", help="sampling steps the teacher is scored at, e.g. 1,2,4,25")
     parser.add_argument("--lcm", action="append", default=[], metavar="KEY=VALUE",
                         help="a dotted override of the LCM-LoRA recipe (repeatable), e.g. --lcm train.max_steps=50")
     parser.add_argument("--controlnet", action="append", default=[], metavar="KEY=VALUE",
                         help="a dotted override of the ControlNet recipe (repeatable)")
-    parser.add_argument("--edge-images", type=int, default=EDGE_IMAGES, help="shapes with outlines for the ControlNet")
+    parser.add_argument("--edge-images", type=int, help="shapes with outlines for the ControlNet")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the LoRA recipe, e.g. train.max_steps=50")
     return parser.parse_args(argv)
+
+
+def plan_from(args: argparse.Namespace) -> Plan:
+    """The preset, with what the command line names on top (its overrides after the preset's: the last one wins)."""
+    base = FULL if args.full else FAST
+    picked = {key: getattr(args, key) for key in ("images", "edge_images", "prompts", "images_per_prompt", "steps")}
+    return replace(base, **{k: v for k, v in picked.items() if v is not None},
+                   lora=(*base.lora, *args.overrides), lcm=(*base.lcm, *args.lcm),
+                   controlnet=(*base.controlnet, *args.controlnet))
+
+
+class Stages:
+    """One line per finished stage: its time, the total so far, and what remains, scaled by how fast this machine
+    has been against the plan's measured figures."""
+
+    def __init__(self, plan: Plan):
+        self.plan, self.start, self.done = plan, time.monotonic(), []
+        self.last = self.start
+
+    def finished(self, stage: str, what: str) -> None:
+        now = time.monotonic()
+        self.done.append(stage)
+        planned_done = sum(self.plan.seconds.get(s, 0) for s in self.done)
+        left = sum(v for s, v in self.plan.seconds.items() if s not in self.done)
+        pace = (now - self.start) / planned_done if planned_done else 1.0
+        print(f"[demo {len(self.done)}/{len(self.plan.seconds)}] {what}: {now - self.last:.0f} s; "
+              f"{now - self.start:.0f} s so far, about {left * pace:.0f} s left", flush=True)
+        self.last = now
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
 
 
 def main(argv=None) -> int:
@@ -57,26 +121,48 @@ def main(argv=None) -> int:
     if not (args.teacher / "model_index.json").is_file():
         raise UserError(f"no demo teacher at {args.teacher}; build one with `python launch/demo_teacher.py "
                         f"--out {args.teacher}` (about an hour on CPU)")
-    out = args.out
-    data = write_data(out / "data", args.images)
-    final, run = train_lora(args.teacher, data, out / "runs" / "concept_lora", args.overrides)
+    plan, out = plan_from(args), args.out
+    runs = out / "runs" / plan.name  # the shortened and the full chain each resume only themselves
+    print(f"demo ({plan.name}): " + ("the committed recipes in full" if plan.name == "full" else
+                                     "shortened; `make demo FULL=1` runs the committed recipes in full"), flush=True)
+    stages = Stages(plan)
+    data = write_data(out / "data", plan.images)
+    stages.finished("data", f"{plan.images} purple and {plan.images} prior images")
+    final, run = train_lora(args.teacher, data, runs / "concept_lora", list(plan.lora))
+    stages.finished("lora", "concept LoRA trained")
     lcm_final = train(LCM_RECIPE, [f"model.pretrained={args.teacher}", f"data.source={data['prior']}",
-                                   f"output_dir={out / 'runs' / 'lcm_lora'}", *args.lcm])
-    edges = write_edges(out / "data" / "edges", args.edge_images)
+                                   f"output_dir={runs / 'lcm_lora'}", *plan.lcm])
+    stages.finished("lcm", "LCM-LoRA distilled")
+    edges = write_edges(out / "data" / "edges", plan.edge_images)
+    stages.finished("edges", f"{plan.edge_images} shapes with outlines")
     controlnet_final = train(CONTROLNET_RECIPE, [
-        f"model.pretrained={args.teacher}", f"data.source={edges}", f"output_dir={out / 'runs' / 'controlnet'}",
+        f"model.pretrained={args.teacher}", f"data.source={edges}", f"output_dir={runs / 'controlnet'}",
         f"validation.conditioning_images=[{edges / 'conditioning' / '00000.png'}, {edges / 'conditioning' / '00001.png'}]",
-        *args.controlnet])
-    steps = [int(s) for s in args.steps.split(",")]
-    evaluations = evaluate_all(args.teacher, final, steps, args.prompts, args.images_per_prompt)
+        *plan.controlnet])
+    stages.finished("controlnet", "ControlNet trained")
+    steps = [int(s) for s in plan.steps.split(",")]
+    evaluations = evaluate_all(args.teacher, final, steps, plan.prompts, plan.images_per_prompt)
     evaluations |= evaluate_lcm(args.teacher, lcm_final, [s for s in steps if s in LCM_STEPS] or [min(steps)],
-                                args.prompts, args.images_per_prompt)
-    evaluations |= evaluate_controlnet(args.teacher, controlnet_final, max(steps), args.prompts, args.images_per_prompt)
+                                plan.prompts, plan.images_per_prompt)
+    evaluations |= evaluate_controlnet(args.teacher, controlnet_final, max(steps), plan.prompts, plan.images_per_prompt)
+    stages.finished("evaluate", f"{len(evaluations)} evaluations")
     from launch.demo_report import write_report
 
-    report = write_report(out, run, evaluations, CONCEPT)
-    print(f"demo done: LoRA in {final}, report in {report}")
+    report = write_report(out, run, evaluations, CONCEPT, plan_note(plan))
+    stages.finished("report", "report written")
+    print(f"demo done in {stages.elapsed():.0f} s: LoRA in {final}, report in {report}")
     return 0
+
+
+def plan_note(plan: Plan) -> str:
+    """The report's line on which chain ran."""
+    if plan.name == "full":
+        return "Run: the full chain (`make demo FULL=1`): the committed recipes' step counts."
+    overrides = "; ".join(f"{stage}: {' '.join(o)}" for stage, o in
+                          (("LoRA", plan.lora), ("LCM-LoRA", plan.lcm), ("ControlNet", plan.controlnet)) if o)
+    return (f"Run: the shortened chain (`make demo`; `make demo FULL=1` runs the committed recipes in full): "
+            f"{plan.edge_images} edge images, {plan.prompts} prompts x {plan.images_per_prompt} images per "
+            f"evaluation, recipe overrides {overrides}.")
 
 
 def write_data(where: Path, n: int) -> dict[str, Path]:

@@ -10,7 +10,7 @@ FACTORS = ("colour", "shape", "size", "position", "all", "all_but_position")
 CONTROL_PROMPTS = ("empty", "full")  # evaluations of the ControlNet stage: "<model>/<captions>"
 
 
-def write_report(out: Path, run: Path, evaluations: dict, concept: dict) -> Path:
+def write_report(out: Path, run: Path, evaluations: dict, concept: dict, note: str = "") -> Path:
     """Write every evaluation's results folder, the plots and report.md; returns the report's path."""
     from launch.evaluate import write_results
 
@@ -26,7 +26,7 @@ def write_report(out: Path, run: Path, evaluations: dict, concept: dict) -> Path
              "(lower is better). Old prompts never name the concept; new prompts always do. The lcm-lora rows are an "
              "LCM-LoRA distilled from the teacher, sampled with LCMScheduler in 1-4 steps and no CFG pass; compare "
              "them with the teacher's rows at the same steps.", "",
-             *table_head("prompts")]
+             *([note, ""] if note else []), *table_head("prompts")]
     control = {k: v for k, v in evaluations.items() if k.split("/")[1] in CONTROL_PROMPTS}
     for name, results in sorted(evaluations.items(), key=lambda item: item[0].split("/")[1]):
         model, prompts = name.split("/")
@@ -49,7 +49,7 @@ def write_report(out: Path, run: Path, evaluations: dict, concept: dict) -> Path
     grids = sorted((run / "samples").glob("step-*.png"), key=lambda p: int(p.stem[5:]))
     if grids:
         lines += ["## Validation grids during LoRA training", ""]
-        lines += [f"![{g.stem}]({Path('runs') / run.name / 'samples' / g.name})" for g in grids]
+        lines += [f"![{g.stem}]({(run / 'samples' / g.name).relative_to(out)})" for g in grids]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from trainers.errors import UserError
 from trainers.schedulers import SCHEDULERS, set_scheduler
+from trainers.versions import check_versions
 
 
 def positive_int(text: str) -> int:
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; a UserError becomes one line on stderr and exit code 2, not a traceback."""
     args = parse_args(argv)
     try:
+        check_versions()
         print(sample(args))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

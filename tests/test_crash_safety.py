@@ -26,8 +26,10 @@ def test_sigkill_at_20_random_moments_then_resume_finishes(tiny_sd15, digits_dat
         before = len(metrics.read_text().splitlines()) if metrics.exists() else 0
         proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:  # wait for the first new step, then a random moment
-            if metrics.exists() and len(metrics.read_text().splitlines()) > before:
+        # wait for a new step (and, the first time, for the first checkpoint: until one is written there is
+        # nothing a kill could lose), then a random moment
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) > before and checkpoint.complete_checkpoints(out):
                 break
             time.sleep(0.02)
         time.sleep(rng.uniform(0, 0.4))

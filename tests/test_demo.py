@@ -43,9 +43,10 @@ def test_demo_chain_end_to_end(tmp_path):
     report = (out / "report.md").read_text()
     assert "| teacher | old | 1 |" in report and "| lora | new | 2 |" in report
     assert "| lcm-lora | old | 1 |" in report and "| lcm-lora | old | 2 |" in report
-    assert (out / "runs" / "lcm_lora" / "final" / "scheduler" / "scheduler_config.json").is_file()
+    assert "Run: the shortened chain" in report  # the report says which chain ran
+    assert (out / "runs" / "fast" / "lcm_lora" / "final" / "scheduler" / "scheduler_config.json").is_file()
     assert "| teacher alone | empty | 2 |" in report and "| teacher + ControlNet | full | 2 |" in report
-    assert (out / "runs" / "controlnet" / "final" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (out / "runs" / "fast" / "controlnet" / "final" / "diffusion_pytorch_model.safetensors").is_file()
     control = json.loads((out / "eval" / "controlnet-empty" / "results.json").read_text())
     assert control["captions"] == "empty" and control["controlnet"].endswith("final")
     for png in ("loss.png", "adherence_vs_steps.png", "eval/teacher-old/grid-2.png", "eval/lora-new/grid-1.png"):
@@ -65,3 +66,31 @@ def test_committed_teacher_is_small_and_half_precision():
     for weights in TEACHER.glob("*/*.safetensors"):
         with safe_open(weights, "pt") as f:
             assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys()), weights
+
+
+def test_the_default_demo_is_the_shortened_chain_and_full_is_the_committed_recipes():
+    from launch.demo import FULL, parse_args, plan_from, plan_note
+
+    fast = plan_from(parse_args([]))
+    assert fast.name == "fast" and "train.max_steps=400" in fast.lora
+    full = plan_from(parse_args(["--full"]))
+    assert full == FULL and full.lora == () and full.lcm == () and full.controlnet == ()
+    assert "full chain" in plan_note(full) and "shortened chain" in plan_note(fast)
+    # what the command line names comes after the preset, so it wins
+    mine = plan_from(parse_args(["--prompts", "3", "--lcm", "train.max_steps=7", "train.max_steps=9"]))
+    assert mine.prompts == 3 and mine.lcm[-1] == "train.max_steps=7" and mine.lora[-1] == "train.max_steps=9"
+    assert set(fast.seconds) == set(full.seconds)  # both estimate the same stages
+
+
+def test_each_stage_line_says_its_time_and_what_remains(capsys, monkeypatch):
+    from launch import demo
+
+    clock = iter([0.0, 10.0, 40.0])
+    monkeypatch.setattr(demo.time, "monotonic", lambda: next(clock))
+    plan = demo.Plan("t", 1, 1, 1, 1, "1", (), (), (), seconds={"a": 20, "b": 40, "c": 60})
+    stages = demo.Stages(plan)
+    stages.finished("a", "first")  # took 10 s against 20 planned: this machine runs at half the planned time
+    stages.finished("b", "second")  # 40 s for 60 planned
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[demo 1/3] first: 10 s; 10 s so far, about 50 s left"
+    assert lines[1] == "[demo 2/3] second: 30 s; 40 s so far, about 40 s left"
