@@ -52,15 +52,15 @@ class Plan:
 
 
 FULL = Plan("full", images=512, edge_images=4096, prompts=20, images_per_prompt=4, steps="1,2,4,8,25", lora=(),
-            lcm=(), controlnet=(), seconds={"data": 20, "lora": 150, "lcm": 330, "edges": 40, "controlnet": 150,
-                                            "evaluate": 200, "report": 5})
+            lcm=(), controlnet=(), seconds={"data": 2, "lora": 200, "lcm": 430, "edges": 5, "controlnet": 290,
+                                            "evaluate": 250, "report": 2})
 FAST = Plan("fast", images=512, edge_images=1024, prompts=10, images_per_prompt=4, steps="1,2,4,25",
             lora=("train.max_steps=400", "checkpoint.every_steps=400", "validation.every_steps=200"),
             lcm=("train.max_steps=120", "train.batch_size=16", "checkpoint.every_steps=120",
                  "validation.every_steps=120"),
             controlnet=("train.max_steps=160", "train.batch_size=16", "checkpoint.every_steps=160",
                         "validation.every_steps=160"),
-            seconds={"data": 10, "lora": 70, "lcm": 70, "edges": 10, "controlnet": 30, "evaluate": 90, "report": 5})
+            seconds={"data": 1, "lora": 131, "lcm": 91, "edges": 1, "controlnet": 59, "evaluate": 101, "report": 1})
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -94,7 +94,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
 
 class Stages:
     """One line per finished stage: its time, the total so far, and what remains, scaled by how fast this machine
-    has been against the plan's measured figures."""
+    has been against the plan's measured figures (once a minute of them has passed)."""
 
     def __init__(self, plan: Plan):
         self.plan, self.start, self.done = plan, time.monotonic(), []
@@ -105,7 +105,7 @@ class Stages:
         self.done.append(stage)
         planned_done = sum(self.plan.seconds.get(s, 0) for s in self.done)
         left = sum(v for s, v in self.plan.seconds.items() if s not in self.done)
-        pace = (now - self.start) / planned_done if planned_done else 1.0
+        pace = (now - self.start) / planned_done if planned_done >= 60 else 1.0  # a short stage says little
         print(f"[demo {len(self.done)}/{len(self.plan.seconds)}] {what}: {now - self.last:.0f} s; "
               f"{now - self.start:.0f} s so far, about {left * pace:.0f} s left", flush=True)
         self.last = now

@@ -96,7 +96,7 @@ def load_pipeline(folder: Path, lora: Path | None, device: str, student: Path | 
     if controlnet is not None and not (Path(controlnet) / "config.json").is_file():
         raise UserError(f"ControlNet folder has no config.json: {controlnet}")
     from trainers.backbones import coord_unet, uvit_pipeline  # noqa: F401  (importing registers our classes)
-    from launch.sample import load_pipeline as load_any, resolve_device, with_trained_controlnet
+    from launch.sample import load_lora, load_pipeline as load_any, resolve_device, with_trained_controlnet
 
     try:
         pipe = load_any(Path(folder), resolve_device(device), "float32")
@@ -132,15 +132,6 @@ def use_exported_scheduler(pipe, lora: Path) -> None:
 
         config = json.loads(config_file.read_text())
         pipe.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
-
-
-def load_lora(pipe, lora: Path) -> None:
-    """pipe.load_lora_weights on a folder, or on a single weights file (its folder plus weight_name)."""
-    where = {"weight_name": lora.name} if lora.is_file() else {}
-    try:
-        pipe.load_lora_weights(str(lora.parent if lora.is_file() else lora), **where)
-    except (OSError, ValueError, KeyError) as error:
-        raise UserError(f"cannot load LoRA {lora}: {error}") from None
 
 
 def denoiser(pipe):
@@ -258,6 +249,8 @@ def evaluate(pipe_or_dir, steps: list[int], *, lora=None, student=None, schedule
         raise UserError(f"--captions must be one of {', '.join(CAPTIONS)}, got {captions!r}")
     pipe = pipe_or_dir if loaded else load_pipeline(Path(pipe_or_dir), lora, device, student, controlnet)
     if loaded and lora is not None:
+        from launch.sample import load_lora
+
         load_lora(pipe, Path(lora))
     pipe.set_progress_bar_config(disable=True)
     check_resolution(pipe, resolution)

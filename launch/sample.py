@@ -142,7 +142,7 @@ def sample(args: argparse.Namespace) -> Path:
     if args.scheduler != "default":
         set_scheduler(pipe, args.scheduler)
     if args.lora is not None:
-        pipe.load_lora_weights(str(args.lora))
+        load_lora(pipe, args.lora)
     if args.controlnet is not None:
         pipe = with_trained_controlnet(pipe, args.controlnet, args.dtype)
     grid = make_grid(generate(pipe, args), rows=len(args.prompt), cols=args.images_per_prompt)
@@ -163,6 +163,24 @@ def with_trained_controlnet(pipe, folder: Path, dtype: str):
     except (OSError, ValueError, KeyError) as error:
         raise UserError(f"cannot load the ControlNet in {folder}: {error}") from None
     return with_controlnet(pipe, controlnet.to(pipe.device))
+
+
+def load_lora(pipe, lora: Path) -> None:
+    """pipe.load_lora_weights on a folder, or on a single weights file (its folder plus weight_name); a file that
+    is not safetensors is refused before anything reads it (no pickles), and a LoRA that will not load is one line."""
+    from trainers.integrity import Damaged, nonfinite_tensor
+
+    lora = Path(lora)
+    if lora.is_file():
+        try:
+            nonfinite_tensor(lora)
+        except Damaged as error:
+            raise UserError(f"--lora {lora} is not a LoRA weights file: {error}") from None
+    where = {"weight_name": lora.name} if lora.is_file() else {}
+    try:
+        pipe.load_lora_weights(str(lora.parent if lora.is_file() else lora), **where)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise UserError(f"cannot load LoRA {lora}: {str(error).strip().splitlines()[0]}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

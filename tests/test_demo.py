@@ -85,12 +85,12 @@ def test_the_default_demo_is_the_shortened_chain_and_full_is_the_committed_recip
 def test_each_stage_line_says_its_time_and_what_remains(capsys, monkeypatch):
     from launch import demo
 
-    clock = iter([0.0, 10.0, 40.0])
+    clock = iter([0.0, 10.0, 70.0])
     monkeypatch.setattr(demo.time, "monotonic", lambda: next(clock))
-    plan = demo.Plan("t", 1, 1, 1, 1, "1", (), (), (), seconds={"a": 20, "b": 40, "c": 60})
+    plan = demo.Plan("t", 1, 1, 1, 1, "1", (), (), (), seconds={"a": 20, "b": 100, "c": 60})
     stages = demo.Stages(plan)
-    stages.finished("a", "first")  # took 10 s against 20 planned: this machine runs at half the planned time
-    stages.finished("b", "second")  # 40 s for 60 planned
+    stages.finished("a", "first")  # 10 s against 20 planned: too short to judge this machine's pace by
+    stages.finished("b", "second")  # 70 s for 120 planned: this machine takes 7/12 of the planned time
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "[demo 1/3] first: 10 s; 10 s so far, about 50 s left"
-    assert lines[1] == "[demo 2/3] second: 30 s; 40 s so far, about 40 s left"
+    assert lines[0] == "[demo 1/3] first: 10 s; 10 s so far, about 160 s left"
+    assert lines[1] == "[demo 2/3] second: 60 s; 70 s so far, about 35 s left"

@@ -124,8 +124,9 @@ def installed(python: Path) -> dict[str, str]:
 def run_suite(python: Path, junit: Path, pytest_args: list[str]) -> int:
     step("running the test suite on them (unlocked)")
     env = {**os.environ, "DIFFTUNE_UNLOCKED": "1"}
+    workers = ["-n", os.environ.get("JOBS", "2")]  # as `make test`
     return subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                           *pytest_args], cwd=ROOT, env=env).returncode
+                           *workers, *pytest_args], cwd=ROOT, env=env).returncode
 
 
 START = time.monotonic()

@@ -2,7 +2,9 @@
 
 checkpoints/step-<N>/ holds weights.safetensors (trainable weights, EMA, objective state),
 training_state.pt (optimizer, scaler, RNG; read back with weights_only=True, nothing unpickled) and
-state.json (step and the recipe hash), written last. Under DeepSpeed ZeRO the optimizer is sharded:
+state.json (step, name, and every other file's size and blake2b digest), written last. `resume` verifies a
+checkpoint against that record, and its weights for NaN and inf, before loading anything; a damaged one is moved
+aside to checkpoints/damaged-step-N and the next newest is tried. Under DeepSpeed ZeRO the optimizer is sharded:
 training_state.pt keeps scaler and RNG, and deepspeed/ holds DeepSpeed's own checkpoint, one optimizer file per
 rank, each written by its rank (read back with weights_only=True too, see load_deepspeed).
 """
@@ -13,13 +15,16 @@ import os
 import pickle
 import random
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from trainers import integrity
 from trainers.errors import UserError
+from trainers.integrity import Damaged
 
 STATE = "state.json"
 
@@ -28,11 +33,17 @@ def step_dir(output_dir: Path, step: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"step-{step}"
 
 
+def step_of(path: Path) -> int | None:
+    """N of a folder named step-N, else None."""
+    prefix, _, number = Path(path).name.partition("-")
+    return int(number) if prefix == "step" and number.isdigit() else None
+
+
 def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints (a state.json, written last), oldest first; not yet verified."""
     root = Path(output_dir) / "checkpoints"
-    found = [p for p in root.glob("step-*") if (p / STATE).is_file() and p.name[5:].isdigit()] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    found = [p for p in root.iterdir() if step_of(p) is not None and (p / STATE).is_file()] if root.is_dir() else []
+    return sorted(found, key=step_of)
 
 
 def check_fresh_start(resume: str, output_dir: Path) -> None:
@@ -45,17 +56,75 @@ def check_fresh_start(resume: str, output_dir: Path) -> None:
                         f"{Path(output_dir) / 'checkpoints'}")
 
 
-def resolve_resume(resume: str, output_dir: Path) -> Path | None:
-    """`auto`: the newest complete checkpoint (or none); `none`; or an explicit checkpoint folder."""
+def verify(path: Path) -> bool:
+    """Raise integrity.Damaged unless the checkpoint is as it was written and its weights are finite. Returns
+    whether it carried a record (checkpoints written before records existed get sizes-by-reading and finiteness)."""
+    try:
+        meta = json.loads((path / STATE).read_text())
+        int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise Damaged(f"{STATE} cannot be read ({integrity.first_line(error)})") from None
+    files = meta.get("files")
+    if files is not None:
+        integrity.check_record(path, files)
+    else:
+        for name in ("weights.safetensors", "training_state.pt"):
+            if not (path / name).is_file():
+                raise Damaged(f"{name} is missing")
+        read_training_state(path, Damaged)
+    bad = integrity.nonfinite_tensor(path / "weights.safetensors")
+    if bad is not None:
+        raise Damaged(f"weights.safetensors holds NaN or inf in {bad}")
+    return files is not None
+
+
+@dataclass
+class Choice:
+    """The checkpoint a run resumes from (None: a fresh start) and the damaged newer ones passed over."""
+
+    path: Path | None
+    damaged: list[tuple[Path, str]] = field(default_factory=list)
+    recorded: bool = True
+
+
+def choose(resume: str, output_dir: Path) -> Choice:
+    """`auto`: the newest checkpoint that verifies; `none`; or an explicit folder, which must verify. Reads only:
+    every process may call it, and `set_aside` (main process, after all have chosen) moves the damaged ones."""
     if resume == "none":
-        return None
-    if resume == "auto":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / STATE).is_file():
-        raise UserError(f"resume: {path} is not a complete checkpoint folder (no {STATE})")
-    return path
+        return Choice(None)
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / STATE).is_file():
+            raise UserError(f"resume: {path} is not a complete checkpoint folder (no {STATE})")
+        try:
+            return Choice(path, recorded=verify(path))
+        except Damaged as error:
+            raise UserError(f"resume: {path} is damaged: {error}") from None
+    damaged = []
+    for path in reversed(complete_checkpoints(output_dir)):
+        try:
+            return Choice(path, damaged, verify(path))
+        except Damaged as error:
+            damaged.append((path, str(error)))
+    if damaged:
+        raise UserError(f"resume: auto found no intact checkpoint in {Path(output_dir) / 'checkpoints'}: "
+                        + "; ".join(f"{p.name}: {why}" for p, why in damaged)
+                        + " (left in place; resume: none with another output_dir starts over)")
+    return Choice(None)
+
+
+def set_aside(damaged: list[tuple[Path, str]]) -> list[str]:
+    """Move each damaged checkpoint to checkpoints/damaged-step-N (never deleted); one warning line each."""
+    lines = []
+    for path, why in damaged:
+        target = path.with_name(f"damaged-{path.name}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"damaged-{path.name}-{n}")
+        os.replace(path, target)
+        lines.append(f"warning: checkpoint {path.name} is damaged ({why}); moved aside to {target}")
+    return lines
 
 
 def staging_dir(output_dir: Path, step: int) -> Path:
@@ -73,13 +142,26 @@ def stage(output_dir: Path, step: int) -> Path:
 
 def save(output_dir: Path, step: int, tensors: dict[str, torch.Tensor], training_state: dict, meta: dict,
          keep_last: int, staged: bool = False) -> Path:
-    """Write step N and make it visible by a rename; `staged`: other processes already wrote into stage()."""
+    """Write step N and make it visible by a rename; `staged`: other processes already wrote into stage(). A disk
+    that refuses the write is one line (integrity.DiskFull) and leaves no staging folder."""
     final = step_dir(output_dir, step)
     tmp = staging_dir(output_dir, step) if staged else stage(output_dir, step)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp / "weights.safetensors")
-    torch.save(training_state | {"rng": rng_state()}, tmp / "training_state.pt")
-    (tmp / STATE).write_text(json.dumps(meta | {"step": step}, indent=2))
-    _fsync_files(tmp)
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    try:
+        save_file(cpu, tmp / "weights.safetensors")
+        torch.save(training_state | {"rng": rng_state()}, tmp / "training_state.pt")
+        files = integrity.record(tmp, skip=(STATE,))
+        (tmp / STATE).write_text(json.dumps(meta | {"step": step, "files": files}, indent=2))
+        _fsync_files(tmp)
+    except Exception as error:
+        reason = integrity.disk_error(error)
+        if reason is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        needed = sum(v.numel() * v.element_size() for v in cpu.values()) + _state_bytes(training_state)
+        intact = complete_checkpoints(output_dir)
+        raise integrity.disk_full(f"checkpoint step-{step}", Path(output_dir) / "checkpoints", needed, reason,
+                                  intact[-1] if intact else None) from None
     if final.exists():  # a re-save of the same step (e.g. a final save after a periodic one)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -88,12 +170,33 @@ def save(output_dir: Path, step: int, tensors: dict[str, torch.Tensor], training
     return final
 
 
+def _state_bytes(state) -> int:
+    """The tensors' bytes in a nested training state (the optimizer's moments dominate)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(v) for v in state)
+    return 0
+
+
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(tensors, training_state, meta); RNG states are restored here."""
+    """(tensors, training_state, meta); RNG states are restored here. `choose` has verified the folder."""
     tensors = load_file(path / "weights.safetensors")
-    training_state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    training_state = read_training_state(path, UserError)
     set_rng_state(training_state.pop("rng"))
     return tensors, training_state, json.loads((path / STATE).read_text())
+
+
+def read_training_state(path: Path, error_type: type[Exception]) -> dict:
+    """training_state.pt as plain data only (weights_only): a file that would run code, or is not a torch file,
+    raises `error_type` with one line."""
+    try:
+        return torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+        raise error_type(f"training_state.pt will not load as plain data (refused, nothing in it ran): "
+                         f"{integrity.first_line(error)}") from None
 
 
 def check_matches(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -146,8 +249,16 @@ def save_deepspeed(engine, output_dir: Path, step: int) -> None:
 
     DeepSpeed's own layout, so its tools read it (deepspeed/zero_to_fp32.py rebuilds full fp32 weights).
     """
-    engine.save_checkpoint(str(staging_dir(output_dir, step) / DEEPSPEED), tag=DEEPSPEED_TAG, save_latest=False,
-                           exclude_frozen_parameters=True)
+    try:
+        engine.save_checkpoint(str(staging_dir(output_dir, step) / DEEPSPEED), tag=DEEPSPEED_TAG, save_latest=False,
+                               exclude_frozen_parameters=True)
+    except Exception as error:
+        reason = integrity.disk_error(error)
+        if reason is None:
+            raise
+        intact = complete_checkpoints(output_dir)
+        raise integrity.disk_full(f"checkpoint step-{step} (DeepSpeed shard)", Path(output_dir) / "checkpoints", 0,
+                                  reason, intact[-1] if intact else None) from None
 
 
 def load_deepspeed(engine, path: Path, world_size: int) -> None:

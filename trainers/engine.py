@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from trainers import checkpoint, memory, preflight, quantize, seeding
+from trainers import checkpoint, integrity, memory, preflight, quantize, seeding
 from trainers.backbones import load_backbone
 from trainers.config import Recipe, dump_recipe
 from trainers.data import StepSampler, build_dataset, collate, make_loader
@@ -89,8 +89,12 @@ class Trainer:
         self.params = self.objective.trainable_named_parameters()
         self.ema = EMA(self.params, recipe.ema.decay) if recipe.ema.enabled else None
         self.nonfinite = NonFiniteGuard(self.device, recipe.train.max_nonfinite_steps)
-        preflight.check_disk(self.out, preflight.checkpoint_bytes(self.parameter_counts()[0], recipe.optimizer.name,
-                                                                  recipe.ema.enabled))
+        trainable = self.parameter_counts()[0]
+        warning = preflight.check_disk(self.out, preflight.checkpoint_bytes(trainable, recipe.optimizer.name,
+                                                                            recipe.ema.enabled),
+                                       recipe.checkpoint.keep_last, export_bytes=2 * 4 * trainable)
+        if warning and self.is_main:
+            tqdm.write(warning)
 
     def _frozen_parameters(self) -> list[torch.nn.Parameter]:
         trained = {id(p) for p in self.params.values()}
@@ -148,7 +152,11 @@ class Trainer:
                     break
         if not checkpoint.step_dir(self.out, step).exists():
             self.save_checkpoint(step)
-        final = self.export() if step == r.train.max_steps and not stopped else None
+        done = step == r.train.max_steps and not stopped
+        if done and step > start:
+            every = r.checkpoint.every_steps
+            self.nonfinite.check_progress(max(start, (step - 1) // every * every if every else start), step)
+        final = self.export() if done else None
         if final and r.hub.push and self.is_main:
             try:
                 tqdm.write(f"pushed to {push_folder(final, r.hub.repo_id, r.hub.private, r.hub.revision)}")
@@ -180,7 +188,7 @@ class Trainer:
         else:
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None])))
         finite = torch.isfinite(norm)
-        self.nonfinite.record(finite)
+        self.nonfinite.record(finite, step)
         if not self.deepspeed and self.nonfinite.allows_step(self.optimizer, finite, acc.scaler is not None):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -286,7 +294,7 @@ class Trainer:
 
     def export_checkpoint(self, out: Path) -> Path:
         """Export the checkpoint recipe.resume names, as the run's end would (e.g. a progressive run's 8-step student)."""
-        path = checkpoint.resolve_resume(self.recipe.resume, self.out)
+        path = self._choose_checkpoint()
         if path is None:
             raise UserError(f"resume: no checkpoint to export in {self.out}")
         _, meta = self._load_weights(path)
@@ -304,8 +312,21 @@ class Trainer:
         self.objective.load_checkpoint_state({k[10:]: v for k, v in tensors.items() if k.startswith("objective.")})
         return state, meta
 
+    def _choose_checkpoint(self) -> Path | None:
+        """Every process verifies and picks the same checkpoint; then the main one moves the damaged aside."""
+        choice = checkpoint.choose(self.recipe.resume, self.out)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            for line in checkpoint.set_aside(choice.damaged):
+                tqdm.write(line)
+            if choice.path is not None and not choice.recorded:
+                tqdm.write(f"note: {choice.path} predates integrity records: checked that its files read and its "
+                           "weights are finite, not their digests")
+        self.accelerator.wait_for_everyone()
+        return choice.path
+
     def _resume(self) -> int:
-        path = checkpoint.resolve_resume(self.recipe.resume, self.out)
+        path = self._choose_checkpoint()
         if path is None:
             return 0
         state, meta = self._load_weights(path)
@@ -372,7 +393,7 @@ class Trainer:
             tmp = final.parent / f".tmp-{final.name}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            self.objective.export(tmp)
+            self._write_export(tmp, until_step)
             samples = sorted((p for p in (self.out / "samples").glob("step-*.png")
                               if until_step is None or int(p.stem[5:]) <= until_step), key=lambda p: int(p.stem[5:]))
             if samples:
@@ -385,6 +406,27 @@ class Trainer:
             tmp.rename(final)
         self.accelerator.wait_for_everyone()
         return final
+
+
+    def _write_export(self, tmp: Path, until_step: int | None) -> None:
+        """The objective's artefacts, refused if any weight is non-finite; a full disk is one line (DiskFull)."""
+        step = until_step if until_step is not None else self.recipe.train.max_steps
+        try:
+            self.objective.export(tmp)
+        except Exception as error:
+            reason = integrity.disk_error(error)
+            if reason is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            needed = sum(p.numel() * p.element_size() for p in self.params.values())
+            intact = checkpoint.complete_checkpoints(self.out)
+            raise integrity.disk_full(f"the export of step {step}", tmp.parent, needed, reason,
+                                      intact[-1] if intact else None) from None
+        try:
+            integrity.refuse_nonfinite(tmp, f"export of step {step} refused")
+        except UserError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def heldout_dataset(recipe: Recipe):

@@ -17,8 +17,10 @@ class NonFiniteGuard:
         self.total = torch.zeros((), dtype=torch.int64, device=device)
         self.in_a_row = torch.zeros((), dtype=torch.int64, device=device)
         self.longest = torch.zeros((), dtype=torch.int64, device=device)  # since the last check
+        self.last_good = torch.zeros((), dtype=torch.int64, device=device)  # the newest step whose update counted
 
-    def record(self, finite: torch.Tensor) -> None:
+    def record(self, finite: torch.Tensor, step: int) -> None:
+        self.last_good.masked_fill_(finite, step)
         bad = (~finite).long()
         self.total += bad
         self.in_a_row.mul_(bad).add_(bad)  # reset to 0 on a finite step, else count up
@@ -44,3 +46,11 @@ class NonFiniteGuard:
                             f"{step} ({total} skipped in all); lower optimizer.lr, keep optimizer.max_grad_norm, "
                             "or use precision: bf16 instead of fp16")
         return total
+
+    def check_progress(self, since: int, step: int) -> None:
+        """At the end of a run: refuse to call it done when every update after step `since` was skipped, since then
+        the last checkpoint's weights are all the run has (one sync)."""
+        if int(self.last_good.item()) <= since:
+            raise UserError(f"every update after step {since} was skipped as non-finite (steps {since + 1}-{step}), so "
+                            "the run is not done and final/ is not written; lower optimizer.lr, keep "
+                            "optimizer.max_grad_norm, or resume from an earlier checkpoint")

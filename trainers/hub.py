@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from trainers.errors import UserError
+from trainers.integrity import refuse_nonfinite
 
 T = TypeVar("T")
 
@@ -90,6 +91,7 @@ def push_folder(folder: Path, repo_id: str, private: bool = True, revision: str 
     files = files_to_upload(folder)
     if not any(f.endswith(".safetensors") for f in files):
         raise UserError(f"hub: {folder} holds no .safetensors weights; push a run's final/ directory")
+    refuse_nonfinite(folder, f"hub: {folder} not pushed", files)
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
     api = HfApi(endpoint=endpoint, token=token)
     call = _Caller(repo_id, api.endpoint, token, tries, backoff_s)

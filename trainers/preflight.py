@@ -37,14 +37,21 @@ def check_model_folder(recipe: Recipe) -> None:
             raise UserError(f"model.pretrained: {root} has no '{name}' component folder (incomplete download?)")
 
 
-def check_disk(output_dir: Path, checkpoint_bytes: int) -> None:
-    """Room for two checkpoints: the one being written beside the last complete one."""
+def check_disk(output_dir: Path, checkpoint_bytes: int, keep_last: int = 1, export_bytes: int = 0) -> str | None:
+    """Room for two checkpoints (the one being written beside the last complete one), else a UserError; a warning
+    line when there is less than the run will fill: keep_last + 1 checkpoints (one being staged) plus final/."""
     path = Path(output_dir).resolve()
     existing = next(p for p in (path, *path.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     if free < 2 * checkpoint_bytes:
         raise UserError(f"output_dir: {free / 2**30:.1f} GiB free on {existing}, a checkpoint needs about "
                         f"{checkpoint_bytes / 2**30:.1f} GiB and two must fit")
+    wanted = (keep_last + 1) * checkpoint_bytes + export_bytes
+    if free < wanted:
+        return (f"warning: {free / 2**30:.2f} GiB free on {existing}, the run will need about {wanted / 2**30:.2f} GiB "
+                f"({keep_last + 1} checkpoints of {checkpoint_bytes / 2**30:.2f} GiB and the export); a save may fail "
+                "for lack of space: free some, or lower checkpoint.keep_last")
+    return None
 
 
 def checkpoint_bytes(trainable: int, optimizer: str, ema: bool) -> int:
