@@ -23,16 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainers import checkpoint, integrity  # noqa: E402
 
 
-def timed_saves(out: Path, tensors: dict, state: dict, n: int, with_record: bool) -> list[float]:
-    real = integrity.record
-    if not with_record:
-        integrity.record = lambda folder, skip: {}
+def timed_saves(out: Path, tensors: dict, state: dict, n: int) -> tuple[list[float], list[float]]:
+    """Save times (seconds) without and with the record, interleaved so that disk noise hits both alike."""
+    real, times = integrity.record, ([], [])
     try:
-        times = []
-        for i in range(n):
+        for i in range(2 * n):
+            with_record = i % 2 == 1
+            integrity.record = real if with_record else (lambda folder, skip: {})
             start = time.perf_counter()
             checkpoint.save(out, i + 1, tensors, state, {"name": "bench"}, keep_last=1)
-            times.append(time.perf_counter() - start)
+            times[with_record].append(time.perf_counter() - start)
         return times
     finally:
         integrity.record = real
@@ -74,25 +74,32 @@ def sdxl_lora_parameters(rank: int, targets: tuple[str, ...]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--saves", type=int, default=20)
+    parser.add_argument("--saves", type=int, default=40)
     args = parser.parse_args()
     torch.set_num_threads(1)
     tensors, state = tiny_checkpoint()
     size = sum(v.numel() * v.element_size() for v in tensors.values())
     with tempfile.TemporaryDirectory() as tmp:
-        timed_saves(Path(tmp), tensors, state, 3, True)  # warm-up
-        plain = statistics.median(timed_saves(Path(tmp), tensors, state, args.saves, False))
-        recorded = statistics.median(timed_saves(Path(tmp), tensors, state, args.saves, True))
-    print(f"tiny recipe ({size / 2**20:.2f} MiB of weights): save {plain * 1e3:.1f} ms without the record, "
-          f"{recorded * 1e3:.1f} ms with it (+{(recorded / plain - 1) * 100:.1f}%)")
+        timed_saves(Path(tmp), tensors, state, 3)  # warm-up
+        without, with_record = timed_saves(Path(tmp), tensors, state, args.saves)
+        folder = checkpoint.complete_checkpoints(Path(tmp))[-1]
+        start = time.perf_counter()
+        for _ in range(args.saves):
+            integrity.record(folder, skip=(checkpoint.STATE,))
+        alone = (time.perf_counter() - start) / args.saves
+    plain = statistics.median(without)
+    extra = statistics.median(b - a for a, b in zip(without, with_record))  # pairwise: robust to disk drift
+    print(f"tiny recipe ({size / 2**20:.2f} MiB of weights, {args.saves} interleaved pairs): save {plain * 1e3:.1f} ms "
+          f"without the record; the record adds {extra * 1e3:.2f} ms (median pairwise difference, "
+          f"{extra / plain * 100:+.1f}%); the record alone, timed by itself: {alone * 1e3:.2f} ms "
+          f"({alone / plain * 100:.1f}%)")
 
     params = sdxl_lora_parameters(32, ("to_q", "to_k", "to_v", "to_out.0"))
     weights = {"model.lora": torch.randn(params)}
     moments = {"optimizer": {"state": {0: {"state1": torch.randint(0, 255, (params,), dtype=torch.uint8),
                                            "state2": torch.randint(0, 255, (params,), dtype=torch.uint8)}}}}
     with tempfile.TemporaryDirectory() as tmp:
-        plain = timed_saves(Path(tmp), weights, moments, 1, False)[0]
-        recorded = timed_saves(Path(tmp), weights, moments, 1, True)[0]
+        plain, recorded = map(statistics.median, timed_saves(Path(tmp), weights, moments, 3))
         ckpt = checkpoint.complete_checkpoints(Path(tmp))[-1]
         nbytes = sum(p.stat().st_size for p in ckpt.iterdir())
         start = time.perf_counter()

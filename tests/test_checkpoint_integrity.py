@@ -141,7 +141,7 @@ def test_state_json_records_every_file_with_size_and_digest(run):
     assert set(meta["files"]) == {"weights.safetensors", "training_state.pt"}
     for name, entry in meta["files"].items():
         assert entry["size"] == (run / "checkpoints" / "step-9" / name).stat().st_size
-        assert len(entry["blake2b"]) == 64
+        assert len(entry["sha256"]) == 64
 
 
 def test_an_explicit_damaged_checkpoint_is_one_line_and_exit_2(tiny_sd15, digits_data, run, capsys):

@@ -2,7 +2,7 @@
 
 checkpoints/step-<N>/ holds weights.safetensors (trainable weights, EMA, objective state),
 training_state.pt (optimizer, scaler, RNG; read back with weights_only=True, nothing unpickled) and
-state.json (step, name, and every other file's size and blake2b digest), written last. `resume` verifies a
+state.json (step, name, and every other file's size and sha256 digest), written last. `resume` verifies a
 checkpoint against that record, and its weights for NaN and inf, before loading anything; a damaged one is moved
 aside to checkpoints/damaged-step-N and the next newest is tried. Under DeepSpeed ZeRO the optimizer is sharded:
 training_state.pt keeps scaler and RNG, and deepspeed/ holds DeepSpeed's own checkpoint, one optimizer file per
@@ -15,6 +15,7 @@ import os
 import pickle
 import random
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,9 +151,12 @@ def save(output_dir: Path, step: int, tensors: dict[str, torch.Tensor], training
     try:
         save_file(cpu, tmp / "weights.safetensors")
         torch.save(training_state | {"rng": rng_state()}, tmp / "training_state.pt")
-        files = integrity.record(tmp, skip=(STATE,))
+        with ThreadPoolExecutor(1) as pool:  # the digests overlap the fsyncs (both release the GIL): no added wait
+            files = pool.submit(integrity.record, tmp, (STATE,))
+            _fsync_files(tmp)
+            files = files.result()
         (tmp / STATE).write_text(json.dumps(meta | {"step": step, "files": files}, indent=2))
-        _fsync_files(tmp)
+        _fsync_files(tmp, only=STATE)
     except Exception as error:
         reason = integrity.disk_error(error)
         if reason is None:
@@ -232,9 +236,9 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def _fsync_files(folder: Path) -> None:
-    """Flush every file to disk before the rename makes the checkpoint visible."""
-    for f in folder.rglob("*"):
+def _fsync_files(folder: Path, only: str | None = None) -> None:
+    """Flush every file (or the one named `only`) to disk before the rename makes the checkpoint visible."""
+    for f in [folder / only] if only else folder.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
