@@ -116,7 +116,7 @@ def disk_full_row(model: Path, data: Path, work: Path, straight: list) -> str:
     """A tmpfs too small for the run: the disk really fills inside a save; then it grows and the run resumes."""
     mount = work / "small"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2500k", "tmpfs", str(mount)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1300k", "tmpfs", str(mount)], capture_output=True).returncode:
         return "| disk full during a save (tmpfs) | skipped: cannot mount a tmpfs here (needs root) | | | | |"
     try:
         out = mount / "run"
@@ -128,7 +128,7 @@ def disk_full_row(model: Path, data: Path, work: Path, straight: list) -> str:
         subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
         again = train(model, data, out, "checkpoint.keep_last=12")
         same = losses(out) == straight
-        return (f"| disk full during a save (a 2.5 MB tmpfs, every checkpoint kept), then room made and run again | "
+        return (f"| disk full during a save (a 1.3 MB tmpfs, every checkpoint kept), then room made and run again | "
                 f"exit {full.returncode} with checkpoints {', '.join(kept)} left, all verify: {intact}; the rerun "
                 f"exits {again.returncode} | {full.returncode} | {said(full)} | {same} | {intact} |")
     finally:

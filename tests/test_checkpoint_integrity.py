@@ -299,3 +299,27 @@ def test_every_written_checkpoint_verifies(run):
     for ckpt in checkpoint.complete_checkpoints(run):
         assert checkpoint.verify(ckpt) is True
         load_file(ckpt / "weights.safetensors")
+
+
+def test_a_really_full_disk_is_one_line_too(tiny_sd15, digits_data, stopped_at_9, tmp_path, capsys):
+    """A tmpfs with room for two checkpoints: torch.save's own error on a full disk carries no errno, and must
+    still end as the one line and exit 74, the half-written save removed."""
+    import subprocess
+
+    one = sum(p.stat().st_size for p in (stopped_at_9 / "checkpoints" / "step-3").iterdir())
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(2.5 * one) + 65536}", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        out = disk / "run"
+        code = run_cli(lambda: Trainer(recipe(tiny_sd15, digits_data, out, "checkpoint.keep_last=12")).fit())
+        err = error_lines(capsys.readouterr().err)
+        assert code == 74 and len(err) == 1 and "not saved: No space left on device" in err[0], err
+        left = sorted(p.name for p in (out / "checkpoints").iterdir())
+        assert left and all(name.startswith("step-") for name in left)  # no staging folder left behind
+        for name in left:
+            checkpoint.verify(out / "checkpoints" / name)
+    finally:
+        subprocess.run(["umount", str(disk)])

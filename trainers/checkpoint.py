@@ -158,11 +158,11 @@ def save(output_dir: Path, step: int, tensors: dict[str, torch.Tensor], training
         (tmp / STATE).write_text(json.dumps(meta | {"step": step, "files": files}, indent=2))
         _fsync_files(tmp, only=STATE)
     except Exception as error:
-        reason = integrity.disk_error(error)
+        needed = sum(v.numel() * v.element_size() for v in cpu.values()) + _state_bytes(training_state)
+        reason = integrity.disk_error(error, tmp, needed)
         if reason is None:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-        needed = sum(v.numel() * v.element_size() for v in cpu.values()) + _state_bytes(training_state)
         intact = complete_checkpoints(output_dir)
         raise integrity.disk_full(f"checkpoint step-{step}", Path(output_dir) / "checkpoints", needed, reason,
                                   intact[-1] if intact else None) from None

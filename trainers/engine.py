@@ -414,11 +414,11 @@ class Trainer:
         try:
             self.objective.export(tmp)
         except Exception as error:
-            reason = integrity.disk_error(error)
+            needed = sum(p.numel() * p.element_size() for p in self.params.values())
+            reason = integrity.disk_error(error, tmp, needed)
             if reason is None:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-            needed = sum(p.numel() * p.element_size() for p in self.params.values())
             intact = checkpoint.complete_checkpoints(self.out)
             raise integrity.disk_full(f"the export of step {step}", tmp.parent, needed, reason,
                                       intact[-1] if intact else None) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import re
 import shutil
 from pathlib import Path
@@ -87,15 +88,19 @@ def refuse_nonfinite(folder: Path, what: str, files: list[str] | None = None) ->
                             "non-finite is exported or pushed (resume from an earlier checkpoint, or lower optimizer.lr)")
 
 
-def disk_error(error: BaseException) -> str | None:
+def disk_error(error: BaseException, folder: Path | None = None, needed: int = 0) -> str | None:
     """What the disk refused ("No space left on device"), or None when `error` is not a disk error. safetensors
-    reports OS errors inside its own message ("... Os { code: 28, ... }"), so that is read too."""
+    reports OS errors inside its own message ("... Os { code: 28, ... }"), so that is read too; torch.save's zip
+    writer loses the errno altogether ("unexpected pos ..."), so with `folder` a disk with less free space than the
+    save needed counts as full."""
+    if folder is not None and disk_error(error) is None:
+        existing = next(p for p in (Path(folder).resolve(), *Path(folder).resolve().parents) if p.exists())
+        if shutil.disk_usage(existing).free < needed:
+            return os.strerror(errno.ENOSPC)
     if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
         return error.strerror or errno.errorcode.get(error.errno, str(error.errno))
     match = re.search(r"code: (\d+)", str(error))
     if match and int(match.group(1)) in DISK_ERRNOS:
-        import os
-
         return os.strerror(int(match.group(1)))
     return None
 

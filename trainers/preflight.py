@@ -48,9 +48,11 @@ def check_disk(output_dir: Path, checkpoint_bytes: int, keep_last: int = 1, expo
                         f"{checkpoint_bytes / 2**30:.1f} GiB and two must fit")
     wanted = (keep_last + 1) * checkpoint_bytes + export_bytes
     if free < wanted:
-        return (f"warning: {free / 2**30:.2f} GiB free on {existing}, the run will need about {wanted / 2**30:.2f} GiB "
-                f"({keep_last + 1} checkpoints of {checkpoint_bytes / 2**30:.2f} GiB and the export); a save may fail "
-                "for lack of space: free some, or lower checkpoint.keep_last")
+        from trainers.integrity import gib
+
+        return (f"warning: {gib(free)} free on {existing}, the run will need about {gib(wanted)} ({keep_last + 1} "
+                f"checkpoints of {gib(checkpoint_bytes)} and the export); a save may fail for lack of space: free "
+                "some, or lower checkpoint.keep_last")
     return None
 
 
