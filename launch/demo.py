@@ -9,7 +9,10 @@
    ControlNet's from edge maps alone (empty prompts) against the teacher's from empty prompts.
 6. demo_out/report.md: metric tables, sample grids, the loss curve and the adherence-against-steps plot.
 
-Re-running resumes or reuses what exists. The teacher is assets/demo_teacher (launch/demo_teacher.py rebuilds it).
+By default the chain is shortened to fit 8 minutes on 2 CPU cores (FAST: fewer steps and images, the same
+recipes); `--full` (`make demo FULL=1`) runs the committed recipes in full. Each keeps its runs in
+runs/fast/ or runs/full/, and the report says which ran. Re-running resumes or reuses what exists.
+The teacher is assets/demo_teacher (launch/demo_teacher.py rebuilds it).
 """
 from __future__ import annotations
 
@@ -36,8 +39,9 @@ SCHEDULER, GUIDANCE = "dpmpp", 3.0
 
 @dataclass(frozen=True)
 class Plan:
-    """How much the demo trains and evaluates. `seconds` is each stage's time on the 2-core CPU machine, measured
-    (bench/README.md "make demo"); it only scales the estimate of what remains."""
+    """How much the demo trains and evaluates. `seconds` is each stage's time on the 2-core CPU machine (FAST's
+    measured, bench/README.md "make demo"; FULL's scaled from its step counts); it only feeds the estimate of what
+    remains."""
 
     name: str
     images: int  # purple images, and as many prior images
