@@ -79,7 +79,6 @@ def bare_step_seconds(recipe, steps: int, warmup: int) -> tuple[float, int | Non
     from trainers.backbones import load_backbone
     from trainers.data import StepSampler, build_dataset, collate
     from trainers.engine import DTYPES
-    from trainers.objectives.finetune import noise_betas
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[recipe.precision]
@@ -101,7 +100,7 @@ def bare_step_seconds(recipe, steps: int, warmup: int) -> tuple[float, int | Non
         keys = next(iter(StepSampler(data.buckets(), recipe.train.batch_size, 1, 0)))
         batch = collate([data[k] for k in keys])
         pixels = batch["pixel_values"].to(device)
-        acp = diffusion.alphas_cumprod(noise_betas(bb.scheduler_config, False)).float().to(device)
+        acp = bb.schedule.to(device).acp
         times = []
         for _ in range(steps):
             tick = time.perf_counter()

@@ -12,11 +12,13 @@ from trainers import diffusion, solvers
 from trainers.config import ConsistencyObjectiveConfig, load_recipe
 from trainers.engine import Trainer
 from trainers.errors import ConfigError
-from trainers.objectives.consistency import adapters_off, consistency_fn, consistency_loss
+from trainers.adapters import adapters_off
+from trainers.objectives.consistency import consistency_fn, consistency_loss
 
 # ---- an analytic teacher: data x0 ~ N(mu, S^2 I) has the exact denoiser in closed form -------------------
 
-ACP = diffusion.alphas_cumprod(diffusion.make_betas("scaled_linear", 0.00085, 0.012, 1000)).float()
+SCHEDULE = diffusion.VPSchedule(diffusion.make_betas("scaled_linear", 0.00085, 0.012, 1000))
+ACP = SCHEDULE.acp
 MU_C, MU_U, S = torch.tensor([1.0, -0.5]), torch.tensor([0.0, 0.0]), 0.5
 
 
@@ -49,7 +51,7 @@ def test_ddim_step_matches_its_closed_form():
     a_t, s_t = (c[:, None] for c in diffusion.alpha_sigma(ACP, t))
     a_s, s_s = (c[:, None] for c in diffusion.alpha_sigma(ACP, s))
     expected = a_s * MU_C + (a_s * a_t * S**2 + s_s * s_t) / radius(t) ** 2 * (z - a_t * MU_C)
-    torch.testing.assert_close(solvers.solve(gaussian_denoiser(MU_C), z, t, s, ACP, "ddim"), expected)
+    torch.testing.assert_close(solvers.solve(gaussian_denoiser(MU_C), z, t, s, SCHEDULE, "ddim"), expected)
 
 
 def test_guidance_combines_cond_and_uncond_as_the_paper_writes_it():
@@ -78,7 +80,7 @@ def test_guidance_embedding_is_what_diffusers_pipelines_feed_for_guidance_scale_
 def test_solvers_converge_to_the_exact_flow(solver):
     for t0, s0 in [(999, 0), (519, 259)]:
         z, t, s = batch(t0, s0)
-        errors = [(solvers.solve(gaussian_denoiser(MU_C), z, t, s, ACP, solver, m) - exact_flow(z, t, s)).abs().max()
+        errors = [(solvers.solve(gaussian_denoiser(MU_C), z, t, s, SCHEDULE, solver, m) - exact_flow(z, t, s)).abs().max()
                   for m in (2, 20, 100)]
         assert errors[0] > errors[1] > errors[2] and errors[2] < 0.06, (t0, s0, errors)
 
@@ -86,13 +88,13 @@ def test_solvers_converge_to_the_exact_flow(solver):
 def test_dpmpp_2m_is_ddim_in_one_sub_step_and_more_accurate_in_several():
     z, t, s = batch(519, 259)
     teacher = gaussian_denoiser(MU_C)
-    torch.testing.assert_close(solvers.solve(teacher, z, t, s, ACP, "dpmpp_2m", 1),
-                               solvers.solve(teacher, z, t, s, ACP, "ddim", 1))
-    err = {k: (solvers.solve(teacher, z, t, s, ACP, k, 5) - exact_flow(z, t, s)).abs().max() for k in ("ddim", "dpmpp_2m")}
+    torch.testing.assert_close(solvers.solve(teacher, z, t, s, SCHEDULE, "dpmpp_2m", 1),
+                               solvers.solve(teacher, z, t, s, SCHEDULE, "ddim", 1))
+    err = {k: (solvers.solve(teacher, z, t, s, SCHEDULE, k, 5) - exact_flow(z, t, s)).abs().max() for k in ("ddim", "dpmpp_2m")}
     assert err["dpmpp_2m"] < err["ddim"] / 3, err
     # sub-steps of no length (more sub-steps than timesteps) change nothing
     z2, t2, s2 = batch(20, 19)
-    assert torch.isfinite(solvers.solve(teacher, z2, t2, s2, ACP, "dpmpp_2m", 5)).all()
+    assert torch.isfinite(solvers.solve(teacher, z2, t2, s2, SCHEDULE, "dpmpp_2m", 5)).all()
 
 
 def test_boundary_condition_and_the_stock_lcm_scheduler_scalings():
@@ -133,7 +135,7 @@ def test_lcd_on_the_analytic_teacher_moves_one_step_samples_to_the_guided_flow()
     reference = z_T
     for n in range(9, -1, -1):
         t = torch.full((len(z_T),), int(grid[n]))
-        reference = solvers.solve(teacher, reference, t, (t - stride).clamp(min=0), ACP, "ddim")
+        reference = solvers.solve(teacher, reference, t, (t - stride).clamp(min=0), SCHEDULE, "ddim")
 
     def errors():
         with torch.no_grad():
@@ -147,7 +149,7 @@ def test_lcd_on_the_analytic_teacher_moves_one_step_samples_to_the_guided_flow()
         x0 = MU_C + S * torch.randn(256, 2, generator=g)
         t = grid[torch.randint(10, (256,), generator=g)]
         z_t = diffusion.add_noise(x0, torch.randn(256, 2, generator=g), *diffusion.alpha_sigma(ACP, t))
-        loss = consistency_loss(student, student, teacher, z_t, t, (t - stride).clamp(min=0), ACP, cfg).mean()
+        loss = consistency_loss(student, student, teacher, z_t, t, (t - stride).clamp(min=0), SCHEDULE, cfg).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -206,12 +208,12 @@ def test_batched_guided_teacher_equals_separate_cond_and_uncond_calls(lcm_recipe
     cond, uncond = obj.text.pair(batch)
     z, t, omega = torch.randn(2, 4, 8, 8), torch.tensor([99, 899]), torch.tensor([1.0, 4.0])
     x0, eps = obj.guided_teacher(cond, uncond, omega)(z, t)
-    alpha, sigma = diffusion.alpha_sigma(obj.acp, t)
+    alpha, sigma = diffusion.alpha_sigma(obj.schedule.acp, t)
     with torch.no_grad(), adapters_off(obj.lora):
         out_c = obj.teacher(z, t, **cond).sample
         out_u = obj.teacher(z, t, **uncond).sample
-    eps_c = diffusion.to_x0_eps(obj.prediction_type, out_c, z, alpha, sigma)[1]
-    eps_u = diffusion.to_x0_eps(obj.prediction_type, out_u, z, alpha, sigma)[1]
+    eps_c = diffusion.to_x0_eps(obj.schedule.prediction_type, out_c, z, alpha, sigma)[1]
+    eps_u = diffusion.to_x0_eps(obj.schedule.prediction_type, out_u, z, alpha, sigma)[1]
     torch.testing.assert_close(eps, eps_c + omega[:, None, None, None] * (eps_c - eps_u), rtol=1e-4, atol=1e-5)
     empty = obj.backbone.encode_text([""], "cpu")["hidden"]
     torch.testing.assert_close(uncond["encoder_hidden_states"], empty.expand(2, -1, -1))

@@ -51,9 +51,9 @@ def test_caption_dropout_encodes_the_empty_prompt(recipe_for):
 
 def test_v_prediction_target_and_zero_snr_schedule(recipe_for):
     obj = Trainer(recipe_for("objective.prediction_type=v_prediction", "objective.zero_terminal_snr=true")).objective
-    assert obj.prediction_type == "v_prediction"
-    assert obj.acp[-1].item() < 1e-9  # the last timestep is pure noise
-    cfg = obj.sampling_scheduler_config()
+    assert obj.schedule.prediction_type == "v_prediction"
+    assert obj.schedule.acp[-1].item() < 1e-9  # the last timestep is pure noise
+    cfg = obj.schedule.sampling_config()
     assert cfg["prediction_type"] == "v_prediction" and cfg["rescale_betas_zero_snr"] is True
 
 

@@ -14,7 +14,8 @@ from trainers.engine import Trainer
 from trainers.errors import ConfigError, UserError
 from trainers.objectives.progressive import plan_stages, progressive_loss, student_grid
 
-ACP = diffusion.alphas_cumprod(diffusion.make_betas("scaled_linear", 0.00085, 0.012, 1000)).float()
+SCHEDULE = diffusion.VPSchedule(diffusion.make_betas("scaled_linear", 0.00085, 0.012, 1000))
+ACP = SCHEDULE.acp
 MU, S = torch.tensor([1.0, -0.5]), 0.5
 
 
@@ -29,9 +30,9 @@ def gaussian_teacher(z, t):
 def test_target_makes_one_student_ddim_step_equal_the_teachers_two(t0, s0):
     z = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
     t, s = torch.full((64,), t0), torch.full((64,), s0)
-    z_s = solvers.solve(gaussian_teacher, z, t, s, ACP, "ddim", substeps=2)
-    two_steps = solvers.solve(gaussian_teacher, solvers.solve(gaussian_teacher, z, t, (t + s + 1) // 2, ACP, "ddim"),
-                              (t + s + 1) // 2, s, ACP, "ddim")
+    z_s = solvers.solve(gaussian_teacher, z, t, s, SCHEDULE, "ddim", substeps=2)
+    two_steps = solvers.solve(gaussian_teacher, solvers.solve(gaussian_teacher, z, t, (t + s + 1) // 2, SCHEDULE, "ddim"),
+                              (t + s + 1) // 2, s, SCHEDULE, "ddim")
     torch.testing.assert_close(z_s, two_steps)  # solve(substeps=2) is two DDIM steps through the midpoint
     alpha_t, sigma_t = diffusion.alpha_sigma(ACP, t)
     x_tilde = diffusion.progressive_target(z, z_s, alpha_t, sigma_t, *diffusion.alpha_sigma(ACP, s))
@@ -44,7 +45,7 @@ def ddim_sample(model, z, n_steps):
     """Stock-DDIM sampling (trailing grid, last step to clean data) with a (z, t) -> (x0, eps) model."""
     for t0 in student_grid(1000, n_steps, "cpu").tolist():
         t = torch.full((len(z),), t0)
-        z = solvers.solve(model, z, t, (t - 1000 // n_steps).clamp(min=-1), ACP, "ddim")
+        z = solvers.solve(model, z, t, (t - 1000 // n_steps).clamp(min=-1), SCHEDULE, "ddim")
     return z
 
 
@@ -79,7 +80,7 @@ def test_one_stage_student_of_the_analytic_teacher_reproduces_its_two_steps_per_
         x0 = MU + S * torch.randn(256, 2, generator=g)
         t = grid[torch.randint(2, (256,), generator=g)]
         z_t = diffusion.add_noise(x0, torch.randn(256, 2, generator=g), *diffusion.alpha_sigma(ACP, t))
-        loss = progressive_loss(student_x0, gaussian_teacher, z_t, t, t - 500, ACP).mean()
+        loss = progressive_loss(student_x0, gaussian_teacher, z_t, t, t - 500, SCHEDULE).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -153,8 +154,8 @@ def test_guided_stage_matches_the_cfg_combination_of_the_base(prog_recipe, tiny_
     cond, uncond = obj.text.pair(batch)
     original = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
     with torch.no_grad():
-        x_c = obj.predict_x0(original, z, t, cond, obj.teacher_type)
-        x_u = obj.predict_x0(original, z, t, uncond, obj.teacher_type)
+        x_c = obj.predict_x0(original, z, t, cond, obj.teacher_schedule)
+        x_u = obj.predict_x0(original, z, t, uncond, obj.teacher_schedule)
     torch.testing.assert_close(x0, x_c + omega[:, None, None, None] * (x_c - x_u), rtol=1e-4, atol=1e-5)
 
 

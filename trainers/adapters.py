@@ -96,3 +96,45 @@ def swapped_in(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.T
     finally:
         for k, p in params.items():
             p.data = live[k]
+
+
+def tuner_layers(module: torch.nn.Module) -> list:
+    """peft's adapter layers inside `module` (what adapters_off switches)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def adapters_off(layers: list):
+    """The base model: every LoRA layer passes its input through the frozen weight alone.
+
+    Sets peft's flag directly: its enable_adapters() would also flip requires_grad of the LoRA weights
+    on every call (tests/test_consistency.py checks the result equals the base model).
+    """
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._disable_adapters = False
+
+
+def student_from(teacher: torch.nn.Module, embedding_dim: int, key: str = "guidance_embedding_dim") -> torch.nn.Module:
+    """A float32 copy of a teacher denoiser; with embedding_dim, a U-Net with a guidance (omega) embedding that
+    starts at zero, so the student begins as the teacher (full LCM, guided progressive distillation)."""
+    import copy
+
+    from trainers.errors import ConfigError
+
+    if not embedding_dim:
+        return copy.deepcopy(teacher).float().requires_grad_(True)
+    if "time_cond_proj_dim" not in getattr(teacher, "config", {}):
+        raise ConfigError(f"'{key}': {type(teacher).__name__} has no guidance embedding (only "
+                          "U-Nets have time_cond_proj_dim); set it to 0")
+    student = type(teacher).from_config({**teacher.config, "time_cond_proj_dim": embedding_dim})
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("time_embedding.cond_proj") for k in missing), (missing, unexpected)
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)  # omega enters as 0: the student is the teacher
+    return student.float().requires_grad_(True)

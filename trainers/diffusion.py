@@ -164,3 +164,256 @@ def progressive_target(z_t, z_s, alpha_t, sigma_t, alpha_s, sigma_s) -> torch.Te
     """
     ratio = _b(sigma_s / sigma_t, z_t)
     return (z_s - ratio * z_t) / (_b(alpha_s, z_t) - ratio * _b(alpha_t, z_t))
+
+
+# ---- the noise process as one seam ---------------------------------------------------------------------------
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+FLOW_SAMPLERS = ("uniform", "logit_normal", "mode")
+FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+
+
+class Schedule:
+    """A backbone's noise process: how data becomes x_t, what the model predicts, how to read it back.
+
+    Both kinds write x_t = alpha_t x0 + sigma_t eps, so objectives and solvers see one pair of coefficients:
+    VP has alpha_t**2 + sigma_t**2 = 1 on integer timesteps; flow matching has alpha_t = 1 - t, sigma_t = t
+    on t in [0, 1]. `model_timestep` is what the denoiser is called with.
+    """
+
+    kind = ""
+    prediction_type = ""
+    num_train_timesteps = 1000
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return add_noise(x0, eps, *self.alpha_sigma(t))
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the model should output at x_t made from (x0, eps)."""
+        raise NotImplementedError
+
+    def to_x0_eps(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """(x0_hat, eps_hat) from a model output, so solvers and losses see one kind of model."""
+        raise NotImplementedError
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = self.alpha_sigma(t)
+        return snr(alpha, sigma)
+
+    def loss_weight(self, t: torch.Tensor, snr_gamma: float | None = None) -> torch.Tensor | None:
+        """Per-sample weight of the MSE on the model's own target, or None for an unweighted mean."""
+        raise NotImplementedError
+
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def sample_timesteps(self, seeds: list[int], device) -> torch.Tensor:
+        """One training timestep per sample, drawn from its seed (so a resumed run draws the same)."""
+        raise NotImplementedError
+
+    def sampling_scheduler(self):
+        """The diffusers scheduler that samples this process, for validation grids and exports."""
+        raise NotImplementedError
+
+    def to(self, device) -> "Schedule":
+        return self
+
+
+class VPSchedule(Schedule):
+    """Discrete variance-preserving diffusion (DDPM): betas -> alphas_cumprod on integer timesteps 0..T-1.
+
+    t = -1 stands for clean data (alpha 1, sigma 0), where DDIM with set_alpha_to_one ends.
+    """
+
+    kind = "vp"
+
+    def __init__(self, betas: torch.Tensor, prediction_type: str = "epsilon", config: dict | None = None,
+                 zero_terminal_snr: bool = False):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction type {prediction_type!r}")
+        self.betas, self.prediction_type, self.zero_terminal_snr = betas, prediction_type, zero_terminal_snr
+        self.config = dict(config or {})
+        self.acp = alphas_cumprod(betas).float()
+        self.num_train_timesteps = len(betas)
+
+    @classmethod
+    def from_config(cls, config: dict, prediction_type: str | None = None, zero_terminal_snr: bool = False):
+        """From a diffusers scheduler config: its betas (trained or named schedule), optionally rescaled to
+        zero terminal SNR (Lin et al. 2024), and its prediction type unless one is given."""
+        if config.get("trained_betas") is not None:
+            betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
+        else:
+            betas = make_betas(config.get("beta_schedule", "linear"), config.get("beta_start", 0.0001),
+                               config.get("beta_end", 0.02), config.get("num_train_timesteps", 1000))
+        if zero_terminal_snr or config.get("rescale_betas_zero_snr"):
+            betas = rescale_zero_terminal_snr(betas)
+        return cls(betas, prediction_type or config.get("prediction_type", "epsilon"), config, zero_terminal_snr)
+
+    def configured(self, prediction_type: str | None = None, zero_terminal_snr: bool = False) -> "VPSchedule":
+        """The same process with a recipe's parameterisation and terminal-SNR choice."""
+        if not prediction_type and not zero_terminal_snr:
+            return self
+        return VPSchedule.from_config(self.config, prediction_type or self.prediction_type, zero_terminal_snr)
+
+    def to(self, device) -> "VPSchedule":
+        self.acp = self.acp.to(device)
+        return self
+
+    def alpha_sigma(self, t):
+        return alpha_sigma(self.acp, t)
+
+    def target(self, x0, eps, t):
+        return target_for(self.prediction_type, x0, eps, *self.alpha_sigma(t))
+
+    def to_x0_eps(self, output, x_t, t):
+        return to_x0_eps(self.prediction_type, output, x_t, *self.alpha_sigma(t))
+
+    def loss_weight(self, t, snr_gamma=None):
+        """Min-SNR-gamma (Hang et al. 2023) when snr_gamma is set; else None (all timesteps alike)."""
+        if not snr_gamma:
+            return None
+        return min_snr_weight(self.snr(t).clamp(min=1e-12), snr_gamma, self.prediction_type)
+
+    def sample_timesteps(self, seeds, device):
+        from trainers import seeding
+
+        return seeding.randint(seeds, seeding.TIMESTEP, self.num_train_timesteps, device)
+
+    def sampling_config(self) -> dict:
+        """The training process as an exported model samples it: its parameterisation, and with zero terminal
+        SNR the rescaled betas and trailing timesteps that reach SNR 0."""
+        cfg = dict(self.config, prediction_type=self.prediction_type)
+        if self.zero_terminal_snr:
+            cfg |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+        return cfg
+
+    def sampling_scheduler(self):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.sampling_config())
+
+
+class FlowMatchSchedule(Schedule):
+    """Rectified flow (Liu et al. 2022; SD3, Esser et al. 2024): x_t = (1 - t) x0 + t eps on t in [0, 1],
+    the model predicts the velocity eps - x0, and the denoiser sees t * num_train_timesteps.
+
+    Training draws t from `sampler` (SD3 section 3.1: uniform, logit-normal, mode with heavy tails), then moves it
+    by the shift t' = s t / (1 + (s - 1) t) (SD3 section 5.3.2), or with dynamic shifting (Flux) by a shift that
+    grows with the image's token count.
+    """
+
+    kind = "flow"
+    prediction_type = "flow"
+
+    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000, config: dict | None = None,
+                 sampler: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
+                 mode_scale: float = 1.29, weighting: str = "none", dynamic_shift: bool = False,
+                 base_shift: float = 0.5, max_shift: float = 1.15, base_seq_len: int = 256, max_seq_len: int = 4096):
+        if sampler not in FLOW_SAMPLERS:
+            raise ValueError(f"unknown flow timestep sampler {sampler!r}; known: {', '.join(FLOW_SAMPLERS)}")
+        if weighting not in FLOW_WEIGHTINGS:
+            raise ValueError(f"unknown flow loss weighting {weighting!r}; known: {', '.join(FLOW_WEIGHTINGS)}")
+        self.shift, self.num_train_timesteps, self.config = shift, num_train_timesteps, dict(config or {})
+        self.sampler, self.logit_mean, self.logit_std, self.mode_scale = sampler, logit_mean, logit_std, mode_scale
+        self.weighting, self.dynamic_shift = weighting, dynamic_shift
+        self.base_shift, self.max_shift, self.base_seq_len, self.max_seq_len = base_shift, max_shift, base_seq_len, max_seq_len
+
+    @classmethod
+    def from_config(cls, config: dict, **options):
+        return cls(shift=config.get("shift", 1.0), num_train_timesteps=config.get("num_train_timesteps", 1000),
+                   config=config, dynamic_shift=bool(config.get("use_dynamic_shifting", False)),
+                   base_shift=config.get("base_shift", 0.5), max_shift=config.get("max_shift", 1.15),
+                   base_seq_len=config.get("base_image_seq_len", 256),
+                   max_seq_len=config.get("max_image_seq_len", 4096), **options)
+
+    def alpha_sigma(self, t):
+        t = t.float()
+        return 1 - t, t
+
+    def target(self, x0, eps, t):
+        return eps - x0
+
+    def to_x0_eps(self, output, x_t, t):
+        """x0 = x_t - t v and eps = x_t + (1 - t) v for velocity v = eps - x0."""
+        return x_t - _b(t.float(), x_t) * output, x_t + _b(1 - t.float(), x_t) * output
+
+    def loss_weight(self, t, snr_gamma=None):
+        """SD3's weightings of the velocity MSE (diffusers' compute_loss_weighting_for_sd3); None: unweighted."""
+        if self.weighting == "sigma_sqrt":
+            return t.float().clamp(min=1e-6) ** -2.0
+        if self.weighting == "cosmap":
+            t = t.float()
+            return 2 / (math.pi * (1 - 2 * t + 2 * t**2))
+        return None
+
+    def model_timestep(self, t):
+        return t * self.num_train_timesteps
+
+    def mu(self, seq_len: int) -> float:
+        """Flux's log-shift for an image of seq_len tokens: linear from base_shift at base_seq_len to max_shift."""
+        slope = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
+        return self.base_shift + slope * (seq_len - self.base_seq_len)
+
+    def shifted(self, t: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
+        """t moved toward noise: s t / (1 + (s - 1) t), with s = exp(mu(seq_len)) under dynamic shifting."""
+        s = math.exp(self.mu(seq_len)) if self.dynamic_shift and seq_len is not None else self.shift
+        return s * t / (1 + (s - 1) * t)
+
+    def density(self, t: torch.Tensor) -> torch.Tensor:
+        """The sampler's density over unshifted t (the logit-normal pi_ln of SD3 eq. 19; 1 for uniform)."""
+        if self.sampler == "logit_normal":
+            logit = torch.log(t / (1 - t))
+            return (torch.exp(-(logit - self.logit_mean) ** 2 / (2 * self.logit_std**2))
+                    / (self.logit_std * math.sqrt(2 * math.pi) * t * (1 - t)))
+        if self.sampler == "uniform":
+            return torch.ones_like(t)
+        raise NotImplementedError(f"no closed-form density written for {self.sampler!r}")
+
+    def from_uniform(self, u: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
+        """Unshifted t from a uniform u and a standard normal draw, per the sampler."""
+        if self.sampler == "logit_normal":
+            return torch.sigmoid(self.logit_mean + self.logit_std * normal)
+        if self.sampler == "mode":
+            return 1 - u - self.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+        return u
+
+    def sample_timesteps(self, seeds, device, seq_len: int | None = None):
+        from trainers import seeding
+
+        u = seeding.rand(seeds, seeding.TIMESTEP, device)
+        normal = seeding.randn(seeds, seeding.TIMESTEP, (), device)
+        return self.shifted(self.from_uniform(u, normal), seq_len).clamp(1e-5, 1 - 1e-5)
+
+    def sampling_scheduler(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(self.config)
+
+
+BETA_FIELDS = ("beta_schedule", "trained_betas")
+FLOW_FIELDS = ("shift", "use_dynamic_shifting")
+
+
+def schedule_from_config(config: dict) -> Schedule:
+    """The Schedule a diffusers scheduler config describes, read from the fields its file named.
+
+    diffusers fills absent fields with defaults when a scheduler class loads a config (and lists them in
+    `_use_default_values`): a flow-matching file read as DDPMScheduler gains linear betas. Only fields the
+    file itself named count here, so such a config is flow matching, and one naming neither is refused.
+    """
+    from trainers.errors import UserError
+
+    defaulted = set(config.get("_use_default_values", ()))
+    named = lambda key: key in config and key not in defaulted and config[key] is not None  # noqa: E731
+    name = str(config.get("_class_name", ""))
+    if name.startswith("FlowMatch") or any(named(k) for k in FLOW_FIELDS):
+        return FlowMatchSchedule.from_config(config)
+    if any(named(k) for k in BETA_FIELDS):
+        return VPSchedule.from_config(config)
+    raise UserError(f"scheduler config{f' ({name})' if name else ''}: names neither betas "
+                    f"({' or '.join(BETA_FIELDS)}) nor flow matching (a FlowMatch* scheduler, {' or '.join(FLOW_FIELDS)}), "
+                    "so the model's noise process is unknown; add 'beta_schedule' (e.g. scaled_linear) to its "
+                    "scheduler/scheduler_config.json")

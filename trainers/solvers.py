@@ -1,9 +1,10 @@
 """One jump of a teacher's probability-flow ODE solver, and the classifier-free-guided teacher it integrates.
 
 Distillation asks a frozen teacher where the ODE goes from timestep t to an earlier s (LCM's Psi, progressive
-distillation's two DDIM steps). A teacher is a callable `denoise(z, t) -> (x0_hat, eps_hat)` on integer
-training timesteps (B,), so every solver serves epsilon, v and sample-predicting models alike. Notation as in
-trainers/diffusion.py: z_t = alpha_t x0 + sigma_t eps, alpha_t**2 = alphas_cumprod[t].
+distillation's two DDIM steps). A teacher is a callable `denoise(z, t) -> (x0_hat, eps_hat)` on the schedule's
+timesteps (B,) (what `Backbone.denoise` returns), so every solver serves epsilon, v and sample-predicting models
+alike. Notation as in trainers/diffusion.py: z_t = alpha_t x0 + sigma_t eps; the Euler step reads the betas of a
+discrete VP schedule.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from trainers.diffusion import _b, alpha_sigma, ddim_step
+from trainers.diffusion import Schedule, _b, alpha_sigma, ddim_step
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 SOLVERS = ("ddim", "dpmpp_2m", "euler")
@@ -26,7 +27,28 @@ def guided(x_cond: torch.Tensor, x_uncond: torch.Tensor, omega: torch.Tensor) ->
     return x_cond + _b(omega, x_cond) * (x_cond - x_uncond)
 
 
-def solve(denoise: Denoise, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, acp: torch.Tensor,
+def guided_teacher(denoise_pair: Callable, cond: dict, uncond: dict, omega: torch.Tensor) -> Denoise:
+    """A classifier-free-guided teacher (z, t) -> guided (x0_hat, eps_hat): `denoise_pair(z, t, kwargs)` runs the
+    conditional and unconditional inputs as one batch of twice the size."""
+    both = cat_kwargs(cond, uncond)
+
+    def denoise(z, t):
+        x0, eps = denoise_pair(torch.cat([z, z]), torch.cat([t, t]), both)
+        (x0_c, x0_u), (eps_c, eps_u) = x0.chunk(2), eps.chunk(2)
+        return guided(x0_c, x0_u, omega), guided(eps_c, eps_u, omega)
+    return denoise
+
+
+def cat_kwargs(a, b):
+    """Two denoiser kwargs dicts as one batch (nested dicts recursed; non-tensors taken from a)."""
+    if isinstance(a, dict):
+        return {k: cat_kwargs(a[k], b[k]) for k in a}
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b])
+    return a
+
+
+def solve(denoise: Denoise, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, schedule: Schedule,
           solver: str = "ddim", substeps: int = 1) -> torch.Tensor:
     """z_s from z_t (t > s >= 0, per sample) with `substeps` teacher evaluations.
 
@@ -37,6 +59,7 @@ def solve(denoise: Denoise, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, a
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; known: {', '.join(SOLVERS)}")
+    acp = schedule.acp  # the solvers below integrate a discrete VP process
     times = [torch.round(t - (t - s) * (j / substeps)).long() for j in range(substeps + 1)]
     previous = None  # (x0_hat, h) of the last sub-step, for the multistep correction
     for a, b in zip(times, times[1:]):

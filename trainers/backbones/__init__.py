@@ -24,7 +24,9 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
     family = detect_family(source) if cfg.family == "auto" else cfg.family
     if family not in FAMILIES:
         raise UserError(f"model.family: {family!r} is not supported (known: {', '.join(FAMILIES)})")
-    return FAMILIES[family].load(source)
+    backbone = FAMILIES[family].load(source)
+    backbone.schedule  # noqa: B018  (an unknown noise process fails here, before anything trains)
+    return backbone
 
 
 __all__ = ["Backbone", "FAMILIES", "ModelSource", "load_backbone"]

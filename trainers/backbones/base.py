@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import abc
+import functools
 
 from dataclasses import dataclass
 
 import torch
 
 from trainers.devices import host_to_device
+from trainers.diffusion import Schedule, schedule_from_config
 
 
 @dataclass
@@ -71,6 +73,19 @@ class Backbone(abc.ABC):
 
     def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: dict, denoiser=None) -> torch.Tensor:
         return (denoiser or self.denoiser)(z_t, t, **cond).sample
+
+    @functools.cached_property
+    def schedule(self) -> Schedule:
+        """The model's own noise process, read once from its scheduler config (an unknown kind is a UserError)."""
+        return schedule_from_config(self.scheduler_config)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, denoiser=None,
+                schedule: Schedule | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) of a denoiser (default: the backbone's) read through `schedule` (default: its own):
+        the one model boundary solvers and distillation losses call, whatever the parameterisation."""
+        schedule = schedule or self.schedule
+        out = self.predict(x_t, schedule.model_timestep(t), cond, denoiser=denoiser).float()
+        return schedule.to_x0_eps(out, x_t, t)
 
     pipeline_name: str = ""        # the diffusers pipeline class that samples this family
 

@@ -13,6 +13,8 @@ import torch
 
 from trainers.backbones import Backbone
 from trainers.config import Recipe
+from trainers.diffusion import Schedule, VPSchedule
+from trainers.errors import ConfigError
 
 
 class Objective(abc.ABC):
@@ -21,6 +23,25 @@ class Objective(abc.ABC):
 
     def __init__(self, recipe: Recipe, backbone: Backbone):
         self.recipe, self.backbone = recipe, backbone
+
+    def training_schedule(self, zero_terminal_snr: bool = False, vp_only: str = "") -> Schedule:
+        """The backbone's schedule with the recipe's objective.prediction_type (and, for losses that train on
+        data, zero_terminal_snr); vp_only names why an objective needs a discrete VP process (its solvers)."""
+        obj, schedule = self.recipe.objective, self.backbone.schedule
+        if not isinstance(schedule, VPSchedule):
+            if vp_only:
+                raise ConfigError(f"'objective.name': {self.name} {vp_only}; {self.backbone.family} models are "
+                                  f"trained with {schedule.kind} matching")
+            for key in ("prediction_type", "zero_terminal_snr"):
+                if getattr(obj, key):
+                    raise ConfigError(f"'objective.{key}' applies to discrete (VP) diffusion; "
+                                      f"{self.backbone.family} models predict a flow-matching velocity: remove it")
+            return schedule
+        prediction_type = obj.prediction_type or schedule.prediction_type
+        if zero_terminal_snr and prediction_type != "v_prediction":
+            raise ConfigError("'objective.zero_terminal_snr' needs objective.prediction_type: v_prediction "
+                              "(at SNR 0 an epsilon model cannot recover x0)")
+        return schedule.configured(obj.prediction_type, zero_terminal_snr)
 
     @abc.abstractmethod
     def trained_modules(self) -> dict[str, torch.nn.Module]:

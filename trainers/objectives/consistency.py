@@ -24,7 +24,6 @@ from trainers.ema import EMA
 from trainers.errors import ConfigError
 from trainers.objectives import inputs
 from trainers.objectives.base import Objective
-from trainers.objectives.finetune import noise_betas
 
 LCM_SCHEDULER = "LCMScheduler"
 
@@ -37,23 +36,23 @@ class Consistency(Objective):
         super().__init__(recipe, backbone)
         self.cfg = cfg = recipe.objective.consistency
         check_recipe(recipe)
-        self.prediction_type = recipe.objective.prediction_type or backbone.scheduler_config.get("prediction_type",
-                                                                                                 "epsilon")
-        self.acp = diffusion.alphas_cumprod(noise_betas(backbone.scheduler_config, False)).float()
-        if cfg.num_teacher_timesteps > len(self.acp):
+        self.schedule = self.training_schedule(vp_only="solves a discrete VP teacher's ODE on its timestep grid")
+        steps = self.schedule.num_train_timesteps
+        if cfg.num_teacher_timesteps > steps:
             raise ConfigError(f"'objective.consistency.num_teacher_timesteps' must be at most the model's "
-                              f"{len(self.acp)} training timesteps, got {cfg.num_teacher_timesteps}")
-        self.stride = len(self.acp) // cfg.num_teacher_timesteps
+                              f"{steps} training timesteps, got {cfg.num_teacher_timesteps}")
+        self.stride = steps // cfg.num_teacher_timesteps
         self.grid = torch.arange(1, cfg.num_teacher_timesteps + 1) * self.stride - 1  # LCMScheduler's timesteps
         self.full = recipe.adapter.kind == "full"
         self.teacher = backbone.denoiser
         if self.full:
-            self.student = student_from(self.teacher, cfg.guidance_embedding_dim)
+            self.student = adapters.student_from(self.teacher, cfg.guidance_embedding_dim,
+                                                 "objective.consistency.guidance_embedding_dim")
             self.lora = []
         else:
             adapters.add_lora(self.teacher, recipe.adapter, recipe.adapter.target_modules or backbone.lora_targets)
             self.student = self.teacher
-            self.lora = lora_layers(self.student)
+            self.lora = adapters.tuner_layers(self.student)
         self.target_kind = cfg.target or ("ema" if self.full else "student")
         self.wrapped = self.trained_modules()
 
@@ -67,7 +66,8 @@ class Consistency(Objective):
                    inputs_cached=inputs_cached)  # a LoRA student is the teacher: only its LoRA weights go float32
         self.autocast = (torch.autocast(self.device.type, frozen_dtype) if frozen_dtype != torch.float32
                          else contextlib.nullcontext())
-        self.acp, self.grid = self.acp.to(self.device), self.grid.to(self.device)
+        self.schedule.to(self.device)
+        self.grid = self.grid.to(self.device)
         self.text = inputs.FrozenText(self.backbone, self.device, encoders_on_cpu=inputs_cached)
         self.target_ema = None
         if self.target_kind == "ema":
@@ -104,12 +104,12 @@ class Consistency(Objective):
         s = (t - cfg.skip * self.stride).clamp(min=0)
         omega = cfg.omega_min + (cfg.omega_max - cfg.omega_min) * seeding.rand(seeds, seeding.GUIDANCE, device)
         eps = seeding.randn(seeds, seeding.NOISE, x0.shape[1:], device)
-        z_t = diffusion.add_noise(x0, eps, *diffusion.alpha_sigma(self.acp, t))
+        z_t = self.schedule.add_noise(x0, eps, t)
         student_cond = self.student_condition(cond, omega)
         per_sample = consistency_loss(
             student=self.x0_fn(self.wrapped[self.backbone.denoiser_key], student_cond),
             target=self.x0_fn(self.target, student_cond, frozen=True),
-            teacher=self.guided_teacher(cond, uncond, omega), z_t=z_t, t=t, s=s, acp=self.acp, cfg=cfg)
+            teacher=self.guided_teacher(cond, uncond, omega), z_t=z_t, t=t, s=s, schedule=self.schedule, cfg=cfg)
         loss = per_sample.mean()
         return loss, {"loss": loss.detach()}
 
@@ -118,22 +118,15 @@ class Consistency(Objective):
         def x0_hat(z, t):
             with self.autocast if frozen else contextlib.nullcontext(), \
                     self.target_weights() if frozen else contextlib.nullcontext():
-                out = self.backbone.predict(z, t, cond, denoiser=denoiser).float()
-            return diffusion.to_x0_eps(self.prediction_type, out, z, *diffusion.alpha_sigma(self.acp, t))[0]
+                return self.backbone.denoise(z, t, cond, denoiser, self.schedule)[0]
         return x0_hat
 
     def guided_teacher(self, cond, uncond, omega):
         """(z, t) -> guided (x0_hat, eps_hat) of the frozen teacher; cond and uncond run as one batch."""
-        both = inputs.cat_kwargs(cond, uncond)
-
-        def denoise(z, t):
-            z2, t2 = torch.cat([z, z]), torch.cat([t, t])
-            with self.autocast, adapters_off(self.lora):
-                out = self.backbone.predict(z2, t2, both, denoiser=self.teacher).float()
-            x0, eps = diffusion.to_x0_eps(self.prediction_type, out, z2, *diffusion.alpha_sigma(self.acp, t2))
-            (x0_c, x0_u), (eps_c, eps_u) = x0.chunk(2), eps.chunk(2)
-            return solvers.guided(x0_c, x0_u, omega), solvers.guided(eps_c, eps_u, omega)
-        return denoise
+        def pair(z, t, kwargs):
+            with self.autocast, adapters.adapters_off(self.lora):
+                return self.backbone.denoise(z, t, kwargs, self.teacher, self.schedule)
+        return solvers.guided_teacher(pair, cond, uncond, omega)
 
     def student_condition(self, cond, omega):
         if self.full and self.cfg.guidance_embedding_dim:
@@ -153,7 +146,7 @@ class Consistency(Objective):
 
     def scheduler_config(self) -> dict:
         """LCMScheduler settings that sample exactly the grid and scalings the student was trained on."""
-        return dict(self.backbone.scheduler_config, prediction_type=self.prediction_type,
+        return dict(self.schedule.config, prediction_type=self.schedule.prediction_type,
                     original_inference_steps=self.cfg.num_teacher_timesteps,
                     timestep_scaling=self.cfg.timestep_scaling, rescale_betas_zero_snr=False)
 
@@ -213,13 +206,13 @@ class Consistency(Objective):
         return ("lcm", "lcm-lora", "lora") if not self.full else ("lcm", "consistency-distillation")
 
 
-def consistency_loss(student, target, teacher: solvers.Denoise, z_t, t, s, acp, cfg) -> torch.Tensor:
+def consistency_loss(student, target, teacher: solvers.Denoise, z_t, t, s, schedule, cfg) -> torch.Tensor:
     """(B,) d(f_student(z_t, t), f_target(Psi_teacher(z_t, t -> s), s)): the LCD loss of one batch.
 
     student and target map (z, t) to x0_hat; the teacher and the target run without gradients.
     """
     with torch.no_grad():
-        z_s = solvers.solve(teacher, z_t, t, s, acp, cfg.solver, cfg.skip if cfg.solver == "dpmpp_2m" else 1)
+        z_s = solvers.solve(teacher, z_t, t, s, schedule, cfg.solver, cfg.skip if cfg.solver == "dpmpp_2m" else 1)
         f_target = consistency_fn(target, z_s, s, cfg)
     f_student = consistency_fn(student, z_t, t, cfg)
     if cfg.distance == "huber":
@@ -259,38 +252,3 @@ def check_recipe(recipe) -> None:
         print(f"warning: objective.consistency.sigma_data {cfg.sigma_data}: stock LCMScheduler samples with 0.5, "
               "so the export needs a scheduler that uses yours")
 
-
-def student_from(teacher: torch.nn.Module, embedding_dim: int) -> torch.nn.Module:
-    """A float32 copy of the teacher; with embedding_dim, a U-Net with an omega embedding that starts at zero."""
-    if not embedding_dim:
-        return copy.deepcopy(teacher).float().requires_grad_(True)
-    if "time_cond_proj_dim" not in getattr(teacher, "config", {}):
-        raise ConfigError(f"'objective.consistency.guidance_embedding_dim': {type(teacher).__name__} has no "
-                          "guidance embedding (only U-Nets have time_cond_proj_dim); set it to 0")
-    student = type(teacher).from_config({**teacher.config, "time_cond_proj_dim": embedding_dim})
-    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("time_embedding.cond_proj") for k in missing), (missing, unexpected)
-    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)  # omega enters as 0: the student is the teacher
-    return student.float().requires_grad_(True)
-
-
-def lora_layers(module: torch.nn.Module) -> list:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-
-
-@contextlib.contextmanager
-def adapters_off(layers: list):
-    """The base model: every LoRA layer passes its input through the frozen weight alone.
-
-    Sets peft's flag directly: its enable_adapters() would also flip requires_grad of the LoRA weights
-    on every call (tests/test_consistency.py checks the result equals the base model).
-    """
-    for layer in layers:
-        layer._disable_adapters = True
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer._disable_adapters = False

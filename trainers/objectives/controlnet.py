@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from trainers import diffusion, seeding
+from trainers import seeding
 from trainers.errors import ConfigError
+from trainers.losses import denoising_loss
 from trainers.objectives import inputs
 from trainers.objectives.base import Objective
-from trainers.objectives.finetune import denoising_loss, noise_betas, sampling_scheduler_config
 
 PIPELINES = {"sd15": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}
 SD_EMBEDDING_CHANNELS = (16, 32, 96, 256)  # SD's conditioning image encoder: 8x down to the latent
@@ -38,10 +38,7 @@ class ControlNet(Objective):
         if recipe.adapter.kind != "lora" or recipe.adapter.text_encoder:
             raise ConfigError("'adapter': a ControlNet recipe trains the ControlNet alone; remove adapter.kind "
                               "and adapter.text_encoder")
-        self.prediction_type = obj.prediction_type or backbone.scheduler_config.get("prediction_type", "epsilon")
-        if obj.zero_terminal_snr and self.prediction_type != "v_prediction":
-            raise ConfigError("'objective.zero_terminal_snr' needs objective.prediction_type: v_prediction")
-        self.acp = diffusion.alphas_cumprod(noise_betas(backbone.scheduler_config, obj.zero_terminal_snr)).float()
+        self.schedule = self.training_schedule(obj.zero_terminal_snr)
         self.unet = backbone.denoiser
         self.controlnet = build_controlnet(self.unet, backbone.vae, obj.controlnet)
         self.controlnet.requires_grad_(True)
@@ -58,7 +55,7 @@ class ControlNet(Objective):
     def to(self, device, frozen_dtype, inputs_cached: bool = False):
         self.place(device, frozen_dtype, frozen=[self.unet], trained=[self.controlnet], inputs_cached=inputs_cached)
         self.text = inputs.FrozenText(self.backbone, self.device, encoders_on_cpu=bool(self.offloaded))
-        self.acp = self.acp.to(self.device)
+        self.schedule.to(self.device)
 
     def param_groups(self):
         return [{"params": [p for p in self.controlnet.parameters() if p.requires_grad],
@@ -73,8 +70,8 @@ class ControlNet(Objective):
             kept = seeding.rand(seeds, seeding.CONTROL_DROPOUT, device) >= obj.controlnet.conditioning_dropout
             control = control * kept.view(-1, 1, 1, 1)
         controlnet = self.wrapped["controlnet"]
-        loss = denoising_loss(x0, batch, self.acp, obj, self.prediction_type,
-                              lambda z_t, t: self.predict(z_t, t, cond, control, controlnet))
+        loss = denoising_loss(x0, batch, self.schedule, lambda z_t, t: self.predict(z_t, t, cond, control, controlnet),
+                              obj.snr_gamma, obj.noise_offset)
         return loss, {"loss": loss.detach()}
 
     def predict(self, z_t, t, cond: dict, control: torch.Tensor, controlnet) -> torch.Tensor:
@@ -85,11 +82,7 @@ class ControlNet(Objective):
                          mid_block_additional_residual=mid.to(dtype), **cond).sample
 
     def validation_pipeline(self):
-        from diffusers import DDPMScheduler
-
-        config = sampling_scheduler_config(self.backbone.scheduler_config, self.prediction_type,
-                                           self.recipe.objective.zero_terminal_snr)
-        return controlnet_pipeline(self.backbone, self.controlnet, DDPMScheduler.from_config(config))
+        return controlnet_pipeline(self.backbone, self.controlnet, self.schedule.sampling_scheduler())
 
     def validation_inputs(self) -> dict:
         return {"image": self.validation_images}

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from trainers import adapters, diffusion, kohya, seeding
+from trainers import adapters, kohya, seeding
 from trainers.errors import ConfigError
+from trainers.losses import denoising_error, denoising_loss
 from trainers.objectives import inputs
 from trainers.objectives.base import Objective
 
@@ -24,11 +25,7 @@ class FineTune(Objective):
     def __init__(self, recipe, backbone):
         super().__init__(recipe, backbone)
         obj, ad = recipe.objective, recipe.adapter
-        self.prediction_type = obj.prediction_type or backbone.scheduler_config.get("prediction_type", "epsilon")
-        if obj.zero_terminal_snr and self.prediction_type != "v_prediction":
-            raise ConfigError("'objective.zero_terminal_snr' needs objective.prediction_type: v_prediction "
-                              "(at SNR 0 an epsilon model cannot recover x0)")
-        self.acp = diffusion.alphas_cumprod(noise_betas(backbone.scheduler_config, obj.zero_terminal_snr)).float()
+        self.schedule = self.training_schedule(obj.zero_terminal_snr)
         self.denoiser = backbone.denoiser
         self.trained_encoders: dict[str, torch.nn.Module] = {}
         if ad.kind == "lora":
@@ -87,8 +84,7 @@ class FineTune(Objective):
                 module.to(dtype)                           # model saved in float16 loads in float16)
         for p in self.trainable_named_parameters().values():
             p.data = p.data.float()  # master weights in float32 under mixed precision
-        self.acp = self.acp.to(self.device)
-
+        self.schedule.to(self.device)
 
     def param_groups(self):
         opt = self.recipe.optimizer
@@ -102,17 +98,10 @@ class FineTune(Objective):
         x0 = inputs.latents(self.backbone, batch, self.device)  # (B, C, h, w)
         cond = self.condition(batch, batch["seeds"])
         denoiser = self.wrapped[self.backbone.denoiser_key]
-        loss = denoising_loss(x0, batch, self.acp, self.recipe.objective, self.prediction_type,
-                              lambda z_t, t: self.backbone.predict(z_t, t, cond, denoiser=denoiser))
+        obj = self.recipe.objective
+        loss = denoising_loss(x0, batch, self.schedule, lambda z_t, t: self.backbone.predict(z_t, t, cond, denoiser),
+                              obj.snr_gamma, obj.noise_offset)
         return loss, {"loss": loss.detach()}
-
-    def denoising_error(self, x0, eps, t, cond, denoiser) -> torch.Tensor:
-        """(B,) mean squared error of the model's prediction at z_t against its target (eps or v)."""
-        alpha_t, sigma_t = diffusion.alpha_sigma(self.acp, t)
-        z_t = diffusion.add_noise(x0, eps, alpha_t, sigma_t)
-        pred = self.backbone.predict(z_t, t, cond, denoiser=denoiser)
-        target = diffusion.target_for(self.prediction_type, x0, eps, alpha_t, sigma_t)
-        return (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
 
     @torch.no_grad()
     def heldout_loss(self, batch, timesteps):
@@ -122,7 +111,8 @@ class FineTune(Objective):
         cond = self.backbone.condition(batch["captions"], [False] * len(seeds), batch, self.device,
                                        self.backbone.text_encoders, text=inputs.cached_text(batch, self.device))
         eps = seeding.randn(seeds, seeding.NOISE, x0.shape[1:], self.device)
-        errors = [self.denoising_error(x0, eps, t.expand(len(seeds)).to(self.device), cond, self.denoiser)
+        predict = lambda z_t, t: self.backbone.predict(z_t, t, cond, self.denoiser)  # noqa: E731
+        errors = [denoising_error(self.schedule, predict, x0, eps, t.expand(len(seeds)).to(self.device))
                   for t in timesteps]
         return torch.stack(errors).mean()
 
@@ -143,15 +133,8 @@ class FineTune(Objective):
             return self.backbone.condition(batch["captions"], dropped, batch, self.device,
                                            text=inputs.cached_text(batch, self.device), uncond=self._uncond)
 
-    def sampling_scheduler_config(self) -> dict:
-        return sampling_scheduler_config(self.backbone.scheduler_config, self.prediction_type,
-                                         self.recipe.objective.zero_terminal_snr)
-
     def validation_pipeline(self):
-        from diffusers import DDPMScheduler
-
-        scheduler = DDPMScheduler.from_config(self.sampling_scheduler_config())
-        return self.backbone.pipeline(self.denoiser, self.backbone.text_encoders, scheduler)
+        return self.backbone.pipeline(self.denoiser, self.backbone.text_encoders, self.schedule.sampling_scheduler())
 
     def export(self, out_dir: Path) -> list[Path]:
         dtype = getattr(torch, self.recipe.export.dtype)
@@ -161,14 +144,12 @@ class FineTune(Objective):
             kohya_file = kohya.export_trained(out_dir, self.trained_modules(), self.backbone.family, self.recipe, dtype)
             files += [kohya_file] if kohya_file else []
             return files
-        from diffusers import DDPMScheduler
-
         written = []
         for key, module in self.trained_modules().items():
             module.to(dtype).save_pretrained(out_dir / key, safe_serialization=True)
             module.float()
             written.append(out_dir / key)
-        DDPMScheduler.from_config(self.sampling_scheduler_config()).save_pretrained(out_dir / "scheduler")
+        self.schedule.sampling_scheduler().save_pretrained(out_dir / "scheduler")
         return [*written, out_dir / "scheduler"]
 
     def usage_snippet(self, where: str) -> str:
@@ -192,44 +173,3 @@ class FineTune(Objective):
     def card_tags(self):
         return ("lora",) if self.recipe.adapter.kind == "lora" else ("full-finetune",)
 
-
-def denoising_loss(x0: torch.Tensor, batch: dict, acp: torch.Tensor, obj, prediction_type: str, predict) -> torch.Tensor:
-    """The mean training loss of `predict(z_t, t)` against its target (eps or v) on each sample's seeded noise
-    (with the recipe's offset) and timestep, min-SNR-gamma weighted when set, times the batch's per-source weights."""
-    seeds, device = batch["seeds"], x0.device
-    eps = seeding.randn(seeds, seeding.NOISE, x0.shape[1:], device)
-    if obj.noise_offset:
-        eps = diffusion.offset_noise(eps, seeding.randn(seeds, seeding.OFFSET, x0.shape[1:2], device), obj.noise_offset)
-    t = seeding.randint(seeds, seeding.TIMESTEP, len(acp), device)
-    alpha_t, sigma_t = diffusion.alpha_sigma(acp, t)
-    pred = predict(diffusion.add_noise(x0, eps, alpha_t, sigma_t), t)
-    target = diffusion.target_for(prediction_type, x0, eps, alpha_t, sigma_t)
-    per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
-    if obj.snr_gamma:
-        snr_t = diffusion.snr(alpha_t, sigma_t).clamp(min=1e-12)
-        per_sample = per_sample * diffusion.min_snr_weight(snr_t, obj.snr_gamma, prediction_type)
-    if "loss_weight" in batch:  # per-source weights, e.g. prior preservation
-        per_sample = per_sample * batch["loss_weight"].to(device, non_blocking=True)
-    return per_sample.mean()
-
-
-def sampling_scheduler_config(scheduler_config: dict, prediction_type: str, zero_terminal_snr: bool) -> dict:
-    """The training schedule as the exported model samples it."""
-    cfg = dict(scheduler_config, prediction_type=prediction_type)
-    if zero_terminal_snr:
-        cfg |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
-    return cfg
-
-
-def noise_betas(scheduler_config: dict, zero_terminal_snr: bool) -> torch.Tensor:
-    """The model's training betas, optionally rescaled to zero terminal SNR."""
-    if scheduler_config.get("trained_betas") is not None:
-        betas = torch.tensor(scheduler_config["trained_betas"], dtype=torch.float64)
-    else:
-        betas = diffusion.make_betas(scheduler_config.get("beta_schedule", "linear"),
-                                     scheduler_config.get("beta_start", 0.0001),
-                                     scheduler_config.get("beta_end", 0.02),
-                                     scheduler_config.get("num_train_timesteps", 1000))
-    if zero_terminal_snr or scheduler_config.get("rescale_betas_zero_snr"):
-        betas = diffusion.rescale_zero_terminal_snr(betas)
-    return betas

@@ -51,11 +51,3 @@ class FrozenText:
         n = len(batch["seeds"])
         return self(batch, [False] * n), self(batch, [True] * n)
 
-
-def cat_kwargs(a, b):
-    """Two denoiser kwargs dicts as one batch (nested dicts recursed; non-tensors taken from a)."""
-    if isinstance(a, dict):
-        return {k: cat_kwargs(a[k], b[k]) for k in a}
-    if isinstance(a, torch.Tensor):
-        return torch.cat([a, b])
-    return a

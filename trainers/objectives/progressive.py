@@ -32,10 +32,9 @@ from trainers import adapters, diffusion, seeding, solvers
 from trainers.errors import ConfigError
 from trainers.objectives import inputs
 from trainers.objectives.base import Objective
-from trainers.objectives.consistency import adapters_off, lora_layers, student_from
-from trainers.objectives.finetune import noise_betas
 
 GUIDANCE_STAGE, HALVING_STAGE = "guidance", "halving"
+KEY = "objective.progressive.guidance_embedding_dim"
 
 
 class Progressive(Objective):
@@ -48,21 +47,22 @@ class Progressive(Objective):
         check_recipe(recipe)
         self.stages = plan_stages(cfg, recipe.train.max_steps)
         self.stage_len = recipe.train.max_steps // len(self.stages)
-        self.teacher_type = backbone.scheduler_config.get("prediction_type", "epsilon")
-        self.student_type = recipe.objective.prediction_type or self.teacher_type
-        self.acp = diffusion.alphas_cumprod(noise_betas(backbone.scheduler_config, False)).float()
+        # the teacher's parameterisation is the model's; the student's is objective.prediction_type (same betas)
+        self.student_schedule = self.training_schedule(vp_only="distils DDIM steps of a discrete VP teacher")
+        self.teacher_schedule = backbone.schedule
+        self.timesteps = backbone.schedule.num_train_timesteps
         self.lora = recipe.adapter.kind == "lora"
         embedding = cfg.guidance_embedding_dim if cfg.guided else 0
         self.base = backbone.denoiser  # the original teacher, frozen
         if self.lora:  # one denoiser: base weights frozen, LoRA (and the omega embedding) trained
-            self.student = student_from(self.base, embedding) if embedding else self.base
+            self.student = adapters.student_from(self.base, embedding, KEY) if embedding else self.base
             adapters.add_lora(self.student, recipe.adapter, recipe.adapter.target_modules or backbone.lora_targets)
             if embedding:
                 self.student.time_embedding.cond_proj.requires_grad_(True)
                 backbone.denoiser = self.base = self.student  # the original is the student with adapters off
-            self.layers = lora_layers(self.student)
+            self.layers = adapters.tuner_layers(self.student)
         else:
-            self.student = student_from(self.base, embedding)
+            self.student = adapters.student_from(self.base, embedding, KEY)
         self.teacher = None  # the last stage's student, frozen: a copy, or (LoRA) its trainable tensors
         self.stage = 0       # the stage whose teacher is in place
         self.wrapped = self.trained_modules()
@@ -80,8 +80,9 @@ class Progressive(Objective):
             self.teacher = copy.deepcopy(self.student).requires_grad_(False)
             self.place(device, frozen_dtype, frozen=[self.base, self.teacher], trained=[self.student],
                        inputs_cached=inputs_cached)
-        self.acp = self.acp.to(self.device)
-        self.grids = {n: student_grid(len(self.acp), n, self.device) for _, n in self.stages}  # made once, on device
+        self.teacher_schedule.to(self.device)
+        self.student_schedule.to(self.device)
+        self.grids = {n: student_grid(self.timesteps, n, self.device) for _, n in self.stages}  # made once, on device
         self.text = inputs.FrozenText(self.backbone, self.device, encoders_on_cpu=inputs_cached)
 
     def param_groups(self):
@@ -133,18 +134,18 @@ class Progressive(Objective):
         eps = seeding.randn(seeds, seeding.NOISE, x0.shape[1:], device)
         omega = self.omega(seeds)
         if kind == GUIDANCE_STAGE:  # any training timestep: the student serves every grid later stages use
-            t = seeding.randint(seeds, seeding.TIMESTEP, len(self.acp), device)
+            t = self.student_schedule.sample_timesteps(seeds, device)
         else:
             t = self.grids[n_steps][seeding.randint(seeds, seeding.TIMESTEP, n_steps, device)]
-        z_t = diffusion.add_noise(x0, eps, *diffusion.alpha_sigma(self.acp, t))
+        z_t = self.student_schedule.add_noise(x0, eps, t)
         cond, teacher = self.condition_and_teacher(batch, stage, omega)
         student_cond = self.student_cond(cond, omega)
         student = lambda z, tt: self.predict_x0(self.wrapped[self.backbone.denoiser_key], z, tt, student_cond,  # noqa: E731
-                                                self.student_type)
+                                                self.student_schedule)
         if kind == GUIDANCE_STAGE:
-            per_sample = guidance_loss(student, teacher, z_t, t, self.acp)
+            per_sample = guidance_loss(student, teacher, z_t, t, self.student_schedule)
         else:
-            per_sample = progressive_loss(student, teacher, z_t, t, t - len(self.acp) // n_steps, self.acp)
+            per_sample = progressive_loss(student, teacher, z_t, t, t - self.timesteps // n_steps, self.student_schedule)
         loss = per_sample.mean()
         return loss, {"loss": loss.detach()}
 
@@ -161,32 +162,27 @@ class Progressive(Objective):
             return cond, self.guided_base(cond, uncond, omega)
         cond = self.text(batch, inputs.dropped_captions(batch["seeds"], self.recipe.objective.caption_dropout))
         if stage == 0:
-            return cond, self.denoiser_fn(self.base, cond, self.teacher_type, self.as_base)
+            return cond, self.denoiser_fn(self.base, cond, self.teacher_schedule, self.as_base)
         teacher = self.student if self.lora else self.teacher
-        return cond, self.denoiser_fn(teacher, self.student_cond(cond, omega), self.student_type, self.as_teacher)
+        return cond, self.denoiser_fn(teacher, self.student_cond(cond, omega), self.student_schedule, self.as_teacher)
 
-    def denoiser_fn(self, module, cond, prediction_type, context):
+    def denoiser_fn(self, module, cond, schedule, context):
         def denoise(z, t):
             with context():
-                return self.predict_x0(module, z, t, cond, prediction_type, both=True, frozen=True)
+                return self.predict_x0(module, z, t, cond, schedule, both=True, frozen=True)
         return denoise
 
     def guided_base(self, cond, uncond, omega):
-        both = inputs.cat_kwargs(cond, uncond)
-
-        def denoise(z, t):
+        def pair(z, t, kwargs):
             with self.as_base():
-                x0, eps = self.predict_x0(self.base, torch.cat([z, z]), torch.cat([t, t]), both, self.teacher_type,
-                                          both=True, frozen=True)
-            (x0_c, x0_u), (eps_c, eps_u) = x0.chunk(2), eps.chunk(2)
-            return solvers.guided(x0_c, x0_u, omega), solvers.guided(eps_c, eps_u, omega)
-        return denoise
+                return self.predict_x0(self.base, z, t, kwargs, self.teacher_schedule, both=True, frozen=True)
+        return solvers.guided_teacher(pair, cond, uncond, omega)
 
     @contextlib.contextmanager
     def as_base(self):
         """The original teacher: a LoRA student with its adapters off (its omega embedding is unused without
         timestep_cond); a full student has the base beside it."""
-        with adapters_off(self.layers) if self.lora else contextlib.nullcontext():
+        with adapters.adapters_off(self.layers) if self.lora else contextlib.nullcontext():
             yield
 
     @contextlib.contextmanager
@@ -196,11 +192,11 @@ class Progressive(Objective):
                 contextlib.nullcontext():
             yield
 
-    def predict_x0(self, module, z, t, cond, prediction_type, both: bool = False, frozen: bool = False):
-        """x0_hat (and eps_hat with both) of a denoiser; frozen (teacher) passes run in the compute dtype."""
+    def predict_x0(self, module, z, t, cond, schedule, both: bool = False, frozen: bool = False):
+        """x0_hat (and eps_hat with both) of a denoiser read through `schedule` (the teacher's or the student's
+        parameterisation); frozen (teacher) passes run in the compute dtype."""
         with torch.autocast(self.device.type, self.frozen_dtype, enabled=frozen and self.frozen_dtype != torch.float32):
-            out = self.backbone.predict(z, t, cond, denoiser=module).float()
-        x0, eps = diffusion.to_x0_eps(prediction_type, out, z, *diffusion.alpha_sigma(self.acp, t))
+            x0, eps = self.backbone.denoise(z, t, cond, module, schedule)
         return (x0, eps) if both else x0
 
     def student_cond(self, cond, omega):
@@ -214,8 +210,8 @@ class Progressive(Objective):
         """DDIM on exactly the student's grid: trailing spacing, the last step to clean data."""
         from diffusers import DDIMScheduler
 
-        config = {k: v for k, v in self.backbone.scheduler_config.items() if not k.startswith("_")}
-        return DDIMScheduler.from_config({**config, "prediction_type": self.student_type, "timestep_spacing": "trailing",
+        config = {k: v for k, v in self.student_schedule.config.items() if not k.startswith("_")}
+        return DDIMScheduler.from_config({**config, "prediction_type": self.student_schedule.prediction_type, "timestep_spacing": "trailing",
                                           "set_alpha_to_one": True, "steps_offset": 0, "clip_sample": False,
                                           "rescale_betas_zero_snr": False})
 
@@ -248,7 +244,7 @@ class Progressive(Objective):
                 f"guidance_scale={guidance}).images[0]\n")
 
 
-def progressive_loss(student, teacher: solvers.Denoise, z_t, t, s, acp) -> torch.Tensor:
+def progressive_loss(student, teacher: solvers.Denoise, z_t, t, s, schedule) -> torch.Tensor:
     """(B,) truncated-SNR-weighted x-space error of the student against the x_tilde that makes its one DDIM step
     t -> s land where the teacher's two steps (t -> midpoint -> s) do; s = -1 is clean data.
 
@@ -256,21 +252,21 @@ def progressive_loss(student, teacher: solvers.Denoise, z_t, t, s, acp) -> torch
     """
     s = s.clamp(min=-1)
     with torch.no_grad():
-        z_s = solvers.solve(teacher, z_t, t, s, acp, "ddim", substeps=2)
-        target = diffusion.progressive_target(z_t, z_s, *diffusion.alpha_sigma(acp, t), *diffusion.alpha_sigma(acp, s))
-    return truncated_snr(acp, t) * (student(z_t, t) - target).pow(2).flatten(1).mean(1)
+        z_s = solvers.solve(teacher, z_t, t, s, schedule, "ddim", substeps=2)
+        target = diffusion.progressive_target(z_t, z_s, *schedule.alpha_sigma(t), *schedule.alpha_sigma(s))
+    return truncated_snr(schedule, t) * (student(z_t, t) - target).pow(2).flatten(1).mean(1)
 
 
-def guidance_loss(student, teacher: solvers.Denoise, z_t, t, acp) -> torch.Tensor:
+def guidance_loss(student, teacher: solvers.Denoise, z_t, t, schedule) -> torch.Tensor:
     """(B,) the same weighted x-space error against the (guided) teacher's own x0_hat at the same z_t and t."""
     with torch.no_grad():
         target = teacher(z_t, t)[0]
-    return truncated_snr(acp, t) * (student(z_t, t) - target).pow(2).flatten(1).mean(1)
+    return truncated_snr(schedule, t) * (student(z_t, t) - target).pow(2).flatten(1).mean(1)
 
 
-def truncated_snr(acp, t) -> torch.Tensor:
+def truncated_snr(schedule, t) -> torch.Tensor:
     """max(SNR_t, 1): an x0 loss where the SNR is high, a v-like loss where it is low (Salimans & Ho 2022)."""
-    return diffusion.snr(*diffusion.alpha_sigma(acp, t)).clamp(min=1.0)
+    return schedule.snr(t).clamp(min=1.0)
 
 
 def plan_stages(cfg, max_steps: int) -> list[tuple[str, int]]:
