@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from trainers.config import Recipe, apply_override, dump_recipe, from_dict, load_recipe
+from trainers.config import Recipe, apply_override, dump_recipe, from_dict, load_recipe, to_dict
 from trainers.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,11 +49,29 @@ def test_defaults_fill_everything_but_required():
     (minimal(validation={"prompts": "a cat"}), "'validation.prompts' must be a list"),
     (minimal(model="sd15"), "'model' must be a mapping"),
     ({"output_dir": "o", "data": {"source": "d"}}, "missing required key 'model.pretrained'"),
+    # an objective's own section is checked against the Options its module declares
+    (minimal(objective={"name": "consistency", "consistency": {"skp": 2}}),
+     "unknown key 'objective.consistency.skp' (did you mean 'objective.consistency.skip'?)"),
+    (minimal(objective={"consistency": {"solver": "heun"}}), "'objective.consistency.solver' must be one of"),
+    (minimal(objective={"progressive": {"teacher_steps": 1}}), "'objective.progressive.teacher_steps' must be at least 2"),
+    (minimal(objective={"consistncy": {}}), "unknown key 'objective.consistncy' (did you mean 'objective.consistency'?)"),
+    (minimal(objective={"finetune": {}}), "'objective.finetune': the finetune objective has no options of its own"),
+    (minimal(objective={"name": "distil"}), "'objective.name' must be one of 'finetune'"),
+    (minimal(objective={"sections": {}}), "unknown key 'objective.sections'"),
 ])
 def test_schema_errors_name_the_key(data, message):
     with pytest.raises(ConfigError) as e:
         from_dict(data)
     assert message in str(e.value)
+
+
+def test_objective_sections_load_default_and_dump_under_their_names():
+    r = from_dict(minimal(objective={"name": "consistency", "consistency": {"skip": 3}}))
+    assert r.objective.consistency.skip == 3 and r.objective.consistency.solver == "ddim"
+    assert r.objective.progressive.teacher_steps == 64  # a section the recipe did not set: its defaults
+    dumped = to_dict(r)["objective"]
+    assert dumped["consistency"]["skip"] == 3 and "sections" not in dumped
+    assert from_dict({**to_dict(r)}) == r  # the resolved recipe reads back as itself
 
 
 def test_numbers_are_coerced_where_harmless():

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from trainers import diffusion, solvers
-from trainers.config import ConsistencyObjectiveConfig, load_recipe
+from trainers.config import load_recipe
 from trainers.engine import Trainer
 from trainers.errors import ConfigError
 from trainers.adapters import adapters_off
-from trainers.objectives.consistency import consistency_fn, consistency_loss
+from trainers.objectives.consistency import ConsistencyOptions, consistency_fn, consistency_loss
 
 # ---- an analytic teacher: data x0 ~ N(mu, S^2 I) has the exact denoiser in closed form -------------------
 
@@ -114,7 +114,7 @@ def test_lcd_on_the_analytic_teacher_moves_one_step_samples_to_the_guided_flow()
 
     The reference is the teacher's own N-step DDIM (the ODE the student distils) from the same noise.
     """
-    cfg = ConsistencyObjectiveConfig(num_teacher_timesteps=10, distance="l2")
+    cfg = ConsistencyOptions(num_teacher_timesteps=10, distance="l2")
     stride, omega = 100, 2.0
     grid = torch.arange(1, 11) * stride - 1
     cond, uncond = gaussian_denoiser(MU_C), gaussian_denoiser(MU_U)

@@ -90,7 +90,7 @@ def test_one_stage_student_of_the_analytic_teacher_reproduces_its_two_steps_per_
 
 
 def test_stage_plan():
-    from trainers.config import ProgressiveObjectiveConfig as P
+    from trainers.objectives.progressive import ProgressiveOptions as P
 
     assert plan_stages(P(teacher_steps=16, student_steps=1), 400) == [("halving", n) for n in (8, 4, 2, 1)]
     assert plan_stages(P(teacher_steps=8, student_steps=2, guided=True), 300) == [

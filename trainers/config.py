@@ -25,6 +25,9 @@ def _f(default: Any, *, min: float | None = None, max: float | None = None) -> A
     return field(default=default, metadata={"min": min, "max": max})
 
 
+ranged = _f  # for the Options of objectives, declared in their own modules
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     pretrained: str = REQUIRED          # hub id, local diffusers folder, or single-file .safetensors/.ckpt
@@ -57,65 +60,27 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class AutoencoderObjectiveConfig:
-    reconstruction: Literal["l1", "mse"] = "l1"  # pixel loss between an image and its decoded latent
-    kl_weight: float = _f(1e-6, min=0.0)  # weight of KL(q(z|x) || N(0, I)); SD's VAE used 1e-6
-    latent_std_momentum: float = _f(0.99, min=0.0, max=1.0)  # running latent std -> exported scaling_factor
-
-
-@dataclass(frozen=True)
-class ConsistencyObjectiveConfig:
-    # Latent consistency distillation (Luo et al. 2023, Algorithm 1). Guidance uses the paper's omega:
-    # eps_c + omega * (eps_c - eps_u); a diffusers pipeline's guidance_scale is omega + 1.
-    num_teacher_timesteps: int = _f(50, min=2)  # N: the solver grid over the training timesteps (50 of 1000)
-    skip: int = _f(1, min=1)            # k: grid steps the teacher's solver jumps per loss term
-    solver: Literal["ddim", "dpmpp_2m", "euler"] = "ddim"  # the teacher's ODE solver Psi (dpmpp_2m: k sub-steps)
-    omega_min: float = _f(5.0, min=0.0)  # guidance drawn uniformly in [omega_min, omega_max] per sample
-    omega_max: float = _f(15.0, min=0.0)
-    distance: Literal["huber", "l2"] = "huber"  # pseudo-Huber sqrt(d^2 + c^2) - c, or squared L2
-    huber_c: float = _f(0.001, min=0.0)
-    sigma_data: float = _f(0.5, min=0.0)  # c_skip/c_out; stock LCMScheduler samples with 0.5
-    timestep_scaling: float = _f(10.0, min=0.0)  # c_skip/c_out see t * this (LCMScheduler's timestep_scaling)
-    target: Optional[Literal["student", "ema"]] = None  # None: student (stop-gradient) for LoRA, ema for full
-    target_ema_decay: float = _f(0.95, min=0.0, max=1.0)  # with target: ema
-    guidance_embedding_dim: int = _f(256, min=0)  # full LCM: omega embedding size (U-Net time_cond_proj_dim); 0: none
-
-
-@dataclass(frozen=True)
-class ProgressiveObjectiveConfig:
-    # Progressive distillation (Salimans & Ho 2022); guided: Meng et al. (2023). train.max_steps is split evenly
-    # over the stages; each stage's student starts from the last one and takes half its DDIM steps.
-    teacher_steps: int = _f(64, min=2)  # DDIM steps of the first teacher
-    student_steps: int = _f(4, min=1)   # DDIM steps of the final student (teacher_steps / 2^k)
-    guided: bool = False                # first stage: distil classifier-free guidance into an omega-conditioned student
-    omega_min: float = _f(0.0, min=0.0)  # guided: omega ~ U[min, max] (the paper's omega = guidance_scale - 1)
-    omega_max: float = _f(4.0, min=0.0)
-    guidance_embedding_dim: int = _f(256, min=1)  # guided: the student U-Net's time_cond_proj_dim
-
-
-@dataclass(frozen=True)
-class ControlNetObjectiveConfig:
-    # ControlNet (Zhang et al. 2023): a trained copy of the U-Net's encoder whose zero-initialised outputs are
-    # added to the frozen U-Net's skip connections; conditioning images are read from data (conditioning_image)
-    init_from: Optional[str] = None     # an existing ControlNet (folder or hub id) to go on from; None: from the U-Net
-    conditioning_dropout: float = _f(0.0, min=0.0, max=1.0)  # p of a black conditioning image (caption kept)
-    # channels of the conditioning image encoder's convs; one stride-2 step between each pair, so their number
-    # sets the downsampling: None is SD's (16, 32, 96, 256) for a VAE that downsamples 8x, shortened for a smaller one
-    conditioning_embedding_channels: Optional[tuple[int, ...]] = None
-
-
-@dataclass(frozen=True)
 class ObjectiveConfig:
+    # What every objective reads; an objective's own options are the section named after it
+    # (objective.consistency.skip, ...), declared as `Options` in its module (trainers/objectives/<name>.py).
     name: str = "finetune"              # which recipe trainer: see trainers/objectives/__init__.py
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None  # None: the model scheduler's
     snr_gamma: Optional[float] = _f(None, min=0.0)  # min-SNR-gamma weighting (Hang et al. 2023); 5.0 typical
     noise_offset: float = _f(0.0, min=0.0)          # per-channel offset noise; 0.05-0.1 helps very dark/bright
     zero_terminal_snr: bool = False     # rescale betas so the last step is pure noise (Lin et al. 2024)
     caption_dropout: float = _f(0.0, min=0.0, max=1.0)  # p of training on the empty prompt (for CFG)
-    autoencoder: AutoencoderObjectiveConfig = field(default_factory=AutoencoderObjectiveConfig)  # name: autoencoder
-    consistency: ConsistencyObjectiveConfig = field(default_factory=ConsistencyObjectiveConfig)  # name: consistency
-    progressive: ProgressiveObjectiveConfig = field(default_factory=ProgressiveObjectiveConfig)  # name: progressive
-    controlnet: ControlNetObjectiveConfig = field(default_factory=ControlNetObjectiveConfig)  # name: controlnet
+    sections: dict = field(default_factory=dict, repr=False)  # objective name -> its Options (built by the loader)
+
+    def __getattr__(self, name: str) -> Any:
+        """`objective.<name>`: that objective's options as the recipe set them, or their defaults."""
+        if name.startswith("_") or name == "sections":
+            raise AttributeError(name)
+        if name in self.sections:
+            return self.sections[name]
+        options = _objective_options(name)
+        if options is None:
+            raise AttributeError(f"objective has no option section {name!r}")
+        return options()
 
 
 @dataclass(frozen=True)
@@ -291,8 +256,10 @@ def _check_combinations(r: Recipe) -> None:
 
 
 def to_dict(recipe: Recipe) -> dict:
-    """Plain data for YAML: tuples become lists."""
-    return _plain(dataclasses.asdict(recipe))
+    """Plain data for YAML: tuples become lists; objective sections sit under their names."""
+    data = _plain(dataclasses.asdict(recipe))
+    data["objective"] |= data["objective"].pop("sections")
+    return data
 
 
 def dump_recipe(recipe: Recipe) -> str:
@@ -307,14 +274,42 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def _objective_options(name: str) -> type | None:
+    """The Options dataclass of a registered objective (None for a name that is not one, or has none)."""
+    from trainers.objectives import OBJECTIVES, options_of  # the registry: objectives declare their own options
+
+    return options_of(name) if name in OBJECTIVES else None
+
+
+def _build_objective(data: Any, prefix: str) -> ObjectiveConfig:
+    """The shared objective keys, then each section named after an objective, checked against its Options."""
+    from trainers.objectives import OBJECTIVES
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.')}' must be a mapping, got {_show(data)}")
+    common = {k: v for k, v in data.items() if k not in OBJECTIVES}
+    config = _build(ObjectiveConfig, common, prefix, extra_keys=list(OBJECTIVES))
+    if config.name not in OBJECTIVES:
+        raise ConfigError(f"'{prefix}name' must be one of {', '.join(map(repr, OBJECTIVES))}; got {config.name!r}")
+    sections = {}
+    for name in [k for k in data if k in OBJECTIVES] + [config.name]:
+        options = _objective_options(name)
+        if options is None:
+            if name in data:
+                raise ConfigError(f"'{prefix}{name}': the {name} objective has no options of its own; remove it")
+            continue
+        sections[name] = _build(options, data.get(name, {}), f"{prefix}{name}.")
+    return dataclasses.replace(config, sections=sections)
+
+
+def _build(cls: type, data: Any, prefix: str, extra_keys: typing.Sequence[str] = ()) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"'{prefix.rstrip('.') or 'recipe'}' must be a mapping, got {_show(data)}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "sections"}
     for key in data:
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            close = difflib.get_close_matches(str(key), [*fields, *extra_keys], n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
     values = {}
@@ -324,7 +319,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             if f.default is REQUIRED:
                 raise ConfigError(f"missing required key '{key}'")
             if dataclasses.is_dataclass(hints[name]):  # an absent section may still have required keys
-                values[name] = _build(hints[name], {}, key + ".")
+                values[name] = _coerce(hints[name], {}, key)
             continue
         values[name] = _coerce(hints[name], data[name], key)
         _check_range(f, values[name], key)
@@ -334,6 +329,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`, converting lists to tuples and ints to floats."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is ObjectiveConfig:
+        return _build_objective(value, key + ".")
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key + ".")
     if origin in (typing.Union, types.UnionType):

@@ -1,4 +1,8 @@
-"""Objectives by name: the engine finds them here and never imports a concrete one."""
+"""Objectives by name: the engine finds them here and never imports a concrete one.
+
+Adding an objective is one line in OBJECTIVES; its recipe options (the section `objective.<name>`) are the
+`Options` dataclass its class names, which the recipe loader reads through `options_of`.
+"""
 from __future__ import annotations
 
 import importlib
@@ -17,3 +21,8 @@ def get_objective(name: str):
         raise ConfigError(f"'objective.name' must be one of {', '.join(map(repr, OBJECTIVES))}; got {name!r}")
     module, cls = OBJECTIVES[name].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def options_of(name: str) -> type | None:
+    """The dataclass of objective `name`'s own recipe section, or None when it has no options of its own."""
+    return getattr(get_objective(name), "Options", None)

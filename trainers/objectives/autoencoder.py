@@ -8,13 +8,25 @@ on its latents sees unit variance, the convention SD's 0.18215 follows.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from trainers import seeding
+from trainers.config import ranged
 from trainers.errors import ConfigError
 from trainers.objectives.base import Objective
+
+
+@dataclass(frozen=True)
+class AutoencoderOptions:
+    """objective.autoencoder: the options of this objective (recipe section objective.autoencoder)."""
+
+    reconstruction: Literal["l1", "mse"] = "l1"  # pixel loss between an image and its decoded latent
+    kl_weight: float = ranged(1e-6, min=0.0)  # weight of KL(q(z|x) || N(0, I)); SD's VAE used 1e-6
+    latent_std_momentum: float = ranged(0.99, min=0.0, max=1.0)  # running latent std -> exported scaling_factor
 
 
 class Reconstruction(torch.nn.Module):
@@ -34,6 +46,7 @@ class Reconstruction(torch.nn.Module):
 
 
 class Autoencoder(Objective):
+    Options = AutoencoderOptions
     name = "autoencoder"
     card_tags = ("autoencoder", "vae")
 

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Optional
 
 import torch
 
 from trainers import adapters, diffusion, kohya, seeding, solvers
 from trainers.ema import EMA
+from trainers.config import ranged
 from trainers.errors import ConfigError
 from trainers.objectives import inputs
 from trainers.objectives.base import Objective
@@ -28,7 +31,27 @@ from trainers.objectives.base import Objective
 LCM_SCHEDULER = "LCMScheduler"
 
 
+@dataclass(frozen=True)
+class ConsistencyOptions:
+    """objective.consistency: the options of this objective (recipe section objective.consistency)."""
+    # Latent consistency distillation (Luo et al. 2023, Algorithm 1). Guidance uses the paper's omega:
+    # eps_c + omega * (eps_c - eps_u); a diffusers pipeline's guidance_scale is omega + 1.
+    num_teacher_timesteps: int = ranged(50, min=2)  # N: the solver grid over the training timesteps (50 of 1000)
+    skip: int = ranged(1, min=1)            # k: grid steps the teacher's solver jumps per loss term
+    solver: Literal["ddim", "dpmpp_2m", "euler"] = "ddim"  # the teacher's ODE solver Psi (dpmpp_2m: k sub-steps)
+    omega_min: float = ranged(5.0, min=0.0)  # guidance drawn uniformly in [omega_min, omega_max] per sample
+    omega_max: float = ranged(15.0, min=0.0)
+    distance: Literal["huber", "l2"] = "huber"  # pseudo-Huber sqrt(d^2 + c^2) - c, or squared L2
+    huber_c: float = ranged(0.001, min=0.0)
+    sigma_data: float = ranged(0.5, min=0.0)  # c_skip/c_out; stock LCMScheduler samples with 0.5
+    timestep_scaling: float = ranged(10.0, min=0.0)  # c_skip/c_out see t * this (LCMScheduler's timestep_scaling)
+    target: Optional[Literal["student", "ema"]] = None  # None: student (stop-gradient) for LoRA, ema for full
+    target_ema_decay: float = ranged(0.95, min=0.0, max=1.0)  # with target: ema
+    guidance_embedding_dim: int = ranged(256, min=0)  # full LCM: omega embedding size (U-Net time_cond_proj_dim); 0: none
+
+
 class Consistency(Objective):
+    Options = ConsistencyOptions
     name = "consistency"
     exports_adapter_only = True
 

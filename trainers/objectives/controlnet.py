@@ -10,11 +10,14 @@ what no control means.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from trainers import seeding
+from trainers.config import ranged
 from trainers.errors import ConfigError
 from trainers.losses import denoising_loss
 from trainers.objectives import inputs
@@ -24,7 +27,20 @@ PIPELINES = {"sd15": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusi
 SD_EMBEDDING_CHANNELS = (16, 32, 96, 256)  # SD's conditioning image encoder: 8x down to the latent
 
 
+@dataclass(frozen=True)
+class ControlNetOptions:
+    """objective.controlnet: the options of this objective (recipe section objective.controlnet)."""
+    # ControlNet (Zhang et al. 2023): a trained copy of the U-Net's encoder whose zero-initialised outputs are
+    # added to the frozen U-Net's skip connections; conditioning images are read from data (conditioning_image)
+    init_from: Optional[str] = None     # an existing ControlNet (folder or hub id) to go on from; None: from the U-Net
+    conditioning_dropout: float = ranged(0.0, min=0.0, max=1.0)  # p of a black conditioning image (caption kept)
+    # channels of the conditioning image encoder's convs; one stride-2 step between each pair, so their number
+    # sets the downsampling: None is SD's (16, 32, 96, 256) for a VAE that downsamples 8x, shortened for a smaller one
+    conditioning_embedding_channels: Optional[tuple[int, ...]] = None
+
+
 class ControlNet(Objective):
+    Options = ControlNetOptions
     name = "controlnet"
     card_tags = ("controlnet",)
     needs_conditioning_images = True

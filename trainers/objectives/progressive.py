@@ -24,11 +24,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from trainers import adapters, diffusion, seeding, solvers
+from trainers.config import ranged
 from trainers.errors import ConfigError
 from trainers.objectives import inputs
 from trainers.objectives.base import Objective
@@ -37,7 +39,21 @@ GUIDANCE_STAGE, HALVING_STAGE = "guidance", "halving"
 KEY = "objective.progressive.guidance_embedding_dim"
 
 
+@dataclass(frozen=True)
+class ProgressiveOptions:
+    """objective.progressive: the options of this objective (recipe section objective.progressive)."""
+    # Progressive distillation (Salimans & Ho 2022); guided: Meng et al. (2023). train.max_steps is split evenly
+    # over the stages; each stage's student starts from the last one and takes half its DDIM steps.
+    teacher_steps: int = ranged(64, min=2)  # DDIM steps of the first teacher
+    student_steps: int = ranged(4, min=1)   # DDIM steps of the final student (teacher_steps / 2^k)
+    guided: bool = False                # first stage: distil classifier-free guidance into an omega-conditioned student
+    omega_min: float = ranged(0.0, min=0.0)  # guided: omega ~ U[min, max] (the paper's omega = guidance_scale - 1)
+    omega_max: float = ranged(4.0, min=0.0)
+    guidance_embedding_dim: int = ranged(256, min=1)  # guided: the student U-Net's time_cond_proj_dim
+
+
 class Progressive(Objective):
+    Options = ProgressiveOptions
     name = "progressive"
     card_tags = ("progressive-distillation",)
 
