@@ -51,7 +51,7 @@ def add_digits(commands) -> None:
 def run_prepare(args: argparse.Namespace) -> int:
     """Prepare shards from a raw source; Ctrl-C leaves a resumable folder and says so."""
     from datasets_prep.prepare import PrepareOptions, prepare
-    from datasets_prep.sources import Columns
+    from datasets_prep.items import Columns
 
     if not 1 <= args.jpeg_quality <= 100:
         raise UserError(f"--jpeg-quality must be between 1 and 100, got {args.jpeg_quality}")

@@ -85,7 +85,7 @@ def write_cache(data_dir: Path, model: ModelConfig, batch_size: int = 16, dtype:
 @torch.no_grad()
 def encode_rows(backbone, data, indices: range, batch_size: int, device) -> dict[str, torch.Tensor]:
     """Tensors for one shard, keyed by row within it; images of one size are encoded together."""
-    from trainers.data import to_tensor
+    from trainers.images import to_tensor
 
     records = {i: data.record(i) for i in indices}
     by_size = defaultdict(list)

@@ -14,7 +14,8 @@ from datasets_prep.process import ProcessConfig, Skipped
 from datasets_prep.progress import Progress, SkipLog, open_output, seen_hashes
 from datasets_prep.report import write_report
 from datasets_prep.shards import ShardWriter, write_atomically
-from datasets_prep.sources import Columns, Source, open_source
+from datasets_prep.items import Columns, Source
+from datasets_prep.sources import open_source
 from trainers.errors import UserError
 
 FORMAT = 1  # bump when the shard layout changes, so old outputs are not resumed into new ones

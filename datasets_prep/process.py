@@ -11,7 +11,7 @@ from PIL import Image
 from datasets_prep import conditioning, sanitize
 from datasets_prep.buckets import cover_crop, nearest_bucket
 from datasets_prep.sanitize import Rejected
-from datasets_prep.sources import SourceItem
+from datasets_prep.items import SourceItem
 
 MAX_FILE_BYTES = 512 * 2**20  # larger files are reported, not read into memory
 

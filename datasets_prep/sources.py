@@ -9,50 +9,15 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterator
 
+from datasets_prep.items import Columns, Source, SourceItem, text_value
 from trainers.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_SUFFIXES = (".txt", ".caption")  # first found wins
-
-
-@dataclass
-class SourceItem:
-    """One input as the source holds it; paths are read by the worker, so the main process only walks the source.
-
-    image / conditioning: bytes, or a Path the worker reads; caption: text, raw bytes (decoded by the worker,
-    which reports non-UTF-8), a Path to a caption file, or None when there is none. `error` is a
-    (reason, detail) the source already found, e.g. a metadata line that does not parse.
-    """
-
-    key: str
-    path: str
-    image: bytes | Path | None = None
-    caption: str | bytes | Path | None = None
-    conditioning: bytes | Path | None = None
-    error: tuple[str, str] | None = None
-
-
-@dataclass(frozen=True)
-class Columns:
-    """Which fields hold what, for sources with named columns (metadata files, datasets, parquet, json)."""
-
-    image: str = "image"
-    caption: str = "text"
-    conditioning: str = "conditioning_image"
-    require_caption: bool = True  # a missing caption column is an error unless --caption-policy empty
-
-
-class Source(Protocol):
-    """What prepare needs from a source: a description for the report, a size for the bar, items from an offset."""
-
-    def describe(self) -> dict: ...
-    def count(self) -> int | None: ...
-    def items(self, start: int = 0) -> Iterator[SourceItem]: ...
 
 
 def sorted_walk(root: Path) -> Iterator[tuple[Path, list[str]]]:
@@ -153,16 +118,6 @@ class ImageFolder:
 
     def items(self, start: int = 0) -> Iterator[SourceItem]:
         return islice(self.walk(), start, None)
-
-
-def text_value(value: str | None) -> str | bytes | None:
-    """A caption read with surrogateescape goes back to its raw bytes, so the worker reports it as not UTF-8."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return value.encode("utf-8", "surrogateescape")
-    return value
 
 
 def folder_kind(root: Path) -> str | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from datasets_prep.sources import Columns, SourceItem, text_value
+from datasets_prep.items import Columns, SourceItem, text_value
 from trainers.errors import UserError
 
 BATCH_ROWS = 64  # rows materialised at a time: bounds memory to a few dozen encoded images

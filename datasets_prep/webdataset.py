@@ -6,7 +6,7 @@ import tarfile
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from datasets_prep.sources import Columns, SourceItem, text_value
+from datasets_prep.items import Columns, SourceItem, text_value
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # first present wins
 MAX_MEMBER_BYTES = 512 * 2**20  # a member is read into memory; anything larger is reported, not read

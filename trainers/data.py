@@ -20,6 +20,7 @@ from datasets_prep.reader import decode_image
 from trainers import seeding
 from trainers.config import DataConfig, ModelConfig
 from trainers.errors import UserError
+from trainers.images import to_tensor
 
 CONDITIONING_COLUMN = "conditioning_image"  # a ControlNet's input image, beside each training image
 
@@ -225,12 +226,6 @@ class PreparedImages:
 def to_unit_tensor(image: Image.Image) -> torch.Tensor:
     """(3, H, W) float in [0, 1]: how diffusers' ControlNet pipelines feed a conditioning image."""
     return to_tensor(image).add(1.0).div(2.0)
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """(3, H, W) float in [-1, 1]."""
-    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
-    return x.float().div(127.5).sub(1.0)
 
 
 class MixedSources:

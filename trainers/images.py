@@ -1,6 +1,14 @@
-"""Image helpers shared by sampling and the training loop's validation grids."""
+"""Image helpers shared by training data, latent caching, sampling and the validation grids."""
 
+import numpy as np
+import torch
 from PIL import Image
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float in [-1, 1], the VAE's input range."""
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+    return x.float().div(127.5).sub(1.0)
 
 
 def make_grid(images: list[Image.Image], rows: int, cols: int) -> Image.Image:
