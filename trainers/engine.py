@@ -31,6 +31,7 @@ from trainers.signals import StopRequest
 from trainers.validation import sample_grid
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+OBJECTIVE_PREFIX = "objective."  # checkpoint keys of the objective's own state (an EMA target, a stage's teacher)
 
 
 @dataclass
@@ -272,7 +273,7 @@ class Trainer:
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"model.{k}": p for k, p in self.params.items()}
         tensors |= self.ema.state_dict() if self.ema else {}
-        return tensors | {f"objective.{k}": v for k, v in self.objective.state_for_checkpoint().items()}
+        return tensors | {OBJECTIVE_PREFIX + k: v for k, v in self.objective.state_for_checkpoint().items()}
 
     def save_checkpoint(self, step: int) -> None:
         """The main process writes the checkpoint; under DeepSpeed every process first adds its ZeRO shard."""
@@ -309,7 +310,7 @@ class Trainer:
                 p.copy_(tensors[f"model.{k}"])
         if self.ema:
             self.ema.load_state_dict(tensors)
-        self.objective.load_checkpoint_state({k[10:]: v for k, v in tensors.items() if k.startswith("objective.")})
+        self.objective.load_checkpoint_state(without_prefix(tensors, OBJECTIVE_PREFIX))
         return state, meta
 
     def _choose_checkpoint(self) -> Path | None:
@@ -394,8 +395,9 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             self._write_export(tmp, until_step)
-            samples = sorted((p for p in (self.out / "samples").glob("step-*.png")
-                              if until_step is None or int(p.stem[5:]) <= until_step), key=lambda p: int(p.stem[5:]))
+            grids = [(checkpoint.step_of(p.with_suffix("")), p) for p in (self.out / "samples").glob("step-*.png")]
+            samples = [p for n, p in sorted(g for g in grids if g[0] is not None)
+                       if until_step is None or n <= until_step]
             if samples:
                 shutil.copy(samples[-1], tmp / "samples.png")
             write_model_card(tmp, self.recipe, self.objective.card_tags, self.objective.usage_snippet(str(final)),
@@ -427,6 +429,11 @@ class Trainer:
         except UserError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def without_prefix(tensors: dict, prefix: str) -> dict:
+    """The entries whose key starts with `prefix`, keyed by the rest."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def heldout_dataset(recipe: Recipe):
