@@ -292,7 +292,7 @@ def _build_objective(data: Any, prefix: str) -> ObjectiveConfig:
     if config.name not in OBJECTIVES:
         raise ConfigError(f"'{prefix}name' must be one of {', '.join(map(repr, OBJECTIVES))}; got {config.name!r}")
     sections = {}
-    for name in [k for k in data if k in OBJECTIVES] + [config.name]:
+    for name in dict.fromkeys([*(k for k in data if k in OBJECTIVES), config.name]):  # each once, in order
         options = _objective_options(name)
         if options is None:
             if name in data:

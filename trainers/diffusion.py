@@ -6,9 +6,12 @@ alpha_t**2 + sigma_t**2 == 1 (variance preserving), SNR(t) = alpha_t**2 / sigma_
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
+
+from trainers import seeding
 
 
 def make_betas(schedule: str, beta_start: float, beta_end: float, num_timesteps: int) -> torch.Tensor:
@@ -173,7 +176,7 @@ FLOW_SAMPLERS = ("uniform", "logit_normal", "mode")
 FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 
 
-class Schedule:
+class Schedule(abc.ABC):
     """A backbone's noise process: how data becomes x_t, what the model predicts, how to read it back.
 
     Both kinds write x_t = alpha_t x0 + sigma_t eps, so objectives and solvers see one pair of coefficients:
@@ -185,38 +188,39 @@ class Schedule:
     prediction_type = ""
     num_train_timesteps = 1000
 
+    @abc.abstractmethod
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(alpha_t, sigma_t) per sample."""
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return add_noise(x0, eps, *self.alpha_sigma(t))
 
+    @abc.abstractmethod
     def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the model should output at x_t made from (x0, eps)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def to_x0_eps(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """(x0_hat, eps_hat) from a model output, so solvers and losses see one kind of model."""
-        raise NotImplementedError
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         alpha, sigma = self.alpha_sigma(t)
         return snr(alpha, sigma)
 
+    @abc.abstractmethod
     def loss_weight(self, t: torch.Tensor, snr_gamma: float | None = None) -> torch.Tensor | None:
         """Per-sample weight of the MSE on the model's own target, or None for an unweighted mean."""
-        raise NotImplementedError
 
     def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    @abc.abstractmethod
     def sample_timesteps(self, seeds: list[int], device) -> torch.Tensor:
         """One training timestep per sample, drawn from its seed (so a resumed run draws the same)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def sampling_scheduler(self):
         """The diffusers scheduler that samples this process, for validation grids and exports."""
-        raise NotImplementedError
 
     def to(self, device) -> "Schedule":
         return self
@@ -234,7 +238,7 @@ class VPSchedule(Schedule):
                  zero_terminal_snr: bool = False):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction type {prediction_type!r}")
-        self.betas, self.prediction_type, self.zero_terminal_snr = betas, prediction_type, zero_terminal_snr
+        self.prediction_type, self.zero_terminal_snr = prediction_type, zero_terminal_snr
         self.config = dict(config or {})
         self.acp = alphas_cumprod(betas).float()
         self.num_train_timesteps = len(betas)
@@ -278,8 +282,6 @@ class VPSchedule(Schedule):
         return min_snr_weight(self.snr(t).clamp(min=1e-12), snr_gamma, self.prediction_type)
 
     def sample_timesteps(self, seeds, device):
-        from trainers import seeding
-
         return seeding.randint(seeds, seeding.TIMESTEP, self.num_train_timesteps, device)
 
     def sampling_config(self) -> dict:
@@ -370,10 +372,11 @@ class FlowMatchSchedule(Schedule):
                     / (self.logit_std * math.sqrt(2 * math.pi) * t * (1 - t)))
         if self.sampler == "uniform":
             return torch.ones_like(t)
-        raise NotImplementedError(f"no closed-form density written for {self.sampler!r}")
+        raise ValueError("the mode sampler's density has no closed form (its map from u cannot be inverted in "
+                         "closed form); only uniform and logit_normal have one")
 
-    def from_uniform(self, u: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
-        """Unshifted t from a uniform u and a standard normal draw, per the sampler."""
+    def from_uniform(self, u: torch.Tensor | None, normal: torch.Tensor | None) -> torch.Tensor:
+        """Unshifted t from a uniform draw u (uniform, mode) or a standard normal one (logit_normal)."""
         if self.sampler == "logit_normal":
             return torch.sigmoid(self.logit_mean + self.logit_std * normal)
         if self.sampler == "mode":
@@ -381,11 +384,10 @@ class FlowMatchSchedule(Schedule):
         return u
 
     def sample_timesteps(self, seeds, device, seq_len: int | None = None):
-        from trainers import seeding
-
-        u = seeding.rand(seeds, seeding.TIMESTEP, device)
-        normal = seeding.randn(seeds, seeding.TIMESTEP, (), device)
-        return self.shifted(self.from_uniform(u, normal), seq_len).clamp(1e-5, 1 - 1e-5)
+        normal = self.sampler == "logit_normal"  # one draw per sample, of the kind the sampler maps
+        u = None if normal else seeding.rand(seeds, seeding.TIMESTEP, device)
+        z = seeding.randn(seeds, seeding.TIMESTEP, (), device) if normal else None
+        return self.shifted(self.from_uniform(u, z), seq_len).clamp(1e-5, 1 - 1e-5)
 
     def sampling_scheduler(self):
         from diffusers import FlowMatchEulerDiscreteScheduler

@@ -23,8 +23,7 @@ def denoising_loss(x0: torch.Tensor, batch: dict, schedule: Schedule, predict: C
     if noise_offset:
         eps = diffusion.offset_noise(eps, seeding.randn(seeds, seeding.OFFSET, x0.shape[1:2], device), noise_offset)
     t = schedule.sample_timesteps(seeds, device)
-    pred = predict(schedule.add_noise(x0, eps, t), schedule.model_timestep(t))
-    per_sample = (pred.float() - schedule.target(x0, eps, t)).pow(2).mean(dim=(1, 2, 3))
+    per_sample = denoising_error(schedule, predict, x0, eps, t)
     weight = schedule.loss_weight(t, snr_gamma)
     if weight is not None:
         per_sample = per_sample * weight
