@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from launch.clip_bpe import BOS, EOS, MODEL_MAX_LENGTH, build_tokenizer, clip_bpe, write_bpe_files  # noqa: E402
 from launch.t5_tokenizer import build_t5_tokenizer, unigram_vocab  # noqa: E402
+from trainers.backbones import FAMILIES  # noqa: E402
 
 SIZES = ("tiny", "full")
 
@@ -372,7 +373,8 @@ def build_dit(size: str, seed: int):
     )
 
 
-ARCHS = {"sd15": build_sd15, "sdxl": build_sdxl, "uvit": build_uvit, "dit": build_dit}
+BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl, "uvit": build_uvit, "dit": build_dit}
+ARCHS = {name: BUILDERS[name] for name in FAMILIES if name in BUILDERS}  # the registry's families, in its order
 
 
 def write_pipeline(pipe, out: str | Path) -> Path:

@@ -75,7 +75,7 @@ def load_pipeline(path: Path, device: str, dtype: str):
     import torch
     from diffusers import DiffusionPipeline
 
-    from trainers.backbones import coord_unet, uvit_pipeline  # noqa: F401  (registers the classes folders name)
+    from trainers.backbones import FAMILIES, coord_unet, family_of_pipeline, uvit_pipeline  # noqa: F401
 
     config = DiffusionPipeline.load_config(path)
     extra = {}
@@ -83,9 +83,8 @@ def load_pipeline(path: Path, device: str, dtype: str):
         extra["safety_checker"] = None
     if "requires_safety_checker" in config:
         extra["requires_safety_checker"] = False
-    cls = DiffusionPipeline
-    if config.get("_class_name") == "PixArtAlphaPipeline":  # stock PixArt has no load_lora_weights
-        from trainers.backbones.dit_pipeline import PixArtAlphaLoraPipeline as cls
+    family = family_of_pipeline(config.get("_class_name", ""))  # e.g. stock PixArt has no load_lora_weights:
+    cls = FAMILIES[family].pipeline_class() if family else DiffusionPipeline  # its family's class adds it
     pipe = cls.from_pretrained(path, dtype=getattr(torch, dtype), **extra)
     return pipe.to(device)
 

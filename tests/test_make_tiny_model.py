@@ -1,5 +1,6 @@
 """The tiny model must load and behave like SD-1.5 on disk, since other tests stand it in for SD-1.5."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,8 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from launch.make_tiny_model import ARCHS, make_tiny_model, sd15_configs
+from launch.make_tiny_model import ARCHS, BUILDERS, make_tiny_model, sd15_configs
+from trainers.backbones import FAMILIES, ModelSource, detect_family
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of a red circle"
@@ -154,3 +156,26 @@ def test_cli_writes_loadable_model(tmp_path):
     assert result.returncode == 0, result.stderr
     assert str(out) in result.stdout and "unet 423,172" in result.stdout
     assert (out / "model_index.json").is_file() and (out / UNET_WEIGHTS).is_file()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_registered_family_has_a_tiny_model_that_auto_detects_as_it(family, tmp_path):
+    """The registry is the one list of families: each gets a builder here, and the folder it writes is what
+    `model.family: auto` maps back to that family (model_index.json names the family's pipeline_name)."""
+    assert set(BUILDERS) == set(FAMILIES), "a family without a tiny builder, or a builder for no family"
+    pipe = ARCHS[family]("tiny", 0)
+    assert type(pipe).__name__ == FAMILIES[family].pipeline_name
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": type(pipe).__name__}))
+    assert detect_family(ModelSource(str(tmp_path), "folder")) == family
+
+
+def test_family_capabilities_name_real_pipelines_and_known_families():
+    """ControlNet pipelines exist in diffusers; kohya naming is only given for registered families."""
+    import diffusers
+
+    from trainers import kohya
+
+    for name, cls in FAMILIES.items():
+        if cls.controlnet_pipeline:
+            assert hasattr(diffusers, cls.controlnet_pipeline), name
+    assert set(kohya.FAMILIES) <= set(FAMILIES)

@@ -28,6 +28,7 @@ from trainers.hub import push_folder
 from trainers.model_card import write_model_card
 from trainers.objectives import get_objective
 from trainers.signals import StopRequest
+from trainers.strategies import strategy_for
 from trainers.validation import sample_grid
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -65,7 +66,7 @@ class Trainer:
                             "alone into the same output_dir. Without GPUs use accelerate_configs/cpu_ddp.yaml "
                             "or cpu_zero2.yaml (FSDP needs GPUs)")
         self.device, self.is_main = self.accelerator.device, self.accelerator.is_main_process
-        self.deepspeed = self.accelerator.distributed_type == "DEEPSPEED"
+        self.strategy = strategy_for(self.accelerator, recipe, self.device, DTYPES[recipe.precision])
         preflight.check_output_dir(self.out)
         checkpoint.check_fresh_start(recipe.resume, self.out)
         preflight.check_model_folder(recipe)
@@ -75,15 +76,14 @@ class Trainer:
         self.heldout = heldout_dataset(recipe)
         seeding.seed_everything(recipe.train.seed)
         if recipe.memory.quantize_base != "none":
-            quantize.check(recipe, objective_cls, self.deepspeed)
+            quantize.check(recipe, objective_cls, self.strategy.sharded)
         self.backbone = load_backbone(recipe.model)
         if recipe.memory.quantize_base != "none":  # before the LoRA wraps the layers
             quantize.quantize_linears(self.backbone.denoiser, recipe.memory.quantize_base, DTYPES[recipe.precision])
         self.objective = objective_cls(recipe, self.backbone)
         if self.heldout is not None and not self.objective.has_heldout_loss:
             raise UserError(f"validation.loss_source: the {recipe.objective.name} objective has no held-out loss")
-        if self.deepspeed:
-            self._check_deepspeed()
+        self.strategy.check(self.objective.trained_modules())
         self.objective.to(self.device, DTYPES[recipe.precision],
                           inputs_cached=getattr(self.dataset, "cache", None) is not None)
         memory.configure(self.objective.memory_modules(), self.backbone.denoiser_key, recipe.memory)
@@ -180,18 +180,9 @@ class Trainer:
                 acc.backward(loss)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0) + v / r.train.grad_accum
-        params = list(self.params.values())
-        if self.deepspeed:  # DeepSpeed clipped, stepped and zeroed in the last backward(); it skips a non-finite
-            # step itself and reports its norm (before clipping) as inf
-            norm = torch.tensor(acc.clip_grad_norm_(params, r.optimizer.max_grad_norm) or 0.0)
-        elif r.optimizer.max_grad_norm > 0:
-            norm = acc.clip_grad_norm_(params, r.optimizer.max_grad_norm)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None])))
-        finite = torch.isfinite(norm)
+        finite = torch.isfinite(self.strategy.grad_norm(list(self.params.values())))
         self.nonfinite.record(finite, step)
-        if not self.deepspeed and self.nonfinite.allows_step(self.optimizer, finite, acc.scaler is not None):
-            self.optimizer.step()
+        self.strategy.step(self.optimizer, finite, self.nonfinite)
         self.optimizer.zero_grad(set_to_none=True)
         self.objective.after_step(finite)
         if self.ema:
@@ -206,45 +197,14 @@ class Trainer:
         flag = torch.tensor(float(requested), device=self.device)
         return bool(self.accelerator.reduce(flag, "sum").item() > 0)
 
-    def _check_deepspeed(self) -> None:
-        """What one DeepSpeed engine cannot run, refused before training (and in a dry run)."""
-        r = self.recipe
-        names = list(self.objective.trained_modules())
-        if len(names) != 1:
-            raise UserError(f"DeepSpeed trains one module, this recipe trains {', '.join(names)}: "
-                            "set adapter.text_encoder: false or use accelerate_configs/multi_gpu.yaml")
-        if r.optimizer.name in memory.BNB_OPTIMIZERS:
-            raise UserError(f"optimizer.name: {r.optimizer.name} (bitsandbytes) cannot be sharded by DeepSpeed "
-                            "ZeRO; use optimizer.name: adamw with DeepSpeed, or a DDP config")
-        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
-        for block in ("optimizer", "scheduler"):
-            if block in ds:
-                raise UserError(f"the DeepSpeed JSON has an {block!r} block, which would replace the recipe's "
-                                f"optimizer.name / lr_schedule; remove it: the recipe chooses them (ZeRO-Offload "
-                                "swaps AdamW for DeepSpeedCPUAdam by itself)")
-
     def _prepare(self) -> None:
         """Wrap the trained modules and the optimizer (DDP, autocast, loss scaling, DeepSpeed)."""
-        from accelerate.utils import convert_outputs_to_fp32
-
         acc, r = self.accelerator, self.recipe
         names, modules = zip(*self.objective.trained_modules().items())
         for m in modules:
             m.train()
         optimizer = memory.make_optimizer(self.objective.param_groups(), r.optimizer)
-        if self.deepspeed:  # one engine: the model and its optimizer in one call; the recipe fills the "auto"s
-            acc.state.deepspeed_plugin.deepspeed_config.update(
-                train_micro_batch_size_per_gpu=r.train.batch_size, gradient_accumulation_steps=r.train.grad_accum,
-                gradient_clipping=r.optimizer.max_grad_norm)
-            if r.precision != "no":  # accelerate autocasts a prepared forward (fp32 outputs) except under DeepSpeed,
-                m = modules[0]       # which casts the module but not its inputs: autocast it here as elsewhere
-                m.forward = convert_outputs_to_fp32(torch.autocast(self.device.type, DTYPES[r.precision])(m.forward))
-            self.ds_engine, self.optimizer = acc.prepare(modules[0], optimizer)  # the engine saves its ZeRO shard
-            wrapped = (self.ds_engine,)
-        else:
-            wrapped = acc.prepare(*modules)
-            wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
-            self.optimizer = acc.prepare(optimizer)
+        wrapped, self.optimizer = self.strategy.prepare(modules, optimizer)
         self.objective.use_wrapped(dict(zip(names, wrapped)))
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.lr_factor = memory.lr_factor(r.lr_schedule.name, r.lr_schedule.warmup_steps, r.train.max_steps)
@@ -279,18 +239,12 @@ class Trainer:
         """The main process writes the checkpoint; under DeepSpeed every process first adds its ZeRO shard."""
         acc = self.accelerator
         acc.wait_for_everyone()
-        if self.deepspeed:  # the optimizer is sharded: each rank writes its part into the staging folder
-            if self.is_main:
-                checkpoint.stage(self.out, step)
-            acc.wait_for_everyone()
-            checkpoint.save_deepspeed(self.ds_engine, self.out, step)
-            acc.wait_for_everyone()
+        state = self.strategy.save_optimizer(self.optimizer, self.out, step, self.is_main)
         if self.is_main:
-            state = {} if self.deepspeed else {"optimizer": self.optimizer.state_dict()}
             if acc.scaler is not None:
                 state["scaler"] = acc.scaler.state_dict()
             checkpoint.save(self.out, step, self.checkpoint_tensors(), state, {"name": self.recipe.name},
-                            self.recipe.checkpoint.keep_last, staged=self.deepspeed)
+                            self.recipe.checkpoint.keep_last, staged=self.strategy.sharded)
         acc.wait_for_everyone()
 
     def export_checkpoint(self, out: Path) -> Path:
@@ -331,13 +285,7 @@ class Trainer:
         if path is None:
             return 0
         state, meta = self._load_weights(path)
-        if self.deepspeed:  # each rank its own shard; this also sets the weights from DeepSpeed's fp32 master copy
-            checkpoint.load_deepspeed(self.ds_engine, path, self.accelerator.num_processes)
-        elif "optimizer" not in state:
-            raise UserError(f"resume: {path} was written under DeepSpeed ZeRO (its optimizer state is sharded in "
-                            f"{checkpoint.DEEPSPEED}/): resume it with the DeepSpeed config and process count it ran with")
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_optimizer(self.optimizer, path, state)
         if "scaler" in state and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         if self.is_main:

@@ -1,13 +1,14 @@
 """Backbone families: what a model family loads, how it encodes text and images, which pipeline samples it.
 
-A family is one module here registered in FAMILIES; recipes name it in `model.family` or let `auto` read
-the pipeline's own model_index.json.
+FAMILIES is the one registry of model families: recipes name a key in `model.family` (or `auto` reads the
+pipeline class from model_index.json and finds the family whose `pipeline_name` it is); sampling, ControlNet,
+kohya export and launch/make_tiny_model.py read what a family supports from its class here.
 """
 from __future__ import annotations
 
 from trainers.backbones.base import Backbone
 from trainers.backbones.dit import DiTBackbone
-from trainers.backbones.loading import ModelSource, detect_family, resolve_source
+from trainers.backbones.loading import ModelSource, pipeline_name_of, resolve_source
 from trainers.backbones.sd import SDBackbone
 from trainers.backbones.sdxl import SDXLBackbone
 from trainers.backbones.uvit import UViTBackbone
@@ -16,6 +17,24 @@ from trainers.errors import UserError
 
 FAMILIES: dict[str, type[Backbone]] = {"sd15": SDBackbone, "sdxl": SDXLBackbone, "uvit": UViTBackbone,
                                         "dit": DiTBackbone}
+
+
+def family_of_pipeline(pipeline_name: str) -> str | None:
+    """The family whose folders a pipeline class samples (e.g. StableDiffusionXLPipeline -> sdxl), or None."""
+    return next((name for name, cls in FAMILIES.items() if cls.pipeline_name == pipeline_name), None)
+
+
+def detect_family(source: ModelSource) -> str:
+    """The family of a folder or hub id from its model_index.json; single files default to SD-1.5."""
+    if source.kind == "single_file":
+        return "sd15"
+    name = pipeline_name_of(source)
+    family = family_of_pipeline(name)
+    if family is None:
+        known = ", ".join(cls.pipeline_name for cls in FAMILIES.values())
+        raise UserError(f"model.pretrained: {source.ref!r} is a {name or 'unknown'} pipeline, "
+                        f"not one of {known}; set model.family to override")
+    return family
 
 
 def load_backbone(cfg: ModelConfig) -> Backbone:
@@ -29,4 +48,4 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
     return backbone
 
 
-__all__ = ["Backbone", "FAMILIES", "ModelSource", "load_backbone"]
+__all__ = ["Backbone", "FAMILIES", "ModelSource", "detect_family", "family_of_pipeline", "load_backbone"]

@@ -87,13 +87,16 @@ class Backbone(abc.ABC):
         out = self.predict(x_t, schedule.model_timestep(t), cond, denoiser=denoiser).float()
         return schedule.to_x0_eps(out, x_t, t)
 
-    pipeline_name: str = ""        # the diffusers pipeline class that samples this family
+    # What the registry (trainers.backbones.FAMILIES) reads of a family, without loading a model:
+    pipeline_name: str = ""        # the `_class_name` of its folders' model_index.json (how `family: auto` finds it)
+    controlnet_pipeline: str | None = None  # the diffusers pipeline that samples it with a ControlNet; None: no ControlNet
 
-    @property
-    def pipeline_class(self):
+    @classmethod
+    def pipeline_class(cls):
+        """The pipeline class that samples (and loads LoRAs into) this family's folders."""
         import diffusers
 
-        return getattr(diffusers, self.pipeline_name)
+        return getattr(diffusers, cls.pipeline_name)
 
     @abc.abstractmethod
     def pipeline(self, denoiser, text_encoders, scheduler):

@@ -89,12 +89,12 @@ class DiTBackbone(Backbone):
         dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         return LatentDist(dist.mean.float(), dist.std.float())
 
-    @property
-    def pipeline_class(self):
+    @classmethod
+    def pipeline_class(cls):
         from trainers.backbones.dit_pipeline import PixArtAlphaLoraPipeline
 
         return PixArtAlphaLoraPipeline
 
     def pipeline(self, denoiser, text_encoders, scheduler):
-        return self.pipeline_class(tokenizer=self.tokenizer, text_encoder=text_encoders["text_encoder"],
+        return self.pipeline_class()(tokenizer=self.tokenizer, text_encoder=text_encoders["text_encoder"],
                                    vae=self.vae, transformer=denoiser, scheduler=scheduler)

@@ -8,9 +8,6 @@ from pathlib import Path
 from trainers.config import ModelConfig
 from trainers.errors import UserError
 
-PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl", "UViTPipeline": "uvit",
-                     "PixArtAlphaPipeline": "dit"}
-
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -45,10 +42,8 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or ref.count("/") != 1 or ref.endswith((".safetensors", ".ckpt"))
 
 
-def detect_family(source: ModelSource) -> str:
-    """Read the pipeline class from model_index.json; single files default to SD-1.5."""
-    if source.kind == "single_file":
-        return "sd15"
+def pipeline_name_of(source: ModelSource) -> str:
+    """The pipeline class a folder's (or hub repo's) model_index.json names ("" if none)."""
     try:
         if source.kind == "folder":
             index = json.loads((Path(source.ref) / "model_index.json").read_text())
@@ -58,8 +53,4 @@ def detect_family(source: ModelSource) -> str:
             index = DiffusionPipeline.load_config(source.ref, **source.from_pretrained_kwargs())
     except Exception as e:
         raise UserError(f"model.pretrained: cannot read the model index of {source.ref!r}: {e}") from None
-    name = index.get("_class_name", "")
-    if name not in PIPELINE_FAMILIES:
-        raise UserError(f"model.pretrained: {source.ref!r} is a {name or 'unknown'} pipeline, "
-                        f"not one of {', '.join(PIPELINE_FAMILIES)}; set model.family to override")
-    return PIPELINE_FAMILIES[name]
+    return index.get("_class_name", "")

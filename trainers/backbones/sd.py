@@ -16,6 +16,7 @@ class SDBackbone(Backbone):
     family = "sd15"
     denoiser_key = "unet"  # the denoiser's name in pipelines and LoRA files
     pipeline_name = "StableDiffusionPipeline"
+    controlnet_pipeline = "StableDiffusionControlNetPipeline"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict):
@@ -54,7 +55,7 @@ class SDBackbone(Backbone):
         return LatentDist(dist.mean.float(), dist.std.float())
 
     def pipeline(self, denoiser, text_encoders, scheduler):
-        return self.pipeline_class(
+        return self.pipeline_class()(
             vae=self.vae, text_encoder=text_encoders["text_encoder"], tokenizer=self.tokenizer, unet=denoiser,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 

@@ -17,6 +17,7 @@ COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tok
 class SDXLBackbone(SDBackbone):
     family = "sdxl"
     pipeline_name = "StableDiffusionXLPipeline"
+    controlnet_pipeline = "StableDiffusionXLControlNetPipeline"
 
     def __init__(self, parts: dict):
         self.denoiser, self.vae = parts["unet"], parts["vae"]
@@ -59,7 +60,7 @@ class SDXLBackbone(SDBackbone):
                 "added_cond_kwargs": {"text_embeds": text["pooled"], "time_ids": time_ids(batch, device)}}
 
     def pipeline(self, denoiser, text_encoders, scheduler):
-        return self.pipeline_class(
+        return self.pipeline_class()(
             vae=self.vae, text_encoder=text_encoders["text_encoder"], text_encoder_2=text_encoders["text_encoder_2"],
             tokenizer=self.tokenizers["text_encoder"], tokenizer_2=self.tokenizers["text_encoder_2"],
             unet=denoiser, scheduler=scheduler)

@@ -15,6 +15,7 @@ class UViTBackbone(SDBackbone):
     family = "uvit"
     denoiser_key = "transformer"
     pipeline_name = "UViTPipeline"
+    controlnet_pipeline = None  # a transformer: ControlNet trains on U-Nets
     lora_targets = ("to_q", "to_k", "to_v", "to_out", "fc1", "fc2")
 
     @classmethod
@@ -33,12 +34,12 @@ class UViTBackbone(SDBackbone):
         return cls(parts["transformer"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
                    parts["scheduler"].config)
 
-    @property
-    def pipeline_class(self):
+    @classmethod
+    def pipeline_class(cls):
         from trainers.backbones.uvit_pipeline import UViTPipeline
 
         return UViTPipeline
 
     def pipeline(self, denoiser, text_encoders, scheduler):
-        return self.pipeline_class(vae=self.vae, text_encoder=text_encoders["text_encoder"],
+        return self.pipeline_class()(vae=self.vae, text_encoder=text_encoders["text_encoder"],
                                    tokenizer=self.tokenizer, transformer=denoiser, scheduler=scheduler)

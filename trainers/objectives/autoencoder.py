@@ -60,7 +60,6 @@ class Autoencoder(Objective):
         self.cfg = recipe.objective.autoencoder
         self.vae = backbone.vae.requires_grad_(True)
         self.model = Reconstruction(self.vae)
-        self.wrapped = self.trained_modules()
         self.moments = torch.tensor([0.0, 1.0])  # running E[z], E[z^2]; starts at unit variance
 
     def trained_modules(self):
@@ -75,9 +74,6 @@ class Autoencoder(Objective):
         self.device = torch.device(device)
         self.vae.to(self.device, torch.float32)  # the only module used; the denoiser and text encoders stay put
         self.moments = self.moments.to(self.device)
-
-    def param_groups(self):
-        return [{"params": [p for p in self.vae.parameters() if p.requires_grad], "lr": self.recipe.optimizer.lr}]
 
     def loss(self, batch, step):
         pixels = batch["pixel_values"].to(self.device, non_blocking=True)

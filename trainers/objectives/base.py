@@ -49,19 +49,27 @@ class Objective(abc.ABC):
 
     def use_wrapped(self, modules: dict[str, torch.nn.Module]) -> None:
         """Take back the engine's wrapped modules; `loss` calls these, export uses the unwrapped ones."""
-        self.wrapped = modules
+        self._wrapped = modules
+
+    @property
+    def wrapped(self) -> dict[str, torch.nn.Module]:
+        """What `loss` calls: the engine's wrapped modules once prepared, the plain ones before (tests, dry runs)."""
+        return getattr(self, "_wrapped", None) or self.trained_modules()
 
     def memory_modules(self) -> dict[str, torch.nn.Module]:
         """Modules the recipe's memory options (attention, gradient checkpointing) apply to: those that run forward
         with gradients."""
         return self.trained_modules()
 
-    @abc.abstractmethod
     def to(self, device: torch.device, frozen_dtype: torch.dtype, inputs_cached: bool = False) -> None:
         """Put frozen parts on the device in the compute dtype; trainable weights stay float32.
 
         inputs_cached: the batches carry latents and text tensors, so encoders may stay off the device.
+        By default the trained modules go float32 and the backbone's denoiser, when not among them, is frozen.
         """
+        trained = list(self.trained_modules().values())
+        frozen = [] if any(m is self.backbone.denoiser for m in trained) else [self.backbone.denoiser]
+        self.place(device, frozen_dtype, frozen=frozen, trained=trained, inputs_cached=inputs_cached)
 
     offloaded: list = []  # parts `to` left on the CPU because the inputs are cached (the VAE, frozen encoders)
 
@@ -93,22 +101,27 @@ class Objective(abc.ABC):
             for m in self.offloaded:
                 m.to("cpu")
 
-    @abc.abstractmethod
     def param_groups(self) -> list[dict]:
-        """Optimizer parameter groups (each may carry its own lr)."""
+        """Optimizer parameter groups (each may carry its own lr); by default one per trained module at optimizer.lr."""
+        return [{"params": [p for p in m.parameters() if p.requires_grad], "lr": self.recipe.optimizer.lr}
+                for m in self.trained_modules().values()]
 
     @abc.abstractmethod
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of one micro-batch and detached tensors to log (reduced by the engine at log steps)."""
 
     needs_conditioning_images = False  # batches carry conditioning_pixel_values (ControlNet)
-    has_heldout_loss = False  # implements heldout_loss (recipes may then set validation.loss_source)
     # with adapter.kind: lora the export is the LoRA alone, so the frozen base may be quantised (memory.quantize_base)
     exports_adapter_only = False
 
     def heldout_loss(self, batch: dict, timesteps: torch.Tensor) -> torch.Tensor:
-        """Mean loss of a held-out batch at each of `timesteps`, with noise fixed by the batch's seeds."""
+        """Mean loss of a held-out batch at each of `timesteps`, with noise fixed by the batch's seeds; an objective
+        that implements it lets recipes set validation.loss_source."""
         raise NotImplementedError
+
+    @property
+    def has_heldout_loss(self) -> bool:
+        return type(self).heldout_loss is not Objective.heldout_loss
 
     def after_step(self, finite: torch.Tensor) -> None:
         """Called after each optimizer step (finite: 0-dim bool, False when the step was skipped), e.g. to

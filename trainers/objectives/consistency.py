@@ -77,7 +77,6 @@ class Consistency(Objective):
             self.student = self.teacher
             self.lora = adapters.tuner_layers(self.student)
         self.target_kind = cfg.target or ("ema" if self.full else "student")
-        self.wrapped = self.trained_modules()
 
     # ---- what is trained, where it lives --------------------------------------------------------------
 
@@ -101,9 +100,6 @@ class Consistency(Objective):
             key = self.backbone.denoiser_key
             for name, p in self.target.named_parameters():
                 p.data = self.target_ema.shadow[f"{key}.{name}"]
-
-    def param_groups(self):
-        return [{"params": [p for p in self.student.parameters() if p.requires_grad], "lr": self.recipe.optimizer.lr}]
 
     def after_step(self, finite):
         if self.target_ema is not None:
@@ -193,7 +189,7 @@ class Consistency(Objective):
             self.student.float()
             files = [out_dir / key]
         else:
-            files = [adapters.save_lora(out_dir, self.backbone.pipeline_class, self.backbone.denoiser_key,
+            files = [adapters.save_lora(out_dir, self.backbone.pipeline_class(), self.backbone.denoiser_key,
                                         self.student, {}, dtype)]
             kohya_file = kohya.export_trained(out_dir, self.trained_modules(), self.backbone.family, self.recipe, dtype)
             files += [kohya_file] if kohya_file else []
@@ -201,7 +197,7 @@ class Consistency(Objective):
         return [*files, out_dir / "scheduler"]
 
     def usage_snippet(self, where: str) -> str:
-        cls = self.backbone.pipeline_class
+        cls = self.backbone.pipeline_class()
         pipe = cls.__name__
         lib = "diffusers" if cls.__module__.startswith("diffusers") else cls.__module__
         base = self.recipe.model.pretrained

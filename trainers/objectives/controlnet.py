@@ -17,13 +17,13 @@ from typing import Optional
 import torch
 
 from trainers import seeding
+from trainers.backbones import FAMILIES, family_of_pipeline
 from trainers.config import ranged
 from trainers.errors import ConfigError
 from trainers.losses import denoising_loss
 from trainers.objectives import inputs
 from trainers.objectives.base import Objective
 
-PIPELINES = {"sd15": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}
 SD_EMBEDDING_CHANNELS = (16, 32, 96, 256)  # SD's conditioning image encoder: 8x down to the latent
 
 
@@ -48,9 +48,9 @@ class ControlNet(Objective):
     def __init__(self, recipe, backbone):
         super().__init__(recipe, backbone)
         obj = recipe.objective
-        if backbone.family not in PIPELINES:
-            raise ConfigError(f"'objective.name': controlnet trains on {' and '.join(PIPELINES)} U-Nets, "
-                              f"not {backbone.family}")
+        if backbone.controlnet_pipeline is None:
+            raise ConfigError(f"'objective.name': controlnet trains on {' and '.join(controlnet_families())} "
+                              f"U-Nets, not {backbone.family}")
         if recipe.adapter.kind != "lora" or recipe.adapter.text_encoder:
             raise ConfigError("'adapter': a ControlNet recipe trains the ControlNet alone; remove adapter.kind "
                               "and adapter.text_encoder")
@@ -58,7 +58,6 @@ class ControlNet(Objective):
         self.unet = backbone.denoiser
         self.controlnet = build_controlnet(self.unet, backbone.vae, obj.controlnet)
         self.controlnet.requires_grad_(True)
-        self.wrapped = self.trained_modules()
         self.validation_images = load_validation_images(recipe)
 
     def trained_modules(self):
@@ -69,13 +68,9 @@ class ControlNet(Objective):
         return {self.backbone.denoiser_key: self.unet, "controlnet": self.controlnet}
 
     def to(self, device, frozen_dtype, inputs_cached: bool = False):
-        self.place(device, frozen_dtype, frozen=[self.unet], trained=[self.controlnet], inputs_cached=inputs_cached)
+        super().to(device, frozen_dtype, inputs_cached)  # the U-Net frozen, the ControlNet float32
         self.text = inputs.FrozenText(self.backbone, self.device, encoders_on_cpu=bool(self.offloaded))
         self.schedule.to(self.device)
-
-    def param_groups(self):
-        return [{"params": [p for p in self.controlnet.parameters() if p.requires_grad],
-                 "lr": self.recipe.optimizer.lr}]
 
     def loss(self, batch, step):
         obj, seeds, device = self.recipe.objective, batch["seeds"], self.device
@@ -118,7 +113,7 @@ class ControlNet(Objective):
         return f"a ControlNet, from {f'`{start}`' if start else 'a copy of the U-Net encoder'}"
 
     def usage_snippet(self, where: str) -> str:
-        cls, pipe = type(self.controlnet), PIPELINES[self.backbone.family]
+        cls, pipe = type(self.controlnet), self.backbone.controlnet_pipeline
         model = cls.__name__
         model_import = (f"from diffusers import {model}, {pipe}" if cls.__module__.startswith("diffusers") else
                         f"from diffusers import {pipe}\nfrom {cls.__module__} import {model}")
@@ -165,6 +160,10 @@ def embedding_channels(vae, cfg) -> tuple[int, ...]:
     return SD_EMBEDDING_CHANNELS[:downsamplings + 1]
 
 
+def controlnet_families() -> list[str]:
+    return [name for name, cls in FAMILIES.items() if cls.controlnet_pipeline]
+
+
 def controlnet_pipeline(backbone, controlnet, scheduler):
     """The family's diffusers ControlNet pipeline around the backbone's components and `controlnet`."""
     return with_controlnet(backbone.pipeline(backbone.denoiser, backbone.text_encoders, scheduler), controlnet)
@@ -174,10 +173,11 @@ def with_controlnet(pipe, controlnet):
     """The ControlNet pipeline of a Stable Diffusion (XL) pipeline's components, sharing them."""
     import diffusers
 
-    name = {"StableDiffusionPipeline": PIPELINES["sd15"], "StableDiffusionXLPipeline": PIPELINES["sdxl"]}.get(
-        type(pipe).__name__)
+    family = family_of_pipeline(type(pipe).__name__)
+    name = FAMILIES[family].controlnet_pipeline if family else None
     if name is None:
-        raise ConfigError(f"a ControlNet samples with Stable Diffusion or SDXL pipelines, not {type(pipe).__name__}")
+        raise ConfigError(f"a ControlNet samples with the pipelines of {', '.join(controlnet_families())}, "
+                          f"not {type(pipe).__name__}")
     cls = getattr(diffusers, name)
     accepted = inspect.signature(cls.__init__).parameters
     extra = {"requires_safety_checker": False} if "requires_safety_checker" in accepted else {}

@@ -19,7 +19,6 @@ from trainers.objectives.base import Objective
 
 class FineTune(Objective):
     name = "finetune"
-    has_heldout_loss = True
     exports_adapter_only = True
 
     def __init__(self, recipe, backbone):
@@ -45,7 +44,6 @@ class FineTune(Objective):
             if ad.text_encoder:  # e.g. a model trained from scratch learns its own text encoder
                 for name, encoder in backbone.text_encoders.items():
                     self.trained_encoders[name] = encoder.requires_grad_(True)
-        self.wrapped = self.trained_modules()
         self._uncond = None  # the unconditional text input, once (frozen text encoders only)
 
     def load_kohya(self, path: str):
@@ -139,7 +137,7 @@ class FineTune(Objective):
     def export(self, out_dir: Path) -> list[Path]:
         dtype = getattr(torch, self.recipe.export.dtype)
         if self.recipe.adapter.kind == "lora":
-            files = [adapters.save_lora(out_dir, self.backbone.pipeline_class, self.backbone.denoiser_key,
+            files = [adapters.save_lora(out_dir, self.backbone.pipeline_class(), self.backbone.denoiser_key,
                                         self.denoiser, self.trained_encoders, dtype)]
             kohya_file = kohya.export_trained(out_dir, self.trained_modules(), self.backbone.family, self.recipe, dtype)
             files += [kohya_file] if kohya_file else []
@@ -153,7 +151,7 @@ class FineTune(Objective):
         return [*written, out_dir / "scheduler"]
 
     def usage_snippet(self, where: str) -> str:
-        cls = self.backbone.pipeline_class
+        cls = self.backbone.pipeline_class()
         pipe = cls.__name__
         lib = "diffusers" if cls.__module__.startswith("diffusers") else cls.__module__  # our own pipelines
         base = self.recipe.model.pretrained

@@ -81,7 +81,6 @@ class Progressive(Objective):
             self.student = adapters.student_from(self.base, embedding, KEY)
         self.teacher = None  # the last stage's student, frozen: a copy, or (LoRA) its trainable tensors
         self.stage = 0       # the stage whose teacher is in place
-        self.wrapped = self.trained_modules()
 
     def trained_modules(self):
         return {self.backbone.denoiser_key: self.student}
@@ -102,6 +101,8 @@ class Progressive(Objective):
         self.text = inputs.FrozenText(self.backbone, self.device, encoders_on_cpu=inputs_cached)
 
     def param_groups(self):
+        # every student parameter, frozen base weights of a LoRA student included (they never get a gradient, so
+        # no state): checkpoints already written index their optimizer state by this list
         return [{"params": list(self.student.parameters()), "lr": self.recipe.optimizer.lr}]
 
     # ---- stages --------------------------------------------------------------------------------------
@@ -245,7 +246,7 @@ class Progressive(Objective):
         return [out_dir / key, out_dir / "scheduler"]
 
     def usage_snippet(self, where: str) -> str:
-        cls = self.backbone.pipeline_class
+        cls = self.backbone.pipeline_class()
         pipe, model = cls.__name__, type(self.student).__name__
         lib = "diffusers" if cls.__module__.startswith("diffusers") else cls.__module__
         key, cfg = self.backbone.denoiser_key, self.cfg
