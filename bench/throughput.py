@@ -75,7 +75,7 @@ class PeakMemory:
 
 def bare_step_seconds(recipe, steps: int, warmup: int) -> tuple[float, int | None]:
     """The hand-written loop over one fixed batch, with the recipe's precision, memory options and optimizer."""
-    from trainers import adapters, diffusion, memory, quantize
+    from trainers import adapters, diffusion, memory, optimizers, quantize
     from trainers.backbones import load_backbone
     from trainers.data import StepSampler, build_dataset, collate
     from trainers.engine import DTYPES
@@ -95,7 +95,7 @@ def bare_step_seconds(recipe, steps: int, warmup: int) -> tuple[float, int | Non
         for p in params:
             p.data = p.data.float()  # LoRA weights train in float32 under autocast, as in the engine
         memory.configure({bb.denoiser_key: bb.denoiser}, bb.denoiser_key, recipe.memory)
-        opt = memory.make_optimizer([{"params": params, "lr": recipe.optimizer.lr}], recipe.optimizer)
+        opt = optimizers.make_optimizer([{"params": params, "lr": recipe.optimizer.lr}], recipe.optimizer)
         data = build_dataset(recipe.data)
         keys = next(iter(StepSampler(data.buckets(), recipe.train.batch_size, 1, 0)))
         batch = collate([data[k] for k in keys])

@@ -85,6 +85,26 @@ def test_two_process_ddp_matches_one_process_with_accumulation(ddp_run, recipe_f
     assert max_diff(final, load_file(tmp_path / "one" / "final" / "pytorch_lora_weights.safetensors")) < TOL
 
 
+@pytest.mark.parametrize("optimizer", [("optimizer.name=prodigy", "optimizer.lr=1.0"),
+                                       ("optimizer.name=adamw_schedulefree", "optimizer.lr=1e-2")],
+                         ids=["prodigy", "schedulefree"])
+def test_prodigy_and_schedule_free_under_ddp_match_one_process(optimizer, recipe_for, tiny_sd15, digits_data,
+                                                               tmp_path):
+    """Both keep optimizer-wide figures (Prodigy's d, schedule-free's weight sum) that must agree across ranks:
+    2 processes x batch 2 train what 1 process x accumulation 2 does, to the exported (averaged) weights."""
+    args = (*optimizer, "ema.enabled=false", "train.max_steps=3", "checkpoint.every_steps=3")
+    launch("cpu_ddp.yaml", tiny_sd15, digits_data, tmp_path / "ddp", *args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(recipe_for(*COMMON, *args, "train.grad_accum=2", out=tmp_path / "one")).fit()
+    finally:
+        torch.set_num_threads(threads)
+    assert max_diff(weights(tmp_path / "ddp", 3), weights(tmp_path / "one", 3)) < 1e-5
+    finals = [load_file(tmp_path / run / "final" / "pytorch_lora_weights.safetensors") for run in ("ddp", "one")]
+    assert max_diff(*finals) < 1e-5
+
+
 def test_ddp_with_accumulation_is_the_same_run(ddp_run, tiny_sd15, digits_data, tmp_path):
     """2 processes x batch 1 x accumulation 2: DDP skips the all-reduce on the first micro-batch (no_sync)."""
     straight, _ = ddp_run
@@ -183,7 +203,7 @@ def test_dry_run_under_every_cpu_config(config, tiny_sd15, digits_data, tmp_path
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("case", ["text_encoder", "bnb_optimizer", "json_optimizer"])
+@pytest.mark.parametrize("case", ["text_encoder", "bnb_optimizer", "prodigy", "json_optimizer"])
 def test_deepspeed_refusals_before_training(case, tiny_sd15, digits_data, tmp_path):
     """What one DeepSpeed engine cannot run stops a dry run already, with the cause named (exit code 2)."""
     config, overrides = "deepspeed_zero2.yaml", ()
@@ -191,6 +211,8 @@ def test_deepspeed_refusals_before_training(case, tiny_sd15, digits_data, tmp_pa
         overrides, message = ("adapter.text_encoder=true",), "DeepSpeed trains one module, this recipe trains"
     elif case == "bnb_optimizer":
         overrides, message = ("optimizer.name=adamw8bit",), "optimizer.name: adamw8bit (bitsandbytes) cannot be"
+    elif case == "prodigy":  # its global step-size estimate needs whole tensors, not ZeRO's shards
+        overrides, message = ("optimizer.name=prodigy", "optimizer.lr=1.0"), "optimizer.name: prodigy cannot run on"
     else:  # DeepSpeed's own optimizer would silently override the recipe's
         ds = json.loads((CONFIGS / "deepspeed_zero2.json").read_text())
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3}}

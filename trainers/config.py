@@ -98,14 +98,21 @@ class AdapterConfig:
 @dataclass(frozen=True)
 class OptimizerConfig:
     # 8-bit (bitsandbytes) states take ~1/4 the memory; paged_ pages them to CPU under pressure (CUDA only);
-    # lion8bit keeps one state (use ~3-10x lower lr than AdamW and betas [0.9, 0.99])
-    name: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion8bit"] = "adamw"
+    # lion8bit keeps one state (use ~3-10x lower lr than AdamW and betas [0.9, 0.99]);
+    # prodigy (prodigyopt) estimates its own step size: lr multiplies it, so lr: 1.0;
+    # adamw_schedulefree (schedulefree) needs no decay schedule (lr_schedule constant; warmup_steps applies) and
+    # exports its averaged weights
+    name: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "prodigy", "adamw_schedulefree"] = "adamw"
     lr: float = _f(1e-4, min=0.0)
     text_encoder_lr: Optional[float] = _f(None, min=0.0)  # None: same as lr
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = _f(1e-2, min=0.0)
     eps: float = _f(1e-8, min=0.0)
     max_grad_norm: float = _f(1.0, min=0.0)  # 0 disables clipping
+    d0: Optional[float] = _f(None, min=0.0)   # prodigy: the initial step-size estimate (None: 1e-6)
+    d_coef: Optional[float] = _f(None, min=0.0)  # prodigy: scales the estimate (None: 1.0; <1 more cautious)
+    safeguard_warmup: Optional[bool] = None   # prodigy: keep lr warmup out of d's estimate (None: false;
+                                              # true recommended with lr_schedule.warmup_steps)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from trainers import checkpoint, integrity, memory, preflight, quantize, seeding
+from trainers import checkpoint, integrity, memory, optimizers, preflight, quantize, seeding
 from trainers.backbones import load_backbone
 from trainers.config import Recipe, dump_recipe
 from trainers.data import StepSampler, build_dataset, collate, make_loader
@@ -66,6 +66,7 @@ class Trainer:
                             "alone into the same output_dir. Without GPUs use accelerate_configs/cpu_ddp.yaml "
                             "or cpu_zero2.yaml (FSDP needs GPUs)")
         self.device, self.is_main = self.accelerator.device, self.accelerator.is_main_process
+        optimizers.check(recipe)
         self.strategy = strategy_for(self.accelerator, recipe, self.device, DTYPES[recipe.precision])
         preflight.check_output_dir(self.out)
         checkpoint.check_fresh_start(recipe.resume, self.out)
@@ -203,11 +204,11 @@ class Trainer:
         names, modules = zip(*self.objective.trained_modules().items())
         for m in modules:
             m.train()
-        optimizer = memory.make_optimizer(self.objective.param_groups(), r.optimizer)
+        optimizer = optimizers.make_optimizer(self.objective.param_groups(), r.optimizer)
         wrapped, self.optimizer = self.strategy.prepare(modules, optimizer)
         self.objective.use_wrapped(dict(zip(names, wrapped)))
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        self.lr_factor = memory.lr_factor(r.lr_schedule.name, r.lr_schedule.warmup_steps, r.train.max_steps)
+        self.lr_factor = optimizers.lr_factor(r.lr_schedule.name, r.lr_schedule.warmup_steps, r.train.max_steps)
         if self.is_main:
             (self.out / "logs").mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.yaml").write_text(dump_recipe(r))
@@ -222,7 +223,7 @@ class Trainer:
         means = {k: self.accelerator.reduce(torch.as_tensor(v, device=self.device) / interval, "mean").item()
                  for k, v in sums.items()}
         means |= {"lr": self.optimizer.param_groups[0]["lr"], "steps_per_s": interval / max(seconds, 1e-9),
-                  "skipped_steps": self.nonfinite.check(step)}
+                  "skipped_steps": self.nonfinite.check(step), **optimizers.logs(self.optimizer)}
         self.accelerator.log(means, step=step)
         if self.is_main:
             bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", lr=f"{means['lr']:.2e}")
@@ -252,7 +253,10 @@ class Trainer:
         path = self._choose_checkpoint()
         if path is None:
             raise UserError(f"resume: no checkpoint to export in {self.out}")
-        _, meta = self._load_weights(path)
+        state, meta = self._load_weights(path)
+        if self.recipe.optimizer.name == "adamw_schedulefree":  # its averaged weights need the optimizer's state
+            self.optimizer = optimizers.make_optimizer(self.objective.param_groups(), self.recipe.optimizer)
+            self.strategy.load_optimizer(self.optimizer, path, state)
         return self.export(out, until_step=int(meta["step"]))
 
     def _load_weights(self, path: Path) -> tuple[dict, dict]:
@@ -308,6 +312,10 @@ class Trainer:
 
     def validate(self, step: int) -> Path | None:
         """Sample the validation prompts and score the held-out loss on the main process; others wait."""
+        with optimizers.averaged_weights(self.optimizer):  # schedule-free: validate the weights it would export
+            return self._validate(step)
+
+    def _validate(self, step: int) -> Path | None:
         cfg, path = self.recipe.validation, None
         if self.is_main and self.heldout is not None:
             value = self.heldout_loss()
@@ -342,7 +350,8 @@ class Trainer:
             tmp = final.parent / f".tmp-{final.name}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            self._write_export(tmp, until_step)
+            with optimizers.averaged_weights(getattr(self, "optimizer", None)):  # schedule-free exports x
+                self._write_export(tmp, until_step)
             grids = [(checkpoint.step_of(p.with_suffix("")), p) for p in (self.out / "samples").glob("step-*.png")]
             samples = [p for n, p in sorted(g for g in grids if g[0] is not None)
                        if until_step is None or n <= until_step]

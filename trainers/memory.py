@@ -1,10 +1,9 @@
-"""Memory and speed options: attention backend, gradient checkpointing, TF32, channels_last, torch.compile,
-8-bit optimizers."""
+"""Memory and speed options: attention backend, gradient checkpointing, TF32, channels_last, torch.compile."""
 from __future__ import annotations
 
 import torch
 
-from trainers.config import MemoryConfig, OptimizerConfig
+from trainers.config import MemoryConfig
 from trainers.errors import UserError
 
 
@@ -49,43 +48,3 @@ def enable_xformers(denoiser: torch.nn.Module) -> None:
     if not torch.cuda.is_available():
         raise UserError("memory.attention: xformers needs a CUDA GPU; use memory.attention: sdpa")
     denoiser.enable_xformers_memory_efficient_attention()
-
-
-BNB_OPTIMIZERS = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit", "lion8bit": "Lion8bit"}
-
-
-def optimizer_state_bytes(name: str) -> int:
-    """Bytes of optimizer state per trainable parameter."""
-    return {"adamw": 8, "lion8bit": 1}.get(name, 2)
-
-
-def make_optimizer(groups: list[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    kwargs = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
-    if cfg.name in BNB_OPTIMIZERS:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError(f"optimizer.name: {cfg.name} needs bitsandbytes (pip install bitsandbytes)") from None
-        if cfg.name == "lion8bit":
-            kwargs.pop("eps")  # Lion has no denominator
-        return getattr(bnb.optim, BNB_OPTIMIZERS[cfg.name])(groups, **kwargs)
-    # fused AdamW skips a step on the device when told of non-finite gradients (engine: no host sync)
-    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
-
-
-def lr_factor(name: str, warmup_steps: int, max_steps: int):
-    """The LR multiplier as a pure function of the optimizer step, so resuming needs only the step."""
-    import math
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        if name == "linear":
-            return max(0.0, 1.0 - progress)
-        if name == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return factor

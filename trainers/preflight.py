@@ -58,6 +58,6 @@ def check_disk(output_dir: Path, checkpoint_bytes: int, keep_last: int = 1, expo
 
 def checkpoint_bytes(trainable: int, optimizer: str, ema: bool) -> int:
     """Trainable weights in float32, the optimizer's two moments, and the EMA copy."""
-    from trainers.memory import optimizer_state_bytes
+    from trainers.optimizers import optimizer_state_bytes
 
     return trainable * (4 + optimizer_state_bytes(optimizer) + (4 if ema else 0))

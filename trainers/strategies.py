@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from trainers import checkpoint, memory
+from trainers import checkpoint, optimizers
 from trainers.config import Recipe
 from trainers.errors import UserError
 
@@ -66,9 +66,12 @@ class DeepSpeedZero(Accelerated):
         if len(trained_modules) != 1:
             raise UserError(f"DeepSpeed trains one module, this recipe trains {', '.join(trained_modules)}: "
                             "set adapter.text_encoder: false or use accelerate_configs/multi_gpu.yaml")
-        if r.optimizer.name in memory.BNB_OPTIMIZERS:
+        if r.optimizer.name in optimizers.BNB_OPTIMIZERS:
             raise UserError(f"optimizer.name: {r.optimizer.name} (bitsandbytes) cannot be sharded by DeepSpeed "
                             "ZeRO; use optimizer.name: adamw with DeepSpeed, or a DDP config")
+        if r.optimizer.name != "adamw":  # Prodigy's global d and schedule-free's x/y swap need whole tensors
+            raise UserError(f"optimizer.name: {r.optimizer.name} cannot run on DeepSpeed ZeRO's sharded state; use "
+                            "optimizer.name: adamw with DeepSpeed, or a DDP config")
         ds = self.acc.state.deepspeed_plugin.deepspeed_config
         for block in ("optimizer", "scheduler"):
             if block in ds:
