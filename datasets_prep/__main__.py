@@ -58,12 +58,13 @@ def run_prepare(args: argparse.Namespace) -> int:
     canny = {k: v for k, v in (("canny_low", args.canny_low), ("canny_high", args.canny_high)) if v is not None}
     if canny and args.conditioning != "canny":
         raise UserError("--canny-low/--canny-high apply only with --conditioning canny")
-    columns = Columns(image=args.image_column, caption=args.caption_column, conditioning=args.conditioning_column)
+    columns = Columns(image=args.image_column, caption=args.caption_column, conditioning=args.conditioning_column,
+                      mask=args.mask_column)
     options = PrepareOptions(
         resolution=args.resolution, buckets=args.buckets, caption_policy=args.caption_policy,
         max_pixels=args.max_pixels, min_size=args.min_size, image_format=args.image_format,
         jpeg_quality=args.jpeg_quality, columns=columns, shard_rows=args.shard_rows, group_rows=args.row_group_rows,
-        conditioning=args.conditioning, **canny)
+        conditioning=args.conditioning, mask_from_alpha=args.mask_from_alpha, **canny)
     try:
         report = prepare(args.source, args.out, options, workers=args.workers, overwrite=args.overwrite)
     except KeyboardInterrupt:
@@ -100,6 +101,10 @@ def add_prepare(commands) -> None:
                         help="caption column (metadata, datasets, parquet, tar .json)")
     parser.add_argument("--conditioning-column", default="conditioning_image",
                         help="ControlNet conditioning image column")
+    parser.add_argument("--mask-column", default="mask",
+                        help="masked-loss mask column: a greyscale image per input, white = the subject")
+    parser.add_argument("--mask-from-alpha", action="store_true",
+                        help="an image's alpha channel becomes its mask where it has no mask of its own")
     parser.add_argument("--conditioning", choices=("canny",), default=None,
                         help="derive a conditioning image for inputs without one: canny = white edges on black, "
                              "found on the resized and cropped image (needs opencv-python-headless)")

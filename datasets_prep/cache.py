@@ -2,7 +2,8 @@
 and (frozen) text encoders: `python -m datasets_prep cache --data DIR --model PATH_OR_ID`.
 
 DIR/cache/<key>/ holds one safetensors file per data shard, row for row (`<row>.latent_mean`,
-`<row>.latent_std`, `<row>.text.<name>`), and meta.json, written last. The VAE posterior's mean and std are
+`<row>.latent_std`, `<row>.text.<name>`, and `<row>.mask` at latent size where the record has a mask), and
+meta.json, written last. The VAE posterior's mean and std are
 stored, not a sample, so each epoch still draws a fresh latent. The key hashes what produced the tensors: the
 model's VAE and text-encoder configs and weight files (or hub id and revision) and the data's resolution.
 """
@@ -77,7 +78,8 @@ def write_cache(data_dir: Path, model: ModelConfig, batch_size: int = 16, dtype:
     with torch.no_grad():
         text_keys = sorted(backbone.encode_text([""], device))
     meta = {"model": model.pretrained, "family": backbone.family, "resolution": resolution, "dtype": dtype,
-            "records": len(data), "text_keys": text_keys, "identity": model_identity(model)}
+            "records": len(data), "text_keys": text_keys, "identity": model_identity(model),
+            "masks": sum(entry.get("masks", 0) for entry in data_shards(data_dir))}
     (out / META).write_text(json.dumps(meta, indent=2))
     return out
 
@@ -85,7 +87,7 @@ def write_cache(data_dir: Path, model: ModelConfig, batch_size: int = 16, dtype:
 @torch.no_grad()
 def encode_rows(backbone, data, indices: range, batch_size: int, device) -> dict[str, torch.Tensor]:
     """Tensors for one shard, keyed by row within it; images of one size are encoded together."""
-    from trainers.images import to_tensor
+    from trainers.images import area_downsample, mask_tensor, to_tensor
 
     records = {i: data.record(i) for i in indices}
     by_size = defaultdict(list)
@@ -102,7 +104,14 @@ def encode_rows(backbone, data, indices: range, batch_size: int, device) -> dict
                 row = i - indices.start
                 tensors[f"{row}.latent_mean"], tensors[f"{row}.latent_std"] = dist.mean[j], dist.std[j]
                 tensors |= {f"{row}.text.{k}": v[j] for k, v in text.items()}
+                if records[i]["mask"] is not None:  # at latent size: what the loss weighs each latent by
+                    mask = mask_tensor(records[i]["mask"])
+                    tensors[f"{row}.mask"] = area_downsample(mask, tuple(dist.mean.shape[-2:]))
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def data_shards(data_dir: Path) -> list[dict]:
+    return json.loads((Path(data_dir) / "progress.json").read_text())["shards"]
 
 
 def save_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -133,10 +142,13 @@ class CacheReader:
         from bisect import bisect_right
 
         s = bisect_right(self.starts, index) - 1
-        handle, row = self._file(s), index - self.starts[s]
-        return {"latent_mean": handle.get_tensor(f"{row}.latent_mean").float(),
+        (handle, keys), row = self._file(s), index - self.starts[s]
+        item = {"latent_mean": handle.get_tensor(f"{row}.latent_mean").float(),
                 "latent_std": handle.get_tensor(f"{row}.latent_std").float(),
                 "text": {k: handle.get_tensor(f"{row}.text.{k}").float() for k in self.meta["text_keys"]}}
+        if f"{row}.mask" in keys:
+            item["mask"] = handle.get_tensor(f"{row}.mask").float()
+        return item
 
     def _file(self, s: int):
         from safetensors import safe_open
@@ -144,7 +156,8 @@ class CacheReader:
         if s not in self._open:
             if len(self._open) >= self.max_open:
                 self._open.popitem(last=False)
-            self._open[s] = safe_open(str(self.files[s]), framework="pt")
+            handle = safe_open(str(self.files[s]), framework="pt")
+            self._open[s] = (handle, set(handle.keys()))
         self._open.move_to_end(s)
         return self._open[s]
 

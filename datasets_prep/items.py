@@ -11,7 +11,7 @@ from typing import Iterator, Protocol
 class SourceItem:
     """One input as the source holds it; paths are read by the worker, so the main process only walks the source.
 
-    image / conditioning: bytes, or a Path the worker reads; caption: text, raw bytes (decoded by the worker,
+    image / conditioning / mask: bytes, or a Path the worker reads; caption: text, raw bytes (decoded by the worker,
     which reports non-UTF-8), a Path to a caption file, or None when there is none. `error` is a
     (reason, detail) the source already found, e.g. a metadata line that does not parse.
     """
@@ -21,6 +21,7 @@ class SourceItem:
     image: bytes | Path | None = None
     caption: str | bytes | Path | None = None
     conditioning: bytes | Path | None = None
+    mask: bytes | Path | None = None  # greyscale, white = the subject a masked loss weighs
     error: tuple[str, str] | None = None
 
 
@@ -31,6 +32,7 @@ class Columns:
     image: str = "image"
     caption: str = "text"
     conditioning: str = "conditioning_image"
+    mask: str = "mask"
     require_caption: bool = True  # a missing caption column is an error unless --caption-policy empty
 
 

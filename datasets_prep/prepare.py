@@ -39,14 +39,17 @@ class PrepareOptions:
     conditioning: str | None = None  # canny: derive an edge map for inputs without a conditioning image
     canny_low: int = 100  # Canny hysteresis thresholds (diffusers' ControlNet examples use 100 and 200)
     canny_high: int = 200
+    mask_from_alpha: bool = False  # an image's alpha channel is its mask where no mask file is given
 
     def params(self, sources: list[str]) -> dict:
         """A flat, JSON-able record of the options and the resolved source paths.
 
-        The conditioning options appear only when used, so outputs prepared before they existed still resume.
+        The conditioning and mask options appear only when used, so outputs prepared before they existed still resume.
         """
-        flat = {k: v for k, v in vars(self).items() if k not in ("columns", *CONDITIONING)}
-        columns = {f"{k}_column": v for k, v in vars(self.columns).items() if k != "require_caption"}
+        flat = {k: v for k, v in vars(self).items() if k not in ("columns", "mask_from_alpha", *CONDITIONING)}
+        flat |= {"mask_from_alpha": True} if self.mask_from_alpha else {}
+        columns = {f"{k}_column": v for k, v in vars(self.columns).items()
+                   if k != "require_caption" and (k, v) != ("mask", Columns.mask)}
         derived = {k: getattr(self, k) for k in CONDITIONING} if self.conditioning else {}
         return {"format": FORMAT, "source": [str(Path(s).resolve()) for s in sources], **flat, **columns, **derived}
 
@@ -87,6 +90,7 @@ class Consumer:
         self.skips = SkipLog(out / "skipped.jsonl", progress.last["skipped_bytes"])
         self.writer = ShardWriter(out / "shards", len(progress.shards), options.shard_rows, options.group_rows)
         self.consumed, self.key = progress.last["consumed"], progress.last.get("last_key")
+        self.masks = 0  # rows with a mask in the open shard
 
     def take(self, output: dict | Skipped) -> None:
         """One processed input, in source order."""
@@ -102,14 +106,17 @@ class Consumer:
             self.skips.write(Skipped(self.key, path, "duplicate", detail))
         else:
             self.seen.add(digest)
+            self.masks += output["mask"] is not None
             if self.writer.add(output):
                 self.close_shard()
 
     def close_shard(self) -> None:
         """Shard file first, then the skip log, then progress.json: a crash in between only repeats work."""
         name, rows = self.writer.close_shard()
+        masks = {"masks": self.masks} if self.masks else {}
         self.progress.shards.append({"name": name, "rows": rows, "consumed": self.consumed,
-                                     "skipped_bytes": self.skips.commit(), "last_key": self.key})
+                                     "skipped_bytes": self.skips.commit(), "last_key": self.key, **masks})
+        self.masks = 0
         self.progress.save(self.out)
 
     def finish(self) -> None:
@@ -155,6 +162,6 @@ def prepare(sources: list[str], out, options: PrepareOptions = PrepareOptions(),
     if progress.finished is None:
         config = ProcessConfig(tuple(buckets), options.caption_policy, options.max_pixels, options.min_size,
                                options.image_format, options.jpeg_quality, options.conditioning,
-                               options.canny_low, options.canny_high)
+                               options.canny_low, options.canny_high, options.mask_from_alpha)
         run(source, out, progress, config, options, workers)
     return write_report(out, progress, source.describe(), buckets)

@@ -29,6 +29,7 @@ class ProcessConfig:
     conditioning: str | None = None  # derive a conditioning image (canny) for inputs that have none
     canny_low: int = 100  # Canny hysteresis thresholds on the gradient magnitude
     canny_high: int = 200
+    mask_from_alpha: bool = False  # an image's alpha channel becomes its mask (when it has no mask of its own)
 
 
 @dataclass
@@ -123,6 +124,31 @@ def conditioning_image(value: bytes | Path, resized, crop, bucket, config: Proce
         raise Rejected(f"conditioning_{error.reason}", error.detail) from None
 
 
+def mask_image(value: bytes | Path, size: tuple[int, int], resized, crop, bucket, config: ProcessConfig) -> bytes:
+    """The mask resized and cropped exactly as its image, greyscale PNG; one of another aspect ratio (or unreadable)
+    is a reason to skip the input, since it would weigh the wrong pixels."""
+    try:
+        data = read_bytes(value, "mask")
+        if not data:
+            raise Rejected("empty_file", "mask has 0 bytes")
+        with sanitize.pil_limits(config.max_pixels):
+            image = sanitize.open_image(data, config.max_pixels, 1)
+            width, height = sanitize.upright_size(image)
+            if abs(width * size[1] - height * size[0]) > 0.01 * size[0] * size[1]:
+                raise Rejected("size_mismatch", f"mask {width}x{height}, image {size[0]}x{size[1]}")
+            image = sanitize.decode(image, resized)
+        return encode(fit(sanitize.to_rgb(image).convert("L"), resized, crop, bucket), "png", 0)
+    except Rejected as error:
+        raise Rejected(f"mask_{error.reason}", error.detail) from None
+
+
+def alpha_mask(image: Image.Image) -> Image.Image | None:
+    """The alpha channel of a decoded image (transparency included), or None when it has none."""
+    if not sanitize.has_alpha(image):
+        return None
+    return image.convert("RGBA").getchannel("A")
+
+
 def derived_conditioning(image: Image.Image, config: ProcessConfig) -> bytes:
     """A conditioning image computed from the final image at the bucket size, which is what the ControlNet sees.
 
@@ -146,19 +172,25 @@ def build_row(item: SourceItem, config: ProcessConfig) -> dict:
         index = nearest_bucket(width, height, config.buckets)
         bucket = config.buckets[index]
         rw, rh, left, top = cover_crop(width, height, bucket)
-        image = sanitize.to_rgb(sanitize.decode(image, (rw, rh)))
+        decoded = sanitize.decode(image, (rw, rh))
+        alpha = alpha_mask(decoded) if config.mask_from_alpha and item.mask is None else None
+        image = sanitize.to_rgb(decoded)
     image = fit(image, (rw, rh), (left, top), bucket)
     row = {
         "key": item.key, "image": encode(image, config.image_format, config.jpeg_quality),
         "caption": caption, "width": bucket[0], "height": bucket[1], "original_width": width,
         "original_height": height, "crop_top": top, "crop_left": left, "bucket": index,
-        "sha256": hashlib.sha256(data).hexdigest(), "conditioning_image": None,
+        "sha256": hashlib.sha256(data).hexdigest(), "conditioning_image": None, "mask": None,
         "source_path": item.path,  # for the duplicate's skip line; popped before writing
     }
     if item.conditioning is not None:
         row["conditioning_image"] = conditioning_image(item.conditioning, (rw, rh), (left, top), bucket, config)
     elif config.conditioning:  # the source's own conditioning image, when it has one, always wins
         row["conditioning_image"] = derived_conditioning(image, config)
+    if item.mask is not None:
+        row["mask"] = mask_image(item.mask, (width, height), (rw, rh), (left, top), bucket, config)
+    elif alpha is not None:
+        row["mask"] = encode(fit(alpha, (rw, rh), (left, top), bucket), "png", 0)
     return row
 
 

@@ -8,22 +8,24 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
 from trainers.errors import UserError
 
 RECORD_COLUMNS = ["key", "image", "caption", "width", "height", "original_width", "original_height",
-                  "crop_top", "crop_left", "bucket", "sha256", "conditioning_image"]
+                  "crop_top", "crop_left", "bucket", "sha256", "conditioning_image", "mask"]
+LATER_COLUMNS = ("mask",)  # absent from shards written before they existed: read as null
 
 
-def decode_image(data: bytes | None) -> Image.Image | None:
-    """Stored bytes to an RGB PIL image, fully loaded so the buffer can go."""
+def decode_image(data: bytes | None, mode: str = "RGB") -> Image.Image | None:
+    """Stored bytes to a PIL image in `mode` (RGB; L for masks), fully loaded so the buffer can go."""
     if data is None:
         return None
     image = Image.open(io.BytesIO(data))
     image.load()
-    return image.convert("RGB")
+    return image.convert(mode)
 
 
 class PreparedDataset:
@@ -50,6 +52,7 @@ class PreparedDataset:
                                        for f in self.files]) if self.files else np.zeros(0, np.int32)
         self._open: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._group: tuple[int, object] | None = None  # (global row group number, its table)
+        self.has_masks = any(entry.get("masks") for entry in state["shards"])  # prepare counts them per shard
 
     def _index_row_groups(self) -> None:
         """First global row of every row group, and which shard and local group it is."""
@@ -88,7 +91,13 @@ class PreparedDataset:
         """Row group k as a table; the last one is kept, so reading a shard in order reads each group once."""
         if self._group is None or self._group[0] != k:
             s, g = self._where[k]
-            self._group = (k, self._file(s).read_row_group(g, columns=RECORD_COLUMNS))
+            file = self._file(s)
+            names = file.schema_arrow.names
+            table = file.read_row_group(g, columns=[c for c in RECORD_COLUMNS if c in names])
+            for name in LATER_COLUMNS:
+                if name not in names:
+                    table = table.append_column(name, pa.nulls(table.num_rows, pa.binary()))
+            self._group = (k, table)
         return self._group[1]
 
     def record(self, i: int, decode: bool = True) -> dict:
@@ -101,6 +110,7 @@ class PreparedDataset:
         if decode:
             row["image"] = decode_image(row["image"])
             row["conditioning_image"] = decode_image(row["conditioning_image"])
+            row["mask"] = decode_image(row["mask"], "L")
         return row
 
     def shard_rows(self) -> list[tuple[Path, int]]:

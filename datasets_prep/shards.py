@@ -17,8 +17,9 @@ SCHEMA = pa.schema([
     ("bucket", pa.int32()),  # index into buckets.json
     ("sha256", pa.string()),  # of the source file bytes
     ("conditioning_image", pa.binary()),  # PNG resized and cropped as the image, or null
+    ("mask", pa.binary()),  # greyscale PNG resized and cropped as the image (white = subject), or null
 ])
-BLOBS = ("image", "conditioning_image")
+BLOBS = ("image", "conditioning_image", "mask")
 SMALL = [name for name in SCHEMA.names if name not in BLOBS]
 
 

@@ -99,14 +99,18 @@ class ImageFolder:
         """One metadata row as an item; a wrongly typed field is reported against its line."""
         name, caption = row.get("file_name"), row.get(self.columns.caption)
         conditioning = row.get(self.columns.conditioning) or None
+        mask = row.get(self.columns.mask) or None
         if not isinstance(name, str) or not name:
             return SourceItem(where, where, error=("bad_metadata", f"{where}: no file_name"))
         item = SourceItem(name, str(self.root / name), image=self.root / name, caption=text_value(caption))
-        for field, value in ((self.columns.caption, caption), (self.columns.conditioning, conditioning)):
+        for field, value in ((self.columns.caption, caption), (self.columns.conditioning, conditioning),
+                             (self.columns.mask, mask)):
             if value is not None and not isinstance(value, str):
                 item.error = ("bad_metadata", f"{where}: {field} is {type(value).__name__}, not text")
         if isinstance(conditioning, str):
             item.conditioning = self.root / conditioning
+        if isinstance(mask, str):
+            item.mask = self.root / mask
         return item
 
     def walk(self) -> Iterator[SourceItem]:

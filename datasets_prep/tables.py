@@ -22,7 +22,7 @@ def needed_columns(available: list[str], columns: Columns, where: str) -> list[s
     if columns.caption not in available and columns.require_caption:
         raise UserError(f"--caption-column: {columns.caption!r} is not a column of {where} (columns: {names}); "
                         "pass --caption-policy empty to prepare it without captions")
-    return [c for c in (columns.image, columns.caption, columns.conditioning) if c in available]
+    return [c for c in (columns.image, columns.caption, columns.conditioning, columns.mask) if c in available]
 
 
 def image_value(value, base: Path) -> bytes | Path | None:
@@ -42,6 +42,7 @@ def row_item(key: str, path: str, row: dict, columns: Columns, base: Path) -> So
     caption = row.get(columns.caption)
     item.caption = text_value(caption) if isinstance(caption, (str, bytes, type(None))) else None
     item.conditioning = image_value(row.get(columns.conditioning), base)
+    item.mask = image_value(row.get(columns.mask), base)
     if item.image is None:
         item.error = ("missing_file", f"{columns.image} is empty")
     elif item.caption is None and caption is not None:

@@ -101,6 +101,9 @@ class TarShards:
         conditioning = next((m for e, m in members.items() if e.startswith(self.columns.conditioning + ".")), None)
         if conditioning is not None and conditioning.size <= MAX_MEMBER_BYTES:
             item.conditioning = self.read(tar, conditioning)
+        mask = next((m for e, m in members.items() if e.startswith(self.columns.mask + ".")), None)
+        if mask is not None and mask.size <= MAX_MEMBER_BYTES:
+            item.mask = self.read(tar, mask)
         return item
 
     def items(self, start: int = 0) -> Iterator[SourceItem]:

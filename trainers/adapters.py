@@ -1,7 +1,9 @@
-"""LoRA through peft: inject into a denoiser or text encoder, and save in diffusers' loadable format.
+"""LoRA and DoRA through peft: inject into a denoiser or text encoder, and save in diffusers' loadable format.
 
 LoRA (Hu et al. 2021) adds W0 x + (alpha / r) B A x with B initialised to zero, so training starts from the
-base model exactly. The LoraConfig travels in the safetensors metadata, so loaders use the real alpha/r scale.
+base model exactly. DoRA (Liu et al. 2024) trains a magnitude m per output feature beside it:
+m (W0 + s B A) / ||W0 + s B A||, with m initialised to ||W0||, so it too starts at the base. The LoraConfig
+travels in the safetensors metadata, so loaders use the real alpha/r scale (and know a DoRA file).
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ def add_lora(module: torch.nn.Module, cfg: AdapterConfig, target_modules: tuple[
                           f"{type(module).__name__} (e.g. {', '.join(n for n in names[-3:] if n)})")
     module.requires_grad_(False)
     module.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                  init_lora_weights=True, target_modules=list(target_modules)))
+                                  init_lora_weights=True, target_modules=list(target_modules),
+                                  use_dora=cfg.kind == "dora"))
 
 
 def lora_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:

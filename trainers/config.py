@@ -57,6 +57,10 @@ class DataConfig:
     max_samples: Optional[int] = _f(None, min=1)  # use only the first N records (debugging)
     use_cache: bool = True              # use `datasets_prep cache` latents/text of this model when present
     trigger_words: tuple[str, ...] = ()  # words the captions use for the new concept (e.g. "sks"); on the card
+    # masked loss: a greyscale image per training image (white = the subject the loss is about), named by this
+    # metadata column of an imagefolder (prepared datasets carry the masks prepare found), or the image's alpha
+    mask_column: str = "mask"
+    mask_from_alpha: bool = False       # imagefolder: the image's alpha channel is its mask (opaque: all subject)
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class ObjectiveConfig:
     noise_offset: float = _f(0.0, min=0.0)          # per-channel offset noise; 0.05-0.1 helps very dark/bright
     zero_terminal_snr: bool = False     # rescale betas so the last step is pure noise (Lin et al. 2024)
     caption_dropout: float = _f(0.0, min=0.0, max=1.0)  # p of training on the empty prompt (for CFG)
+    mask_floor: float = _f(0.0, min=0.0, max=1.0)  # with masks: the loss weight of the background (0 ignores it)
     sections: dict = field(default_factory=dict, repr=False)  # objective name -> its Options (built by the loader)
 
     def __getattr__(self, name: str) -> Any:
@@ -85,7 +90,9 @@ class ObjectiveConfig:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    kind: Literal["lora", "full"] = "lora"  # full: train every U-Net weight
+    # lora: low-rank factors B A; dora (Liu et al. 2024): LoRA on the direction plus a trained magnitude per output
+    # feature (peft's use_dora; a little slower per step); full: train every denoiser weight
+    kind: Literal["lora", "dora", "full"] = "lora"
     rank: int = _f(4, min=1)
     alpha: float = _f(4.0, min=0.0)     # LoRA scale is alpha / rank
     dropout: float = _f(0.0, min=0.0, max=1.0)
@@ -93,6 +100,11 @@ class AdapterConfig:
     text_encoder: bool = False          # also train the text encoder(s): a LoRA, or all weights with kind: full
     text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     init_from: Optional[str] = None     # a kohya-format LoRA (.safetensors) to start from; its ranks win
+
+    @property
+    def low_rank(self) -> bool:
+        """An adapter over a frozen base (lora, dora), exported alone, rather than every weight."""
+        return self.kind != "full"
 
 
 @dataclass(frozen=True)

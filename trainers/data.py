@@ -20,7 +20,7 @@ from datasets_prep.reader import decode_image
 from trainers import seeding
 from trainers.config import DataConfig, ModelConfig
 from trainers.errors import UserError
-from trainers.images import to_tensor
+from trainers.images import mask_tensor, to_tensor
 
 CONDITIONING_COLUMN = "conditioning_image"  # a ControlNet's input image, beside each training image
 
@@ -62,6 +62,7 @@ class ImageFolderDataset:
             raise UserError(f"data.source: {root} holds no images")
         self.ds, self.cfg, self.root = ds.cast_column("image", datasets.Image(decode=False)), cfg, root
         self.conditioning = conditioning
+        self.masks = cfg.mask_from_alpha or cfg.mask_column in ds.column_names
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -80,7 +81,21 @@ class ImageFolderDataset:
                 "original_size": (image.height, image.width), "crop_top_left": plan.top_left}
         if self.conditioning:
             item["conditioning_pixel_values"] = to_unit_tensor(plan(self._conditioning_image(row, image.size)))
+        if self.masks:
+            item["mask"] = mask_tensor(plan(self._mask(row, image), mode="L"))
         return item
+
+    def _mask(self, row: dict, image: Image.Image) -> Image.Image:
+        """The row's mask, greyscale at its image's size: its alpha channel (data.mask_from_alpha), the file its
+        mask column names, or, with neither, all of it (an image without a mask trains as a whole)."""
+        if self.cfg.mask_from_alpha:
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                return image.convert("RGBA").getchannel("A")
+            return Image.new("L", image.size, 255)
+        name = row.get(self.cfg.mask_column)
+        if not name:
+            return Image.new("L", image.size, 255)
+        return self._companion(self.root / name, image.size, "mask").convert("L")
 
     def _conditioning_image(self, row: dict, size: tuple[int, int]) -> Image.Image:
         """The row's conditioning image (a path relative to the folder) at its image's size, so the two are cropped
@@ -89,17 +104,22 @@ class ImageFolderDataset:
         if not name:
             raise UserError(f"data.source: {row['image'].get('path') or self.root}: no {CONDITIONING_COLUMN} "
                             "in its metadata row")
-        path = self.root / name
+        return self._companion(self.root / name, size, "conditioning image")
+
+    @staticmethod
+    def _companion(path: Path, size: tuple[int, int], what: str) -> Image.Image:
+        """An image that is cropped like its training image (a conditioning image, a mask), at that image's size;
+        one that is unreadable or of another aspect ratio is named."""
         try:
             image = Image.open(path)
             image.load()
         except Exception as e:
-            raise UserError(f"data.source: cannot read conditioning image {path}: {e}") from None
+            raise UserError(f"data.source: cannot read {what} {path}: {e}") from None
         if image.size != size:
             if abs(image.size[0] * size[1] - image.size[1] * size[0]) > 0.01 * size[0] * size[1]:
-                raise UserError(f"data.source: conditioning image {path} is {image.size[0]}x{image.size[1]}, its "
+                raise UserError(f"data.source: {what} {path} is {image.size[0]}x{image.size[1]}, its "
                                 f"image {size[0]}x{size[1]}: another aspect ratio cannot be cropped alike")
-            image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+            image = image.convert("L" if what == "mask" else "RGB").resize(size, Image.Resampling.BICUBIC)
         return image
 
 
@@ -147,8 +167,8 @@ class SquareCrop:
             left, top = int(rng.integers(0, nw - r + 1)), int(rng.integers(0, nh - r + 1))
         return cls((nw, nh), left, top, r, bool(cfg.random_flip and rng.random() < 0.5))
 
-    def __call__(self, image: Image.Image) -> Image.Image:
-        image = image.convert("RGB").resize(self.resized, Image.Resampling.BICUBIC)
+    def __call__(self, image: Image.Image, mode: str = "RGB") -> Image.Image:
+        image = image.convert(mode).resize(self.resized, Image.Resampling.BICUBIC)
         image = image.crop((self.left, self.top, self.left + self.side, self.top + self.side))
         return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.flip else image
 
@@ -181,6 +201,9 @@ class PreparedImages:
         if self.cache and cfg.random_flip:
             raise UserError(f"data.random_flip: the cache {found} holds unflipped latents; set data.random_flip: "
                             "false, or data.use_cache: false to flip images")
+        if self.cache and self.ds.has_masks and "masks" not in self.cache.meta:
+            raise UserError(f"data.source: {cfg.source} has masks but its cache {found} was written before masks "
+                            "were cached; re-run `python -m datasets_prep cache` (or set data.use_cache: false)")
         self.conditioning = conditioning
         if conditioning:  # the first record before any training; every record as it is read
             self._conditioning_of(self.ds.record(0, decode=False))
@@ -206,12 +229,14 @@ class PreparedImages:
         control = {}
         if self.conditioning:  # never cached: the VAE does not see it
             control["conditioning_pixel_values"] = to_unit_tensor(self._conditioning_of(rec))
-        if self.cache is not None:
+        if self.cache is not None:  # a cached mask is already at latent size, area-averaged
             return self.cache.get(index) | control | {
                 "caption": rec["caption"], "seed": seed, "target_size": (rec["height"], rec["width"]),
                 "original_size": (rec["original_height"], rec["original_width"]),
                 "crop_top_left": (rec["crop_top"], rec["crop_left"])}
         image, left = rec["image"], rec["crop_left"]
+        if rec["mask"] is not None:
+            control["mask"] = mask_tensor(rec["mask"])
         if self.cfg.random_flip and seeding.numpy_rng(seed, seeding.AUGMENT).random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             control = {k: v.flip(-1) for k, v in control.items()}
@@ -333,6 +358,9 @@ def collate(items: list[dict]) -> dict:
     for key in ("pixel_values", "latent_mean", "latent_std", "conditioning_pixel_values"):  # (B, C, H, W)
         if key in items[0]:
             batch[key] = torch.stack([it[key] for it in items])
+    if any("mask" in it for it in items):  # a mixed batch: an item from a source without masks is all subject
+        like = next(it["mask"] for it in items if "mask" in it)
+        batch["mask"] = torch.stack([it.get("mask", torch.ones_like(like)) for it in items])
     if "loss_weight" in items[0]:
         batch["loss_weight"] = torch.tensor([it["loss_weight"] for it in items])
     if "text" in items[0]:

@@ -11,6 +11,21 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return x.float().div(127.5).sub(1.0)
 
 
+def mask_tensor(mask: Image.Image) -> torch.Tensor:
+    """(1, H, W) float in [0, 1] from a greyscale mask: 1 where a masked loss counts fully."""
+    return torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None]
+
+
+def area_downsample(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(..., 1, H, W) -> (..., 1, h, w): each output element the mean of the pixels it covers (a latent's share
+    of the subject), as a masked loss weighs latents and as the cache stores masks."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask.float()
+    batched = mask.float() if mask.dim() == 4 else mask.float()[None]
+    out = torch.nn.functional.interpolate(batched, size=tuple(size), mode="area")
+    return out if mask.dim() == 4 else out[0]
+
+
 def make_grid(images: list[Image.Image], rows: int, cols: int) -> Image.Image:
     """Tile same-size images row by row into one RGB picture, so samples can be compared at a glance."""
     if not images or len(images) != rows * cols:

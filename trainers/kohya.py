@@ -30,10 +30,18 @@ only text encoder), which changes the strength of any LoRA trained with alpha !=
   `unet_config`, which only the SDXL pipeline passes.
 So each family is written as kohya itself writes it (SD-1.5: diffusers paths, which all four loaders read;
 SDXL: LDM paths), and `from_kohya` reads either spelling.
+
+DoRA adds `<name>.dora_scale`, LyCORIS's spelling of peft's magnitude m, shaped (out, 1) for a Linear: LyCORIS
+(lycoris/modules/locon.py, `wd_on_out`) applies m (W0 + s B A) / ||W0 + s B A|| row by row, as peft does, and a
+test reads our file with it. ComfyUI (comfy/weight_adapter/base.py `weight_decompose`, v0.3.77) divides by the
+rows of W0 instead when dora_scale lies on the output axis, so there a DoRA lands off by ||W0 + s B A|| / ||W0||
+per row (1 at the start of training); diffusers' loader drops dora_scale keys (the diffusers-format file beside
+this one keeps its DoRA).
 """
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import re
@@ -77,8 +85,10 @@ FAMILIES = {
 # How a LoRA factor's key ends: peft (lora_A/lora_B), diffusers' U-Net and text-encoder spellings.
 _FACTOR_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up",
                     ".lora.down.weight": "down", ".lora.up.weight": "up",
-                    ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up"}
-_KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+                    ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
+                    ".lora_magnitude_vector": "magnitude"}  # DoRA's m, one per output feature
+# DoRA's m is LyCORIS's `dora_scale` (its wd_on_out form: shape (out, 1, ...), the norm taken of the merged weight)
+_KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "magnitude"}
 
 # Module-name words that hold an underscore; every other "_" in a kohya name stands for a ".".
 _WORDS = {"down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
@@ -92,9 +102,16 @@ _WORDS = {"down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q",
 class KohyaLora(NamedTuple):
     """A kohya file read back into peft's terms; unpacks as (unet, text_encoders, alphas)."""
 
-    unet: dict[str, torch.Tensor]                      # "<path>.lora_A.weight" / "<path>.lora_B.weight"
+    unet: dict[str, torch.Tensor]                      # "<path>.lora_A.weight" / ".lora_B.weight" (/ DoRA's
+                                                       # ".lora_magnitude_vector")
     text_encoders: dict[str, dict[str, torch.Tensor]]  # component -> the same, paths spelt "text_model...."
     alphas: dict[str, float]                           # "<component>.<path>" -> alpha (the rank if the file had none)
+
+    @property
+    def kind(self) -> str:
+        """dora when the file carries dora_scale, else lora: what adapter.kind must be to go on from it."""
+        states = [self.unet, *self.text_encoders.values()]
+        return "dora" if any(k.endswith(".lora_magnitude_vector") for s in states for k in s) else "lora"
 
 
 def family_of(family: str | Family) -> Family:
@@ -225,6 +242,9 @@ def to_kohya(state: dict[str, torch.Tensor], alphas: dict[str, float] | float,
         out[f"{name}.lora_down.weight"] = factor["down"]
         out[f"{name}.lora_up.weight"] = factor["up"]
         out[f"{name}.alpha"] = torch.tensor(float(_alpha_for(alphas, component, path)))
+        if "magnitude" in factor:
+            up = factor["up"]
+            out[f"{name}.dora_scale"] = factor["magnitude"].reshape(up.shape[0], *[1] * (up.dim() - 1))
     return out
 
 
@@ -241,8 +261,8 @@ def _factors(state: dict[str, torch.Tensor], prefixes: dict[str, str]) -> dict[t
         path = path if component == UNET else clip_path(path)
         modules.setdefault((component, path), {})[_FACTOR_SUFFIXES[suffix]] = tensor
     for (component, path), factor in modules.items():
-        if set(factor) != {"down", "up"}:
-            raise UserError(f"kohya export: {component}.{path} has only its {next(iter(factor))} factor")
+        if not {"down", "up"} <= set(factor):
+            raise UserError(f"kohya export: {component}.{path} has only its {', '.join(factor)} factor")
     return modules
 
 
@@ -267,8 +287,8 @@ def from_kohya(state: dict[str, torch.Tensor], family: str | Family = "sd15") ->
         if prefix is None:
             raise UserError(f"kohya import: {key!r} starts with none of {', '.join(components)}")
         if part not in _KOHYA_PARTS:
-            raise UserError(f"kohya import: {key!r} is not a plain LoRA weight (lora_down.weight, lora_up.weight, "
-                            f"alpha); LoHa, LoKr, DoRA and the like cannot start a run")
+            raise UserError(f"kohya import: {key!r} is not a LoRA or DoRA weight (lora_down.weight, lora_up.weight, "
+                            f"alpha, dora_scale); LoHa, LoKr and the like cannot start a run")
         component, path = components[prefix], dotted(name[len(prefix) + 1:])
         path = diffusers_path(path, fam.layers_per_block) if component == UNET else clip_path(path)
         modules.setdefault((component, path), {})[_KOHYA_PARTS[part]] = tensor
@@ -279,6 +299,8 @@ def from_kohya(state: dict[str, torch.Tensor], family: str | Family = "sd15") ->
         target = out.unet if component == UNET else out.text_encoders.setdefault(component, {})
         target[f"{path}.lora_A.weight"] = part["down"]
         target[f"{path}.lora_B.weight"] = part["up"]
+        if "magnitude" in part:
+            target[f"{path}.lora_magnitude_vector"] = part["magnitude"].flatten()
         rank = part["down"].shape[0]
         out.alphas[f"{component}.{path}"] = float(part["alpha"].item()) if "alpha" in part else float(rank)
     return out
@@ -316,27 +338,31 @@ def load_lora(module: torch.nn.Module, state: dict[str, torch.Tensor], alphas: d
         alphas = {key.replace(".text_model.", ".", 1): value for key, value in alphas.items()}
     ranks = {key.removesuffix(".lora_A.weight"): value.shape[0] for key, value in state.items()
              if key.endswith(".lora_A.weight")}
+    dora = {key.removesuffix(".lora_magnitude_vector") for key in state if key.endswith(".lora_magnitude_vector")}
+    if dora and dora != set(ranks):
+        raise UserError(f"kohya import: {component} mixes DoRA and plain LoRA layers (e.g. "
+                        f"{next(iter(set(ranks) - dora))} has no dora_scale), which one peft adapter cannot hold")
     module.requires_grad_(False)
-    module.add_adapter(lora_config(ranks, {path: alphas[f"{component}.{path}"] for path in ranks}))
+    module.add_adapter(lora_config(ranks, {path: alphas[f"{component}.{path}"] for path in ranks}, bool(dora)))
     result = set_peft_model_state_dict(module, state)
     if result.unexpected_keys:
         raise UserError(f"kohya import: {component} has no layer for {', '.join(result.unexpected_keys[:3])}")
 
 
-def lora_config(ranks: dict[str, int], alphas: dict[str, float]):
+def lora_config(ranks: dict[str, int], alphas: dict[str, float], dora: bool = False):
     """A LoraConfig for exactly these layers; layers off the most common r or alpha go in rank/alpha_pattern."""
     from peft import LoraConfig
 
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
-    return LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(ranks),
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(ranks), use_dora=dora,
                       rank_pattern={path: v for path, v in ranks.items() if v != r},
                       alpha_pattern={path: v for path, v in alphas.items() if v != alpha})
 
 
 def kohya_metadata(rank: int, alpha: float, title: str, family: str | Family = "sd15",
                    resolution: int | None = None, base_model: str | None = None,
-                   date: datetime.datetime | None = None) -> dict[str, str]:
+                   date: datetime.datetime | None = None, dora: bool = False) -> dict[str, str]:
     """The safetensors metadata kohya-style tools show (ss_* of sd-scripts, modelspec.* of Stability's ModelSpec)."""
     fam = family_of(family)
     side = resolution or fam.resolution
@@ -356,6 +382,9 @@ def kohya_metadata(rank: int, alpha: float, title: str, family: str | Family = "
     }
     if base_model:
         meta["ss_sd_model_name"] = base_model
+    if dora:  # what LyCORIS writes for its DoRA (lora algo with weight decomposition on the output axis)
+        meta["ss_network_module"] = "lycoris.kohya"
+        meta["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})
     return meta
 
 
@@ -385,7 +414,7 @@ def export_trained(out_dir: str | Path, modules: dict[str, torch.nn.Module], fam
         family = family_for(family_name, modules[UNET])
         ad = recipe.adapter
         meta = kohya_metadata(ad.rank, ad.alpha, recipe.name, family, resolution=recipe.data.resolution,
-                              base_model=recipe.model.pretrained)
+                              base_model=recipe.model.pretrained, dora=ad.kind == "dora")
         return save_kohya(Path(out_dir) / KOHYA_WEIGHTS, state, alphas, meta, family)
     except UserError as e:
         print(f"warning: no {KOHYA_WEIGHTS} written: {e}", flush=True)

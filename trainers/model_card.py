@@ -81,12 +81,15 @@ def is_hub_id(ref: str) -> bool:
     return bool(HUB_ID.match(ref)) and not Path(ref).exists()
 
 
+ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA"}
+
+
 def summary_table(recipe: Recipe, num_processes: int = 1, trained: str | None = None) -> list[str]:
     """The settings that decide a result, as Markdown table rows."""
     r, ad, t = recipe, recipe.adapter, recipe.train
     objective = r.objective.name + (f" ({r.objective.prediction_type})" if r.objective.prediction_type else "")
-    adapter = trained or (f"LoRA, rank {ad.rank}, alpha {ad.alpha:g}" + (", + text encoder" if ad.text_encoder else "")
-                          if ad.kind == "lora" else "full fine-tune")
+    adapter = trained or (f"{ADAPTER_NAMES[ad.kind]}, rank {ad.rank}, alpha {ad.alpha:g}"
+                          + (", + text encoder" if ad.text_encoder else "") if ad.low_rank else "full fine-tune")
     batch = (f"{t.batch_size} x {t.grad_accum} accumulation x {num_processes} "
              f"process{'es' if num_processes != 1 else ''} = {t.batch_size * t.grad_accum * num_processes}")
     schedule = r.lr_schedule.name + (f", {r.lr_schedule.warmup_steps} warmup steps" if r.lr_schedule.warmup_steps
@@ -101,7 +104,7 @@ def summary_table(recipe: Recipe, num_processes: int = 1, trained: str | None = 
 
 
 def _summary_sentence(recipe: Recipe, trained: str | None = None) -> str:
-    kind = trained or ("a LoRA" if recipe.adapter.kind == "lora" else "a full fine-tune")
+    kind = trained or (f"a {ADAPTER_NAMES[recipe.adapter.kind]}" if recipe.adapter.low_rank else "a full fine-tune")
     return (f"Trained with difftune (objective `{recipe.objective.name}`, {kind}) from `{recipe.model.pretrained}` "
             f"for {recipe.train.max_steps} steps.")
 

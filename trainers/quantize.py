@@ -17,7 +17,7 @@ from trainers.errors import UserError
 def check(recipe: Recipe, objective_cls, deepspeed: bool) -> None:
     """Refuse, before anything loads, the combinations a quantised base cannot serve."""
     kind = recipe.memory.quantize_base
-    if recipe.adapter.kind != "lora":
+    if not recipe.adapter.low_rank:
         raise UserError(f"memory.quantize_base: {kind} quantises the frozen base under a LoRA, but adapter.kind is "
                         f"{recipe.adapter.kind!r} (every weight trains); use adapter.kind: lora or "
                         "memory.quantize_base: none")

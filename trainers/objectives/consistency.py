@@ -254,7 +254,8 @@ def check_recipe(recipe) -> None:
         raise ConfigError(f"'objective.consistency.skip' must be below num_teacher_timesteps "
                           f"({cfg.num_teacher_timesteps}), got {cfg.skip}")
     ignored = {"snr_gamma": obj.snr_gamma is not None, "noise_offset": obj.noise_offset != 0,
-               "zero_terminal_snr": obj.zero_terminal_snr, "caption_dropout": obj.caption_dropout != 0}
+               "zero_terminal_snr": obj.zero_terminal_snr, "caption_dropout": obj.caption_dropout != 0,
+               "mask_floor": obj.mask_floor != 0}
     for key, set_ in ignored.items():
         if set_:
             raise ConfigError(f"'objective.{key}' does not apply to objective.name: consistency (the student learns "

@@ -82,7 +82,7 @@ class ControlNet(Objective):
             control = control * kept.view(-1, 1, 1, 1)
         controlnet = self.wrapped["controlnet"]
         loss = denoising_loss(x0, batch, self.schedule, lambda z_t, t: self.predict(z_t, t, cond, control, controlnet),
-                              obj.snr_gamma, obj.noise_offset)
+                              obj.snr_gamma, obj.noise_offset, obj.mask_floor)
         return loss, {"loss": loss.detach()}
 
     def predict(self, z_t, t, cond: dict, control: torch.Tensor, controlnet) -> torch.Tensor:

@@ -27,7 +27,7 @@ class FineTune(Objective):
         self.schedule = self.training_schedule(obj.zero_terminal_snr)
         self.denoiser = backbone.denoiser
         self.trained_encoders: dict[str, torch.nn.Module] = {}
-        if ad.kind == "lora":
+        if ad.low_rank:
             start = self.load_kohya(ad.init_from) if ad.init_from else None
             if start is None:
                 adapters.add_lora(self.denoiser, ad, ad.target_modules or backbone.lora_targets)
@@ -59,6 +59,9 @@ class FineTune(Objective):
         except (OSError, SafetensorError) as e:
             raise ConfigError(f"'adapter.init_from': cannot read {path}: {e}") from None
         start = kohya.from_kohya(state, kohya.family_for(self.backbone.family, self.denoiser))
+        if start.kind != self.recipe.adapter.kind:
+            raise ConfigError(f"'adapter.kind' is {self.recipe.adapter.kind} but adapter.init_from {path} holds a "
+                              f"{start.kind}: set adapter.kind: {start.kind} to go on from it")
         kohya.load_lora(self.denoiser, start.unet, start.alphas, kohya.UNET)
         return start
 
@@ -98,7 +101,7 @@ class FineTune(Objective):
         denoiser = self.wrapped[self.backbone.denoiser_key]
         obj = self.recipe.objective
         loss = denoising_loss(x0, batch, self.schedule, lambda z_t, t: self.backbone.predict(z_t, t, cond, denoiser),
-                              obj.snr_gamma, obj.noise_offset)
+                              obj.snr_gamma, obj.noise_offset, obj.mask_floor)
         return loss, {"loss": loss.detach()}
 
     @torch.no_grad()
@@ -136,7 +139,7 @@ class FineTune(Objective):
 
     def export(self, out_dir: Path) -> list[Path]:
         dtype = getattr(torch, self.recipe.export.dtype)
-        if self.recipe.adapter.kind == "lora":
+        if self.recipe.adapter.low_rank:
             files = [adapters.save_lora(out_dir, self.backbone.pipeline_class(), self.backbone.denoiser_key,
                                         self.denoiser, self.trained_encoders, dtype)]
             kohya_file = kohya.export_trained(out_dir, self.trained_modules(), self.backbone.family, self.recipe, dtype)
@@ -155,7 +158,7 @@ class FineTune(Objective):
         pipe = cls.__name__
         lib = "diffusers" if cls.__module__.startswith("diffusers") else cls.__module__  # our own pipelines
         base = self.recipe.model.pretrained
-        if self.recipe.adapter.kind == "lora":
+        if self.recipe.adapter.low_rank:
             return (f"import torch\nfrom {lib} import {pipe}\n\n"
                     f"pipe = {pipe}.from_pretrained({base!r}, torch_dtype=torch.float16).to(\"cuda\")\n"
                     f"pipe.load_lora_weights({where!r})\n"
@@ -169,5 +172,5 @@ class FineTune(Objective):
 
     @property
     def card_tags(self):
-        return ("lora",) if self.recipe.adapter.kind == "lora" else ("full-finetune",)
+        return {"lora": ("lora",), "dora": ("lora", "dora")}.get(self.recipe.adapter.kind, ("full-finetune",))
 

@@ -67,7 +67,7 @@ class Progressive(Objective):
         self.student_schedule = self.training_schedule(vp_only="distils DDIM steps of a discrete VP teacher")
         self.teacher_schedule = backbone.schedule
         self.timesteps = backbone.schedule.num_train_timesteps
-        self.lora = recipe.adapter.kind == "lora"
+        self.lora = recipe.adapter.low_rank
         embedding = cfg.guidance_embedding_dim if cfg.guided else 0
         self.base = backbone.denoiser  # the original teacher, frozen
         if self.lora:  # one denoiser: base weights frozen, LoRA (and the omega embedding) trained
@@ -317,7 +317,7 @@ def check_recipe(recipe) -> None:
         raise ConfigError("'ema.enabled': each stage restarts from the last student, and an EMA across stages would "
                           "mix students of different step counts; set it false")
     for key, set_ in {"snr_gamma": obj.snr_gamma is not None, "noise_offset": obj.noise_offset != 0,
-                      "zero_terminal_snr": obj.zero_terminal_snr}.items():
+                      "zero_terminal_snr": obj.zero_terminal_snr, "mask_floor": obj.mask_floor != 0}.items():
         if set_:
             raise ConfigError(f"'objective.{key}' does not apply to objective.name: progressive (its loss is "
                               "weighted by the truncated SNR); remove it")
