@@ -27,6 +27,8 @@ VARIANTS = {
     "lora": [],
     "dora": ["adapter.kind=dora"],
     "prodigy": ["optimizer.name=prodigy", "optimizer.lr=1.0", "optimizer.safeguard_warmup=true"],
+    "prodigy-dcoef0.5": ["optimizer.name=prodigy", "optimizer.lr=1.0", "optimizer.safeguard_warmup=true",
+                         "optimizer.d_coef=0.5"],
     "schedulefree": ["optimizer.name=adamw_schedulefree", "lr_schedule.name=constant"],
 }
 
@@ -74,7 +76,8 @@ def run(name: str, overrides: list[str], sets: dict[str, Path], args) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["lora", "dora", "prodigy",
+                                                                                   "schedulefree"])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_adapters"))
     args = parser.parse_args(argv)
     sets = data(args.workdir)

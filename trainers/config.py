@@ -141,7 +141,7 @@ class TrainConfig:
     seed: int = 0                       # all randomness (data order, noise, dropout) flows from it
     log_every: int = _f(10, min=1)      # loss is read back from the device only at these steps
     max_nonfinite_steps: int = _f(20, min=1)  # NaN/inf updates are skipped; this many in a row stops the run
-    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # wandb: pip install 'difftune[wandb]'
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from trainers import checkpoint, integrity, memory, optimizers, preflight, quantize, seeding
+from trainers import checkpoint, integrity, memory, optimizers, preflight, quantize, seeding, trackers
 from trainers.backbones import load_backbone
 from trainers.config import Recipe, dump_recipe
 from trainers.data import StepSampler, build_dataset, collate, make_loader
@@ -54,11 +54,12 @@ class Trainer:
             # accelerate would quietly run plain DDP on CPU processes (it shards only over GPUs)
             raise UserError("FSDP (accelerate_configs/fsdp.yaml) needs GPUs; without one use "
                             "accelerate_configs/cpu_ddp.yaml or cpu_zero2.yaml")
+        trackers.check(recipe)
         self.accelerator = Accelerator(
             cpu=_cpu_processes(), kwargs_handlers=_process_group_kwargs(),
             gradient_accumulation_steps=recipe.train.grad_accum,
             mixed_precision=recipe.precision,
-            log_with="tensorboard" if recipe.train.report_to == "tensorboard" else None,
+            log_with=trackers.log_with(recipe),
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))
         if self.accelerator.num_processes != _launched_processes():
             raise UserError(f"{_launched_processes()} processes were launched but accelerate joined "
@@ -212,7 +213,7 @@ class Trainer:
         if self.is_main:
             (self.out / "logs").mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.yaml").write_text(dump_recipe(r))
-            acc.init_trackers(r.name)
+            trackers.start(acc, r, self.out)
 
     def _set_lr(self, step: int) -> None:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
@@ -329,16 +330,9 @@ class Trainer:
             path = self.out / "samples" / f"step-{step}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             grid.save(path)
-            self._log_image(grid, step)
+            trackers.log_image(self.accelerator, self.recipe, grid, step)
         self.accelerator.wait_for_everyone()
         return path
-
-    def _log_image(self, grid, step: int) -> None:
-        import numpy as np
-
-        if self.recipe.train.report_to == "tensorboard":
-            tracker = self.accelerator.get_tracker("tensorboard")
-            tracker.log_images({"validation": np.asarray(grid)[None]}, step=step, dataformats="NHWC")
 
     def export(self, final: Path | None = None, until_step: int | None = None) -> Path:
         """Write final/ (or `final`) atomically: the objective's artefacts, a model card and the resolved recipe."""
