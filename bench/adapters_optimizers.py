@@ -1,6 +1,6 @@
 """Adapter kinds and optimizers on the demo's concept LoRA (teach the demo teacher purple), at default settings.
 
-    python bench/adapters_optimizers.py [--steps 300] [--variants lora dora prodigy schedulefree]
+    python bench/adapters_optimizers.py [--steps 300] [--variants lora dora loha lokr prodigy schedulefree]
                                         [--workdir /tmp/bench_adapters]
 
 Each variant is recipes/demo/shapes_concept_lora_tiny.yaml with one change (the adapter kind, or the optimizer at
@@ -26,6 +26,8 @@ RECIPE = "recipes/demo/shapes_concept_lora_tiny.yaml"
 VARIANTS = {
     "lora": [],
     "dora": ["adapter.kind=dora"],
+    "loha": ["adapter.kind=loha", "adapter.rank=4", "adapter.alpha=4"],  # two rank-4 pairs: LoRA rank 8's size
+    "lokr": ["adapter.kind=lokr", "adapter.lokr_factor=8"],  # kron(8x8, low-rank or whole): far fewer weights
     "prodigy": ["optimizer.name=prodigy", "optimizer.lr=1.0", "optimizer.safeguard_warmup=true"],
     "prodigy-dcoef0.5": ["optimizer.name=prodigy", "optimizer.lr=1.0", "optimizer.safeguard_warmup=true",
                          "optimizer.d_coef=0.5"],
@@ -76,8 +78,8 @@ def run(name: str, overrides: list[str], sets: dict[str, Path], args) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["lora", "dora", "prodigy",
-                                                                                   "schedulefree"])
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["lora", "dora", "loha", "lokr",
+                                                                                   "prodigy", "schedulefree"])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_adapters"))
     args = parser.parse_args(argv)
     sets = data(args.workdir)

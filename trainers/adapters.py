@@ -18,7 +18,8 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def add_lora(module: torch.nn.Module, cfg: AdapterConfig, target_modules: tuple[str, ...]) -> None:
-    """Freeze `module` and add a trainable LoRA adapter named 'default' to its target layers."""
+    """Freeze `module` and add a trainable adapter of adapter.kind (LoRA, DoRA, LoHa, LoKr) named 'default' to its
+    target layers."""
     from peft import LoraConfig
 
     from trainers.errors import ConfigError
@@ -29,9 +30,47 @@ def add_lora(module: torch.nn.Module, cfg: AdapterConfig, target_modules: tuple[
         raise ConfigError(f"'adapter.target_modules': {', '.join(unmatched)} match no layer of "
                           f"{type(module).__name__} (e.g. {', '.join(n for n in names[-3:] if n)})")
     module.requires_grad_(False)
-    module.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                  init_lora_weights=True, target_modules=list(target_modules),
-                                  use_dora=cfg.kind == "dora"))
+    module.add_adapter(adapter_config(cfg, target_modules))
+
+
+def adapter_config(cfg: AdapterConfig, target_modules: tuple[str, ...]):
+    """peft's config for adapter.kind; each starts with a zero update (B, one Hadamard factor, the Kronecker w2)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    from trainers.errors import ConfigError
+
+    if cfg.kind != "lokr" and (cfg.lokr_factor != -1 or cfg.lokr_decompose_both):
+        raise ConfigError(f"'adapter.lokr_factor' and 'adapter.lokr_decompose_both' are LoKr options; adapter.kind "
+                          f"is {cfg.kind}: remove them")
+    if cfg.kind in ("lora", "dora"):
+        return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, init_lora_weights=True,
+                          target_modules=list(target_modules), use_dora=cfg.kind == "dora")
+    if cfg.dropout:
+        raise ConfigError(f"'adapter.dropout': {cfg.kind} has no input dropout (LyCORIS' rank and module dropout "
+                          "are another thing); set it to 0")
+    if cfg.kind == "loha":
+        return LoHaConfig(r=cfg.rank, alpha=cfg.alpha, target_modules=list(target_modules), init_weights=True)
+    return LoKrConfig(r=cfg.rank, alpha=cfg.alpha, target_modules=list(target_modules), init_weights=True,
+                      decompose_factor=cfg.lokr_factor, decompose_both=cfg.lokr_decompose_both)
+
+
+def save_peft(out_dir: Path, modules: dict[str, torch.nn.Module], dtype: torch.dtype) -> list[Path]:
+    """Each component's adapter in peft's own layout, `<component>/adapter_config.json` and
+    `adapter_model.safetensors`: what peft's `inject_adapter_in_model` + `set_peft_model_state_dict` load (diffusers'
+    `load_lora_weights` reads LoRA and DoRA only)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    written = []
+    for name, module in modules.items():
+        folder = Path(out_dir) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        state = get_peft_model_state_dict(module, save_embedding_layers=False)
+        save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()},
+                  folder / "adapter_model.safetensors")
+        module.peft_config["default"].save_pretrained(str(folder))
+        written.append(folder)
+    return written
 
 
 def lora_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -91,8 +91,10 @@ class ObjectiveConfig:
 @dataclass(frozen=True)
 class AdapterConfig:
     # lora: low-rank factors B A; dora (Liu et al. 2024): LoRA on the direction plus a trained magnitude per output
-    # feature (peft's use_dora; a little slower per step); full: train every denoiser weight
-    kind: Literal["lora", "dora", "full"] = "lora"
+    # feature (peft's use_dora; a little slower per step); loha: Hadamard product of two low-rank products (LyCORIS'
+    # LoHa, rank r each: up to r^2); lokr: Kronecker product of a small and a low-rank factor (LyCORIS' LoKr);
+    # full: train every denoiser weight
+    kind: Literal["lora", "dora", "loha", "lokr", "full"] = "lora"
     rank: int = _f(4, min=1)
     alpha: float = _f(4.0, min=0.0)     # LoRA scale is alpha / rank
     dropout: float = _f(0.0, min=0.0, max=1.0)
@@ -100,6 +102,8 @@ class AdapterConfig:
     text_encoder: bool = False          # also train the text encoder(s): a LoRA, or all weights with kind: full
     text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     init_from: Optional[str] = None     # a kohya-format LoRA (.safetensors) to start from; its ranks win
+    lokr_factor: int = _f(-1, min=-1)   # lokr: split each dimension as (factor, dim / factor); -1: as square as it goes
+    lokr_decompose_both: bool = False   # lokr: the small Kronecker factor low-rank too
 
     @property
     def low_rank(self) -> bool:

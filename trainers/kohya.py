@@ -31,6 +31,10 @@ only text encoder), which changes the strength of any LoRA trained with alpha !=
 So each family is written as kohya itself writes it (SD-1.5: diffusers paths, which all four loaders read;
 SDXL: LDM paths), and `from_kohya` reads either spelling.
 
+LoHa and LoKr layers are written under LyCORIS' names, which peft shares (`hada_w1_a`, ..., `lokr_w1`, `lokr_w2_a`,
+...) with alpha = scale x rank; a LoKr of two whole matrices, which LyCORIS and ComfyUI do not scale, has its scale
+folded into `lokr_w2` instead.
+
 DoRA adds `<name>.dora_scale`, LyCORIS's spelling of peft's magnitude m, shaped (out, 1) for a Linear: LyCORIS
 (lycoris/modules/locon.py, `wd_on_out`) applies m (W0 + s B A) / ||W0 + s B A|| row by row, as peft does, and a
 test reads our file with it. ComfyUI (comfy/weight_adapter/base.py `weight_decompose`, v0.3.77) divides by the
@@ -87,6 +91,10 @@ _FACTOR_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up",
                     ".lora.down.weight": "down", ".lora.up.weight": "up",
                     ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
                     ".lora_magnitude_vector": "magnitude"}  # DoRA's m, one per output feature
+# LoHa and LoKr: peft names its factors as LyCORIS does, so they are written under the same names
+LYCORIS_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                 "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+_FACTOR_SUFFIXES |= {f".{part}": part for part in LYCORIS_PARTS}
 # DoRA's m is LyCORIS's `dora_scale` (its wd_on_out form: shape (out, 1, ...), the norm taken of the merged weight)
 _KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "magnitude"}
 
@@ -239,8 +247,11 @@ def to_kohya(state: dict[str, torch.Tensor], alphas: dict[str, float] | float,
         kohya_path = (ldm_path(path, fam.layers_per_block, fam.up_attention)
                       if component == UNET and fam.unet_names == "ldm" else path)
         name = f"{prefixes[component]}_{kohya_path.replace('.', '_')}"
-        out[f"{name}.lora_down.weight"] = factor["down"]
-        out[f"{name}.lora_up.weight"] = factor["up"]
+        if "down" in factor:
+            out[f"{name}.lora_down.weight"] = factor["down"]
+            out[f"{name}.lora_up.weight"] = factor["up"]
+        else:  # LoHa / LoKr factors keep their names
+            out |= {f"{name}.{part}": tensor for part, tensor in factor.items()}
         out[f"{name}.alpha"] = torch.tensor(float(_alpha_for(alphas, component, path)))
         if "magnitude" in factor:
             up = factor["up"]
@@ -261,7 +272,7 @@ def _factors(state: dict[str, torch.Tensor], prefixes: dict[str, str]) -> dict[t
         path = path if component == UNET else clip_path(path)
         modules.setdefault((component, path), {})[_FACTOR_SUFFIXES[suffix]] = tensor
     for (component, path), factor in modules.items():
-        if not {"down", "up"} <= set(factor):
+        if not ({"down", "up"} <= set(factor) or set(factor) <= set(LYCORIS_PARTS)):
             raise UserError(f"kohya export: {component}.{path} has only its {', '.join(factor)} factor")
     return modules
 
@@ -309,6 +320,7 @@ def from_kohya(state: dict[str, torch.Tensor], family: str | Family = "sd15") ->
 def peft_lora(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The 'default' peft adapter of each component as (state, alphas), both keyed "<component>.<path>..."."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
     from peft.utils import get_peft_model_state_dict
 
     state, alphas = {}, {}
@@ -321,7 +333,20 @@ def peft_lora(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, torch.Tens
                 if not math.isclose(layer.scaling["default"], alpha / r):
                     alpha = layer.scaling["default"] * r  # rsLoRA scales by alpha/sqrt(r); kohya's scale is alpha/r
                 alphas[f"{component}.{path}"] = float(alpha)
+            elif isinstance(layer, LycorisLayer) and "default" in layer.r:
+                scaling, r = layer.scaling["default"], layer.r["default"]
+                if _full_kronecker(layer):  # LyCORIS and ComfyUI scale a LoKr of two whole matrices by 1: fold it in
+                    key = f"{component}.{path}.lokr_w2"
+                    state[key] = state[key] * scaling
+                    alphas[f"{component}.{path}"] = 1.0
+                else:  # alpha / (the factors' rank), as both read it
+                    alphas[f"{component}.{path}"] = float(scaling * r)
     return state, alphas
+
+
+def _full_kronecker(layer) -> bool:
+    """A LoKr layer whose factors are both whole matrices (no low-rank pair), which readers do not scale."""
+    return "default" in getattr(layer, "lokr_w1", {}) and "default" in getattr(layer, "lokr_w2", {})
 
 
 def load_lora(module: torch.nn.Module, state: dict[str, torch.Tensor], alphas: dict[str, float],
@@ -362,7 +387,7 @@ def lora_config(ranks: dict[str, int], alphas: dict[str, float], dora: bool = Fa
 
 def kohya_metadata(rank: int, alpha: float, title: str, family: str | Family = "sd15",
                    resolution: int | None = None, base_model: str | None = None,
-                   date: datetime.datetime | None = None, dora: bool = False) -> dict[str, str]:
+                   date: datetime.datetime | None = None, kind: str = "lora") -> dict[str, str]:
     """The safetensors metadata kohya-style tools show (ss_* of sd-scripts, modelspec.* of Stability's ModelSpec)."""
     fam = family_of(family)
     side = resolution or fam.resolution
@@ -382,9 +407,10 @@ def kohya_metadata(rank: int, alpha: float, title: str, family: str | Family = "
     }
     if base_model:
         meta["ss_sd_model_name"] = base_model
-    if dora:  # what LyCORIS writes for its DoRA (lora algo with weight decomposition on the output axis)
+    if kind != "lora":  # what LyCORIS writes: its algo, and DoRA as weight decomposition on the output axis
         meta["ss_network_module"] = "lycoris.kohya"
-        meta["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})
+        args = {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"} if kind == "dora" else {"algo": kind}
+        meta["ss_network_args"] = json.dumps(args)
     return meta
 
 
@@ -414,7 +440,7 @@ def export_trained(out_dir: str | Path, modules: dict[str, torch.nn.Module], fam
         family = family_for(family_name, modules[UNET])
         ad = recipe.adapter
         meta = kohya_metadata(ad.rank, ad.alpha, recipe.name, family, resolution=recipe.data.resolution,
-                              base_model=recipe.model.pretrained, dora=ad.kind == "dora")
+                              base_model=recipe.model.pretrained, kind=ad.kind)
         return save_kohya(Path(out_dir) / KOHYA_WEIGHTS, state, alphas, meta, family)
     except UserError as e:
         print(f"warning: no {KOHYA_WEIGHTS} written: {e}", flush=True)

@@ -81,7 +81,7 @@ def is_hub_id(ref: str) -> bool:
     return bool(HUB_ID.match(ref)) and not Path(ref).exists()
 
 
-ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA"}
+ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 
 def summary_table(recipe: Recipe, num_processes: int = 1, trained: str | None = None) -> list[str]:

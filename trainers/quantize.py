@@ -21,6 +21,9 @@ def check(recipe: Recipe, objective_cls, deepspeed: bool) -> None:
         raise UserError(f"memory.quantize_base: {kind} quantises the frozen base under a LoRA, but adapter.kind is "
                         f"{recipe.adapter.kind!r} (every weight trains); use adapter.kind: lora or "
                         "memory.quantize_base: none")
+    if recipe.adapter.kind in ("loha", "lokr"):
+        raise UserError(f"memory.quantize_base: peft's {recipe.adapter.kind} layers wrap plain Linear layers, not "
+                        "bitsandbytes' quantised ones; use adapter.kind: lora or dora, or memory.quantize_base: none")
     if not objective_cls.exports_adapter_only:
         raise UserError(f"memory.quantize_base: the {recipe.objective.name} objective exports weights merged with "
                         "the base, which a quantised base would degrade; use memory.quantize_base: none")

@@ -139,6 +139,10 @@ class FineTune(Objective):
 
     def export(self, out_dir: Path) -> list[Path]:
         dtype = getattr(torch, self.recipe.export.dtype)
+        if self.recipe.adapter.kind in ("loha", "lokr"):  # peft's own layout; diffusers' loader reads LoRA only
+            files = adapters.save_peft(out_dir, self.trained_modules(), dtype)
+            kohya_file = kohya.export_trained(out_dir, self.trained_modules(), self.backbone.family, self.recipe, dtype)
+            return files + ([kohya_file] if kohya_file else [])
         if self.recipe.adapter.low_rank:
             files = [adapters.save_lora(out_dir, self.backbone.pipeline_class(), self.backbone.denoiser_key,
                                         self.denoiser, self.trained_encoders, dtype)]
@@ -158,6 +162,17 @@ class FineTune(Objective):
         pipe = cls.__name__
         lib = "diffusers" if cls.__module__.startswith("diffusers") else cls.__module__  # our own pipelines
         base = self.recipe.model.pretrained
+        if self.recipe.adapter.kind in ("loha", "lokr"):
+            names = list(self.trained_modules())
+            return (f"import torch\nfrom {lib} import {pipe}\nfrom peft import PeftConfig, inject_adapter_in_model, "
+                    f"set_peft_model_state_dict\nfrom safetensors.torch import load_file\n\n"
+                    f"pipe = {pipe}.from_pretrained({base!r}, torch_dtype=torch.float16)\n"
+                    f"for name in {names!r}:  # each trained component's {self.recipe.adapter.kind} in peft's layout\n"
+                    f"    folder = f\"{where}/{{name}}\"\n"
+                    f"    inject_adapter_in_model(PeftConfig.from_pretrained(folder), getattr(pipe, name))\n"
+                    f"    set_peft_model_state_dict(getattr(pipe, name), load_file(f\"{{folder}}/adapter_model.safetensors\"))\n"
+                    f"pipe.to(\"cuda\")\nimage = pipe(\"your prompt\", num_inference_steps=25).images[0]\n"
+                    f"# ComfyUI / A1111 / Forge: load {kohya.KOHYA_WEIGHTS} (LyCORIS key names) as a LoRA\n")
         if self.recipe.adapter.low_rank:
             return (f"import torch\nfrom {lib} import {pipe}\n\n"
                     f"pipe = {pipe}.from_pretrained({base!r}, torch_dtype=torch.float16).to(\"cuda\")\n"
@@ -172,5 +187,6 @@ class FineTune(Objective):
 
     @property
     def card_tags(self):
-        return {"lora": ("lora",), "dora": ("lora", "dora")}.get(self.recipe.adapter.kind, ("full-finetune",))
+        return {"lora": ("lora",), "dora": ("lora", "dora"), "loha": ("lycoris", "loha"),
+                "lokr": ("lycoris", "lokr")}.get(self.recipe.adapter.kind, ("full-finetune",))
 
