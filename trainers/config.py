@@ -117,8 +117,10 @@ class OptimizerConfig:
     # lion8bit keeps one state (use ~3-10x lower lr than AdamW and betas [0.9, 0.99]);
     # prodigy (prodigyopt) estimates its own step size: lr multiplies it, so lr: 1.0;
     # adamw_schedulefree (schedulefree) needs no decay schedule (lr_schedule constant; warmup_steps applies) and
-    # exports its averaged weights
-    name: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "prodigy", "adamw_schedulefree"] = "adamw"
+    # exports its averaged weights; adafactor (transformers') factored second moments, no first: full fine-tunes of
+    # large models in little memory (lr as for AdamW's full fine-tunes, ~1e-5)
+    name: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "prodigy", "adamw_schedulefree",
+                  "adafactor"] = "adamw"
     lr: float = _f(1e-4, min=0.0)
     text_encoder_lr: Optional[float] = _f(None, min=0.0)  # None: same as lr
     betas: tuple[float, float] = (0.9, 0.999)

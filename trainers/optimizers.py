@@ -1,5 +1,8 @@
 """Optimizers by recipe name, the LR schedule, and what some optimizers need beyond step().
 
+Adafactor factors Adam's second moment of each matrix into a row and a column vector and keeps no first moment:
+for a full fine-tune of a large denoiser its state is a few MB where AdamW's is twice the weights.
+
 Prodigy (Mishchenko & Defazio 2023) estimates its own step size d; `optimizer.lr` multiplies it (1.0 by its
 convention), and d is logged and checkpointed with the optimizer state. Schedule-free AdamW (Defazio et al. 2024)
 takes gradients at one point y and averages another, x: validation and export must see x (`averaged_weights`),
@@ -18,7 +21,8 @@ from trainers.errors import ConfigError, UserError
 
 BNB_OPTIMIZERS = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit", "lion8bit": "Lion8bit"}
 PRODIGY_KEYS = ("d0", "d_coef", "safeguard_warmup")  # optimizer.<key>: Prodigy's own options
-STATE_BYTES = {"adamw": 8, "lion8bit": 1, "prodigy": 16, "adamw_schedulefree": 8}  # float32 moments (8-bit: 2)
+# per trained weight: float32 moments (8-bit: 2); Adafactor keeps a row and a column of second moments per matrix
+STATE_BYTES = {"adamw": 8, "lion8bit": 1, "prodigy": 16, "adamw_schedulefree": 8, "adafactor": 0}
 
 
 def optimizer_state_bytes(name: str) -> int:
@@ -60,6 +64,11 @@ def make_optimizer(groups: list[dict], cfg: OptimizerConfig) -> torch.optim.Opti
         with contextlib.redirect_stdout(io.StringIO()):  # it prints its weight-decay mode on every construction
             return prodigyopt.Prodigy(groups, **kwargs, d0=_or(cfg.d0, 1e-6), d_coef=_or(cfg.d_coef, 1.0),
                                       safeguard_warmup=_or(cfg.safeguard_warmup, False))
+    if cfg.name == "adafactor":  # Shazeer & Stern 2018 as transformers has it, at the recipe's lr (no relative step)
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, scale_parameter=False,
+                         relative_step=False, warmup_init=False)
     if cfg.name == "adamw_schedulefree":
         schedulefree = _import("schedulefree", cfg.name, "schedulefree")
         optimizer = schedulefree.AdamWScheduleFree(groups, **kwargs)  # warmup: the engine's lr_schedule
