@@ -25,6 +25,8 @@ def metrics(run) -> list[dict]:
     (("optimizer.name=prodigy", "optimizer.lr=1.0", "optimizer.text_encoder_lr=5e-5"), "optimizer.text_encoder_lr"),
     (("optimizer.name=adamw_schedulefree", "lr_schedule.name=cosine"), "lr_schedule.name"),
     (("optimizer.name=adamw_schedulefree", "lr_schedule.name=constant", "ema.enabled=true"), "ema.enabled"),
+    (("optimizer.name=adamw_schedulefree", "lr_schedule.name=constant", "objective.name=progressive"),
+     "optimizer.name"),
 ])
 def test_combinations_an_optimizer_cannot_honour_name_the_key(recipe_for, tmp_path, overrides, key):
     recipe = recipe_for(*overrides)

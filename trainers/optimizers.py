@@ -50,6 +50,9 @@ def check(recipe: Recipe) -> None:
         if recipe.ema.enabled:
             raise ConfigError("'ema.enabled': schedule-free AdamW already averages the weights it exports; "
                               "set ema.enabled: false")
+        if recipe.objective.name == "progressive":
+            raise ConfigError("'optimizer.name': adamw_schedulefree cannot serve progressive distillation: each "
+                              "stage's teacher would be the training point, not the averaged weights; use adamw")
 
 
 def make_optimizer(groups: list[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
