@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 FULL ?=
 JOBS ?= 2  # pytest-xdist workers: the tests run one thread each
 
-.PHONY: demo test install lock test-latest clean
+.PHONY: demo test test-slurm install lock test-latest clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(JOBS)
+
+# root only: installs Debian's slurm-wlm and munge, runs slurmctld + two slurmd here (tests/slurm/cluster.sh)
+test-slurm: $(STAMP)
+	DIFFTUNE_SLURM_TESTS=1 $(PY) -m pytest -q -p no:xdist tests/test_slurm.py
 
 lock:
 	$(PYTHON) tools/deps.py lock --torch "$(TORCH)"

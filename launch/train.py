@@ -37,8 +37,19 @@ def main(argv=None) -> int:
         return 0
     result = trainer.fit()
     if trainer.is_main:
-        print(f"done: step {result.step}, final artefacts in {result.final_dir}")
+        print(finish_line(result), flush=True)
     return 0
+
+
+def finish_line(result) -> str:
+    """The run's last line: where its artefacts are, or, stopped early, the checkpoint a resume starts from."""
+    from trainers.checkpoint import step_dir
+
+    if result.final_dir is not None:
+        return f"done: step {result.step}, final artefacts in {result.final_dir}"
+    how = "stopped by a signal" if result.stopped else "stopped"
+    return (f"{how}: step {result.step} checkpointed in {step_dir(result.output_dir, result.step)}; "
+            "the same command resumes it (resume: auto)")
 
 
 def dry_run_report(trainer) -> str:

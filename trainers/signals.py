@@ -28,6 +28,8 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait
+        if self.requested:
+            return  # a repeat (Slurm's wrapper re-sends until the trainers exit): said once
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: finishing this step, then checkpointing "
               "(Ctrl-C again aborts without a checkpoint)", flush=True)

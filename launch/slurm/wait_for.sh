@@ -1,0 +1,26 @@
+# Sourced by train.sbatch and node.sh. wait_for PID: wait until PID ends and set $status to its exit status.
+# A trap that sets interrupted=1 makes bash's `wait` return early (128 + the signal) while PID still runs: it is
+# waited for again, not taken for its status. While $stop is 1, the command in $on_stop runs every 5 s until PID
+# ends (node.sh re-sends the stop to trainers that were not yet listening).
+wait_for() {
+    local pid=$1 rc last=""
+    while :; do
+        interrupted=0
+        wait "$pid"
+        rc=$?
+        if [ "$rc" = 127 ] && [ -n "$last" ]; then  # already reaped and reported: keep what it returned
+            status=$last
+            return
+        fi
+        if [ "$interrupted" = 1 ] && [ "$rc" -gt 128 ]; then
+            last=$rc
+            while [ "${stop:-0}" = 1 ] && kill -0 "$pid" 2>/dev/null; do
+                sleep 5
+                ${on_stop:-:}
+            done
+            continue
+        fi
+        status=$rc
+        return
+    done
+}
