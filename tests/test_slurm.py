@@ -45,11 +45,11 @@ def assets(tmp_path_factory):
     return root
 
 
-def sbatch(assets, out: Path, *overrides, flags=()) -> str:
+def sbatch(assets, out: Path, *overrides, flags=(), nodes=1, config="cpu.yaml", per_node=1) -> str:
     env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
-           "ACCELERATE_CONFIG": "accelerate_configs/cpu.yaml"}
+           "ACCELERATE_CONFIG": f"accelerate_configs/{config}", "GPUS_PER_NODE": str(per_node)}
     proc = subprocess.run(
-        ["sbatch", "--parsable", "--chdir", str(ROOT), "--nodes", "1", "--cpus-per-task", "2",
+        ["sbatch", "--parsable", "--chdir", str(ROOT), "--nodes", str(nodes), "--cpus-per-task", "2",
          f"--output={out}.slurm-%j.out", *flags, "launch/slurm/train.sbatch", RECIPE,
          f"model.pretrained={assets / 'sd15'}", f"data.source={assets / 'digits'}", f"output_dir={out}", *overrides],
         env=env, capture_output=True, text=True, timeout=60)
@@ -128,4 +128,17 @@ def test_preemption_checkpoints_the_step_requeues_and_resumes_exactly(uninterrup
     assert losses(out) == losses(straight)  # bitwise, all 300 steps, before and after the requeue
     a, b = (load_file(run / "final" / "pytorch_lora_weights.safetensors") for run in (out, straight))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    no_trainer_left()
+
+
+def test_two_nodes_train_what_one_node_with_two_processes_does(cluster, assets, tmp_path):
+    """DDP across the two slurmd (one process each, rendezvous at node1) against both processes on one node."""
+    args = ("train.max_steps=20", "train.log_every=1", "checkpoint.every_steps=10")
+    runs = {"two_nodes": dict(nodes=2, per_node=1), "one_node": dict(nodes=1, per_node=2)}
+    for name, kw in runs.items():
+        info = wait_for(sbatch(assets, tmp_path / name, *args, config="cpu_ddp.yaml", **kw))
+        assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), name
+    a, b = (load_file(tmp_path / name / "final" / "pytorch_lora_weights.safetensors") for name in runs)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert losses(tmp_path / "two_nodes") == pytest.approx(losses(tmp_path / "one_node"), rel=1e-6)
     no_trainer_left()

@@ -42,6 +42,7 @@ NodeName=node1 NodeAddr=127.0.0.1 NodeHostname=$HOST Port=17001 CPUs=$(getconf _
 NodeName=node2 NodeAddr=127.0.0.1 NodeHostname=$HOST Port=17002 CPUs=$(getconf _NPROCESSORS_ONLN) RealMemory=4000 State=UNKNOWN
 PartitionName=test Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
+    grep -qw node1 /etc/hosts || echo "127.0.0.1 node1 node2" >>/etc/hosts  # node 0's name is the rendezvous
     chown munge:munge /run/munge
     if ! pgrep -x munged >/dev/null; then  # (a munged the package started is left to the system)
         runuser -u munge -- munged --force  # --force: past a socket or lock a killed munged left behind
