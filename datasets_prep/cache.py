@@ -79,7 +79,7 @@ def write_cache(data_dir: Path, model: ModelConfig, batch_size: int = 16, dtype:
         text_keys = sorted(backbone.encode_text([""], device))
     meta = {"model": model.pretrained, "family": backbone.family, "resolution": resolution, "dtype": dtype,
             "records": len(data), "text_keys": text_keys, "identity": model_identity(model),
-            "masks": sum(entry.get("masks", 0) for entry in data_shards(data_dir))}
+            "masks": data.masks}
     (out / META).write_text(json.dumps(meta, indent=2))
     return out
 
@@ -108,10 +108,6 @@ def encode_rows(backbone, data, indices: range, batch_size: int, device) -> dict
                     mask = mask_tensor(records[i]["mask"])
                     tensors[f"{row}.mask"] = area_downsample(mask, tuple(dist.mean.shape[-2:]))
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-
-
-def data_shards(data_dir: Path) -> list[dict]:
-    return json.loads((Path(data_dir) / "progress.json").read_text())["shards"]
 
 
 def save_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -113,33 +113,33 @@ def fit(image: Image.Image, resized: tuple[int, int], crop: tuple[int, int], buc
 
 def conditioning_image(value: bytes | Path, resized, crop, bucket, config: ProcessConfig) -> bytes:
     """Resize and crop the conditioning image exactly as the image; PNG, since edge and depth maps suffer from JPEG."""
-    try:
-        data = read_bytes(value, "conditioning image")
-        if not data:
-            raise Rejected("empty_file", "conditioning image has 0 bytes")
-        with sanitize.pil_limits(config.max_pixels):
-            image = sanitize.decode(sanitize.open_image(data, config.max_pixels, 1), resized)
-        return encode(fit(sanitize.to_rgb(image), resized, crop, bucket), "png", 0)
-    except Rejected as error:
-        raise Rejected(f"conditioning_{error.reason}", error.detail) from None
+    return companion_png(value, "conditioning", "conditioning image", "RGB", resized, crop, bucket, config)
 
 
 def mask_image(value: bytes | Path, size: tuple[int, int], resized, crop, bucket, config: ProcessConfig) -> bytes:
     """The mask resized and cropped exactly as its image, greyscale PNG; one of another aspect ratio (or unreadable)
     is a reason to skip the input, since it would weigh the wrong pixels."""
+    return companion_png(value, "mask", "mask", "L", resized, crop, bucket, config, image_size=size)
+
+
+def companion_png(value: bytes | Path, reason: str, what: str, mode: str, resized, crop, bucket, config: ProcessConfig,
+                  image_size: tuple[int, int] | None = None) -> bytes:
+    """An image that travels with the input (conditioning image, mask), cut as the image is and stored as PNG in
+    `mode`; its problems are skip reasons prefixed `<reason>_`. With `image_size`, another aspect ratio is one."""
     try:
-        data = read_bytes(value, "mask")
+        data = read_bytes(value, what)
         if not data:
-            raise Rejected("empty_file", "mask has 0 bytes")
+            raise Rejected("empty_file", f"{what} has 0 bytes")
         with sanitize.pil_limits(config.max_pixels):
             image = sanitize.open_image(data, config.max_pixels, 1)
-            width, height = sanitize.upright_size(image)
-            if abs(width * size[1] - height * size[0]) > 0.01 * size[0] * size[1]:
-                raise Rejected("size_mismatch", f"mask {width}x{height}, image {size[0]}x{size[1]}")
+            if image_size is not None:
+                width, height = sanitize.upright_size(image)
+                if abs(width * image_size[1] - height * image_size[0]) > 0.01 * image_size[0] * image_size[1]:
+                    raise Rejected("size_mismatch", f"{what} {width}x{height}, image {image_size[0]}x{image_size[1]}")
             image = sanitize.decode(image, resized)
-        return encode(fit(sanitize.to_rgb(image).convert("L"), resized, crop, bucket), "png", 0)
+        return encode(fit(sanitize.to_rgb(image).convert(mode), resized, crop, bucket), "png", 0)
     except Rejected as error:
-        raise Rejected(f"mask_{error.reason}", error.detail) from None
+        raise Rejected(f"{reason}_{error.reason}", error.detail) from None
 
 
 def alpha_mask(image: Image.Image) -> Image.Image | None:

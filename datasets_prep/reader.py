@@ -52,7 +52,7 @@ class PreparedDataset:
                                        for f in self.files]) if self.files else np.zeros(0, np.int32)
         self._open: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._group: tuple[int, object] | None = None  # (global row group number, its table)
-        self.has_masks = any(entry.get("masks") for entry in state["shards"])  # prepare counts them per shard
+        self.masks = sum(entry.get("masks", 0) for entry in state["shards"])  # prepare counts them per shard
 
     def _index_row_groups(self) -> None:
         """First global row of every row group, and which shard and local group it is."""
@@ -67,6 +67,10 @@ class PreparedDataset:
 
     def __len__(self) -> int:
         return self._len
+
+    @property
+    def has_masks(self) -> bool:
+        return self.masks > 0
 
     def bucket_of(self, i: int) -> int:
         """Bucket index of row i, from memory: no I/O."""

@@ -107,8 +107,13 @@ class AdapterConfig:
 
     @property
     def low_rank(self) -> bool:
-        """An adapter over a frozen base (lora, dora), exported alone, rather than every weight."""
+        """An adapter over a frozen base (lora, dora, loha, lokr), exported alone, rather than every weight."""
         return self.kind != "full"
+
+    @property
+    def lycoris(self) -> bool:
+        """LyCORIS' kinds (loha, lokr): peft trains them, but diffusers' LoRA loader does not read them."""
+        return self.kind in ("loha", "lokr")
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ class ImageFolderDataset:
         name = row.get(self.cfg.mask_column)
         if not name:
             return Image.new("L", image.size, 255)
-        return self._companion(self.root / name, image.size, "mask").convert("L")
+        return self._companion(self.root / name, image.size, "mask", "L")
 
     def _conditioning_image(self, row: dict, size: tuple[int, int]) -> Image.Image:
         """The row's conditioning image (a path relative to the folder) at its image's size, so the two are cropped
@@ -104,12 +104,12 @@ class ImageFolderDataset:
         if not name:
             raise UserError(f"data.source: {row['image'].get('path') or self.root}: no {CONDITIONING_COLUMN} "
                             "in its metadata row")
-        return self._companion(self.root / name, size, "conditioning image")
+        return self._companion(self.root / name, size, "conditioning image", "RGB")
 
     @staticmethod
-    def _companion(path: Path, size: tuple[int, int], what: str) -> Image.Image:
-        """An image that is cropped like its training image (a conditioning image, a mask), at that image's size;
-        one that is unreadable or of another aspect ratio is named."""
+    def _companion(path: Path, size: tuple[int, int], what: str, mode: str) -> Image.Image:
+        """An image that is cropped like its training image (a conditioning image, a mask), at that image's size
+        (resized in `mode` when it is not); one that is unreadable or of another aspect ratio is named."""
         try:
             image = Image.open(path)
             image.load()
@@ -119,7 +119,7 @@ class ImageFolderDataset:
             if abs(image.size[0] * size[1] - image.size[1] * size[0]) > 0.01 * size[0] * size[1]:
                 raise UserError(f"data.source: {what} {path} is {image.size[0]}x{image.size[1]}, its "
                                 f"image {size[0]}x{size[1]}: another aspect ratio cannot be cropped alike")
-            image = image.convert("L" if what == "mask" else "RGB").resize(size, Image.Resampling.BICUBIC)
+            image = image.convert(mode).resize(size, Image.Resampling.BICUBIC)
         return image
 
 

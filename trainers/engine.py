@@ -255,7 +255,7 @@ class Trainer:
         if path is None:
             raise UserError(f"resume: no checkpoint to export in {self.out}")
         state, meta = self._load_weights(path)
-        if self.recipe.optimizer.name == "adamw_schedulefree":  # its averaged weights need the optimizer's state
+        if self.recipe.optimizer.name in optimizers.AVERAGING:  # its averaged weights need the optimizer's state
             self.optimizer = optimizers.make_optimizer(self.objective.param_groups(), self.recipe.optimizer)
             self.strategy.load_optimizer(self.optimizer, path, state)
         return self.export(out, until_step=int(meta["step"]))

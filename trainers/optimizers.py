@@ -21,6 +21,7 @@ from trainers.errors import ConfigError, UserError
 
 BNB_OPTIMIZERS = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit", "lion8bit": "Lion8bit"}
 PRODIGY_KEYS = ("d0", "d_coef", "safeguard_warmup")  # optimizer.<key>: Prodigy's own options
+AVERAGING = ("adamw_schedulefree",)  # export averaged weights its optimizer state holds (`averaged_weights`)
 # per trained weight: float32 moments (8-bit: 2); Adafactor keeps a row and a column of second moments per matrix
 STATE_BYTES = {"adamw": 8, "lion8bit": 1, "prodigy": 16, "adamw_schedulefree": 8, "adafactor": 0}
 

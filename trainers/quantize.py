@@ -21,7 +21,7 @@ def check(recipe: Recipe, objective_cls, deepspeed: bool) -> None:
         raise UserError(f"memory.quantize_base: {kind} quantises the frozen base under a LoRA, but adapter.kind is "
                         f"{recipe.adapter.kind!r} (every weight trains); use adapter.kind: lora or "
                         "memory.quantize_base: none")
-    if recipe.adapter.kind in ("loha", "lokr"):
+    if recipe.adapter.lycoris:
         raise UserError(f"memory.quantize_base: peft's {recipe.adapter.kind} layers wrap plain Linear layers, not "
                         "bitsandbytes' quantised ones; use adapter.kind: lora or dora, or memory.quantize_base: none")
     if not objective_cls.exports_adapter_only:

@@ -262,7 +262,7 @@ def check_recipe(recipe) -> None:
                               "the teacher's guided ODE, not the data's denoising loss); remove it")
     if recipe.adapter.text_encoder:
         raise ConfigError("'adapter.text_encoder': consistency distillation trains the denoiser only; set it false")
-    if recipe.adapter.kind in ("loha", "lokr"):
+    if recipe.adapter.lycoris:
         raise ConfigError(f"'adapter.kind': an LCM-LoRA is exported as a LoRA that diffusers loads; {recipe.adapter.kind} "
                           "is not one: use lora, dora or full")
     if recipe.adapter.init_from:

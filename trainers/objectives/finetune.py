@@ -139,16 +139,14 @@ class FineTune(Objective):
 
     def export(self, out_dir: Path) -> list[Path]:
         dtype = getattr(torch, self.recipe.export.dtype)
-        if self.recipe.adapter.kind in ("loha", "lokr"):  # peft's own layout; diffusers' loader reads LoRA only
-            files = adapters.save_peft(out_dir, self.trained_modules(), dtype)
+        if self.recipe.adapter.low_rank:
+            if self.recipe.adapter.lycoris:  # peft's own layout; diffusers' loader reads LoRA and DoRA only
+                files = adapters.save_peft(out_dir, self.trained_modules(), dtype)
+            else:
+                files = [adapters.save_lora(out_dir, self.backbone.pipeline_class(), self.backbone.denoiser_key,
+                                            self.denoiser, self.trained_encoders, dtype)]
             kohya_file = kohya.export_trained(out_dir, self.trained_modules(), self.backbone.family, self.recipe, dtype)
             return files + ([kohya_file] if kohya_file else [])
-        if self.recipe.adapter.low_rank:
-            files = [adapters.save_lora(out_dir, self.backbone.pipeline_class(), self.backbone.denoiser_key,
-                                        self.denoiser, self.trained_encoders, dtype)]
-            kohya_file = kohya.export_trained(out_dir, self.trained_modules(), self.backbone.family, self.recipe, dtype)
-            files += [kohya_file] if kohya_file else []
-            return files
         written = []
         for key, module in self.trained_modules().items():
             module.to(dtype).save_pretrained(out_dir / key, safe_serialization=True)
@@ -162,7 +160,7 @@ class FineTune(Objective):
         pipe = cls.__name__
         lib = "diffusers" if cls.__module__.startswith("diffusers") else cls.__module__  # our own pipelines
         base = self.recipe.model.pretrained
-        if self.recipe.adapter.kind in ("loha", "lokr"):
+        if self.recipe.adapter.lycoris:
             names = list(self.trained_modules())
             return (f"import torch\nfrom {lib} import {pipe}\nfrom peft import PeftConfig, inject_adapter_in_model, "
                     f"set_peft_model_state_dict\nfrom safetensors.torch import load_file\n\n"
