@@ -7,7 +7,7 @@ script writes such a directory with random weights, either tiny (fast on CPU, ab
 SD-1.5's full size (for GPU benchmarks). Nothing is downloaded: even the CLIP BPE and T5 Unigram
 tokenizers are made here from a small built-in caption corpus.
 
-    python launch/make_tiny_model.py --arch sd15|sdxl|uvit|dit --out DIR [--size tiny|full] [--seed N]
+    python launch/make_tiny_model.py --arch sd15|sdxl|uvit|dit|sd3|flux --out DIR [--size tiny|full] [--seed N]
 """
 
 from __future__ import annotations
@@ -373,7 +373,121 @@ def build_dit(size: str, seed: int):
     )
 
 
-BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl, "uvit": build_uvit, "dit": build_dit}
+def flow_vae_config(size: str, scaling_factor: float, shift_factor: float) -> dict:
+    """SD3's and Flux's VAE: SD's layout with 16 latent channels, a latent shift, and no quant convs."""
+    return sd15_vae_config(size) | {"latent_channels": 16, "scaling_factor": scaling_factor,
+                                    "shift_factor": shift_factor, "use_quant_conv": False,
+                                    "use_post_quant_conv": False, "force_upcast": True} \
+        | ({"sample_size": 1024} if size == "full" else {})
+
+
+def clip_with_projection_config(size: str, big: bool) -> dict:
+    """CLIP-L (big=False) or OpenCLIP bigG's text tower, both with the projection SD3 pools through."""
+    return sdxl_text_encoder_2_config(size) if big else sd15_text_encoder_config(size)
+
+
+def sd3_transformer_config(size: str) -> dict:
+    """SD3.5 Medium's MMDiT-X (dual attention in the first 13 blocks, RMS qk-norm); tiny keeps both features."""
+    config = {
+        "sample_size": 128,
+        "patch_size": 2,
+        "in_channels": 16,
+        "out_channels": 16,
+        "num_layers": 24,
+        "attention_head_dim": 64,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,      # T5-XXL's width; the CLIPs' 768 + 1280 are zero-padded to it
+        "caption_projection_dim": 1536,
+        "pooled_projection_dim": 2048,    # CLIP-L 768 + bigG 1280 projected pooled outputs
+        "pos_embed_max_size": 384,
+        "dual_attention_layers": tuple(range(13)),
+        "qk_norm": "rms_norm",
+    }
+    if size == "tiny":
+        config |= {"sample_size": 8, "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 4,
+                   "joint_attention_dim": 64, "caption_projection_dim": 32, "pooled_projection_dim": 64,
+                   "pos_embed_max_size": 32, "dual_attention_layers": (0,)}
+    return config
+
+
+def sd3_configs(size: str) -> dict:
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    t5 = dit_text_encoder_config(size) | ({"d_model": 64} if size == "tiny" else {})  # CLIP widths fit under it
+    return {"transformer": sd3_transformer_config(size), "vae": flow_vae_config(size, 1.5305, 0.0609),
+            "text_encoder": clip_with_projection_config(size, False),
+            "text_encoder_2": clip_with_projection_config(size, True), "text_encoder_3": t5,
+            "scheduler": {"num_train_timesteps": 1000, "shift": 3.0}}
+
+
+def build_sd3(size: str, seed: int):
+    """A stock StableDiffusion3Pipeline with SD3.5 Medium's structure and random weights."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    configs = sd3_configs(size)
+    return StableDiffusion3Pipeline(
+        transformer=seeded(seed, SD3Transformer2DModel, **configs["transformer"]),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(configs["scheduler"]),
+        vae=seeded(seed, AutoencoderKL, **configs["vae"]),
+        text_encoder=seeded(seed, CLIPTextModelWithProjection, CLIPTextConfig(**configs["text_encoder"])),
+        tokenizer=build_tokenizer(),
+        text_encoder_2=seeded(seed + 1, CLIPTextModelWithProjection, CLIPTextConfig(**configs["text_encoder_2"])),
+        tokenizer_2=build_tokenizer(),
+        text_encoder_3=seeded(seed, T5EncoderModel, T5Config(**configs["text_encoder_3"])),
+        tokenizer_3=build_t5_tokenizer(),
+    )
+
+
+def flux_transformer_config(size: str, guidance: bool = True) -> dict:
+    """Flux.1-dev's transformer (19 double-stream, 38 single-stream blocks); guidance=False is schnell's."""
+    config = {
+        "patch_size": 1,
+        "in_channels": 64,                # 16 latent channels packed 2x2
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768,
+        "guidance_embeds": guidance,
+        "axes_dims_rope": (16, 56, 56),   # rotary dims of the (0, row, column) ids; they sum to the head dim
+    }
+    if size == "tiny":
+        config |= {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2,
+                   "joint_attention_dim": 32, "pooled_projection_dim": 32, "axes_dims_rope": (4, 6, 6)}
+    return config
+
+
+def flux_configs(size: str, guidance: bool = True) -> dict:
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    scheduler = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                 "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+    return {"transformer": flux_transformer_config(size, guidance), "vae": flow_vae_config(size, 0.3611, 0.1159),
+            "text_encoder": sd15_text_encoder_config(size), "text_encoder_2": dit_text_encoder_config(size),
+            "scheduler": scheduler if guidance else {"num_train_timesteps": 1000, "shift": 1.0}}
+
+
+def build_flux(size: str, seed: int, guidance: bool = True):
+    """A stock FluxPipeline with Flux.1-dev's structure (schnell's with guidance=False) and random weights."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    configs = flux_configs(size, guidance)
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(configs["scheduler"]),
+        vae=seeded(seed, AutoencoderKL, **configs["vae"]),
+        text_encoder=seeded(seed, CLIPTextModel, CLIPTextConfig(**configs["text_encoder"])),
+        tokenizer=build_tokenizer(),
+        text_encoder_2=seeded(seed, T5EncoderModel, T5Config(**configs["text_encoder_2"])),
+        tokenizer_2=build_t5_tokenizer(),
+        transformer=seeded(seed, FluxTransformer2DModel, **configs["transformer"]),
+    )
+
+
+BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl, "uvit": build_uvit, "dit": build_dit, "sd3": build_sd3,
+            "flux": build_flux}
 ARCHS = {name: BUILDERS[name] for name in FAMILIES if name in BUILDERS}  # the registry's families, in its order
 
 

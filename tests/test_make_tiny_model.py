@@ -134,11 +134,28 @@ def test_full_configs_have_sd15_parameter_counts():
     assert counts == [859_520_964, 83_653_863, 123_060_480]
 
 
+def test_full_flow_configs_have_the_released_parameter_counts():
+    """Flux.1-dev's transformer is 11,901,408,320 parameters, T5-XXL's encoder 4,762,310,656 (as released)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from launch.make_tiny_model import flux_configs, sd3_configs
+
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    sd3, flux = sd3_configs("full"), flux_configs("full")
+    with torch.device("meta"):
+        assert count(FluxTransformer2DModel(**flux["transformer"])) == 11_901_408_320
+        assert count(T5EncoderModel(T5Config(**sd3["text_encoder_3"]))) == 4_762_310_656
+        assert count(CLIPTextModelWithProjection(CLIPTextConfig(**sd3["text_encoder_2"]))) == 694_659_840  # bigG
+        assert count(AutoencoderKL(**flux["vae"])) == 83_819_683
+        assert count(SD3Transformer2DModel(**sd3["transformer"])) == 2_243_171_520  # SD3.5 Medium's MMDiT-X
+
+
 def test_unknown_arch_and_size_are_rejected(tmp_path):
     """A typo must fail loudly instead of writing a default model."""
-    assert list(ARCHS) == ["sd15", "sdxl", "uvit", "dit"]
+    assert list(ARCHS) == ["sd15", "sdxl", "uvit", "dit", "sd3", "flux"]
     with pytest.raises(ValueError, match="arch"):
-        make_tiny_model("sd3", tmp_path / "x")
+        make_tiny_model("sd4", tmp_path / "x")
     with pytest.raises(ValueError, match="size"):
         sd15_configs("medium")
 

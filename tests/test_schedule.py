@@ -149,6 +149,18 @@ def test_config_kinds_are_read_from_the_fields_the_file_named(tmp_path):
         schedule_from_config(dict(DDPMScheduler.from_config({"num_train_timesteps": 1000}).config))
 
 
+def test_a_vp_scheduler_saved_by_recent_diffusers_stays_vp(tmp_path):
+    """DPMSolverMultistepScheduler (PixArt's) writes use_dynamic_shifting: false and flow_shift: its betas decide;
+    once it samples flow (use_flow_sigmas) it describes rectified flow."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    DPMSolverMultistepScheduler(beta_schedule="linear").save_pretrained(tmp_path / "dpm")
+    config = json.loads((tmp_path / "dpm" / "scheduler_config.json").read_text())
+    assert config["use_dynamic_shifting"] is False and "flow_shift" in config
+    assert isinstance(schedule_from_config(config), VPSchedule)
+    assert isinstance(schedule_from_config(config | {"use_flow_sigmas": True}), FlowMatchSchedule)
+
+
 def test_a_model_whose_scheduler_names_no_process_is_one_line(tiny_sd15, digits_data, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_sd15, model)

@@ -34,6 +34,11 @@ class ModelConfig:
     family: str = "auto"                # backbone family (sd15, ...); auto reads the model's own config
     revision: Optional[str] = None      # hub revision: branch, tag or commit
     variant: Optional[str] = None       # weight variant on the hub, e.g. "fp16"
+    t5: bool = True                     # sd3: false leaves T5-XXL unloaded (its tokens zeros, ~9 GB less memory)
+    max_sequence_length: Optional[int] = _f(None, min=1)  # T5 tokens per caption; None: the pipeline's (sd3 256,
+                                        # flux 512); sampling uses the same
+    guidance: Optional[float] = _f(None, min=0.0)  # flux dev (guidance-distilled): the guidance value training
+                                        # feeds its guidance embedding; None: 1.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,19 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class FlowConfig:
+    # rectified-flow training (sd3 and flux models, or objective.schedule: flow): how t is drawn and the velocity
+    # loss weighted (Esser et al. 2024, sections 3.1 and 5.3.2)
+    timestep_sampler: Literal["uniform", "logit_normal", "mode"] = "logit_normal"
+    logit_mean: float = 0.0             # logit_normal: t = sigmoid(mean + std * n)
+    logit_std: float = _f(1.0, min=0.0)
+    mode_scale: float = 1.29            # mode: heavier tails as it grows (SD3's s)
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"  # SD3's loss weightings; none: plain MSE
+    shift: Optional[float] = _f(None, min=0.0)  # t -> s t / (1 + (s - 1) t); None: the model scheduler's (sd3: 3.0;
+                                        # flux dev: by image size); setting it turns Flux's dynamic shift off
+
+
+@dataclass(frozen=True)
 class ObjectiveConfig:
     # What every objective reads; an objective's own options are the section named after it
     # (objective.consistency.skip, ...), declared as `Options` in its module (trainers/objectives/<name>.py).
@@ -74,6 +92,10 @@ class ObjectiveConfig:
     zero_terminal_snr: bool = False     # rescale betas so the last step is pure noise (Lin et al. 2024)
     caption_dropout: float = _f(0.0, min=0.0, max=1.0)  # p of training on the empty prompt (for CFG)
     mask_floor: float = _f(0.0, min=0.0, max=1.0)  # with masks: the loss weight of the background (0 ignores it)
+    schedule: Literal["model", "flow"] = "model"  # the noise process trained: the model's own, or rectified flow
+                                        # on a VP model (uvit, dit: the model learns velocity; exports sample with
+                                        # FlowMatchEulerDiscreteScheduler)
+    flow: FlowConfig = field(default_factory=FlowConfig)
     sections: dict = field(default_factory=dict, repr=False)  # objective name -> its Options (built by the loader)
 
     def __getattr__(self, name: str) -> Any:

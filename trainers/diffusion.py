@@ -215,8 +215,13 @@ class Schedule(abc.ABC):
         return t
 
     @abc.abstractmethod
-    def sample_timesteps(self, seeds: list[int], device) -> torch.Tensor:
-        """One training timestep per sample, drawn from its seed (so a resumed run draws the same)."""
+    def sample_timesteps(self, seeds: list[int], device, latent_shape=None) -> torch.Tensor:
+        """One training timestep per sample, drawn from its seed (so a resumed run draws the same); latent_shape
+        (..., h, w) is what a resolution-dependent shift reads."""
+
+    def at_train_timesteps(self, indices: torch.Tensor) -> torch.Tensor:
+        """The schedule's t at integer training timesteps 0..num_train_timesteps-1 (a recipe's fixed ones)."""
+        return indices
 
     @abc.abstractmethod
     def sampling_scheduler(self):
@@ -281,7 +286,7 @@ class VPSchedule(Schedule):
             return None
         return min_snr_weight(self.snr(t).clamp(min=1e-12), snr_gamma, self.prediction_type)
 
-    def sample_timesteps(self, seeds, device):
+    def sample_timesteps(self, seeds, device, latent_shape=None):
         return seeding.randint(seeds, seeding.TIMESTEP, self.num_train_timesteps, device)
 
     def sampling_config(self) -> dict:
@@ -313,7 +318,8 @@ class FlowMatchSchedule(Schedule):
     def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000, config: dict | None = None,
                  sampler: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
                  mode_scale: float = 1.29, weighting: str = "none", dynamic_shift: bool = False,
-                 base_shift: float = 0.5, max_shift: float = 1.15, base_seq_len: int = 256, max_seq_len: int = 4096):
+                 base_shift: float = 0.5, max_shift: float = 1.15, base_seq_len: int = 256, max_seq_len: int = 4096,
+                 patch_size: int = 1):
         if sampler not in FLOW_SAMPLERS:
             raise ValueError(f"unknown flow timestep sampler {sampler!r}; known: {', '.join(FLOW_SAMPLERS)}")
         if weighting not in FLOW_WEIGHTINGS:
@@ -322,6 +328,7 @@ class FlowMatchSchedule(Schedule):
         self.sampler, self.logit_mean, self.logit_std, self.mode_scale = sampler, logit_mean, logit_std, mode_scale
         self.weighting, self.dynamic_shift = weighting, dynamic_shift
         self.base_shift, self.max_shift, self.base_seq_len, self.max_seq_len = base_shift, max_shift, base_seq_len, max_seq_len
+        self.patch_size = patch_size  # latent pixels per token side: an image's token count for dynamic shifting
 
     @classmethod
     def from_config(cls, config: dict, **options):
@@ -383,11 +390,30 @@ class FlowMatchSchedule(Schedule):
             return 1 - u - self.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
         return u
 
-    def sample_timesteps(self, seeds, device, seq_len: int | None = None):
+    def sample_timesteps(self, seeds, device, latent_shape=None):
         normal = self.sampler == "logit_normal"  # one draw per sample, of the kind the sampler maps
         u = None if normal else seeding.rand(seeds, seeding.TIMESTEP, device)
         z = seeding.randn(seeds, seeding.TIMESTEP, (), device) if normal else None
-        return self.shifted(self.from_uniform(u, z), seq_len).clamp(1e-5, 1 - 1e-5)
+        return self.shifted(self.from_uniform(u, z), self.tokens(latent_shape)).clamp(1e-5, 1 - 1e-5)
+
+    def tokens(self, latent_shape) -> int | None:
+        if latent_shape is None:
+            return None
+        h, w = latent_shape[-2:]
+        return (h // self.patch_size) * (w // self.patch_size)
+
+    def at_train_timesteps(self, indices):
+        return indices.float() / self.num_train_timesteps
+
+    def configured(self, **options) -> "FlowMatchSchedule":
+        """The same process with a recipe's sampler, weighting or static shift (a shift turns dynamic shifting off)."""
+        kw = {k: getattr(self, k) for k in ("shift", "num_train_timesteps", "config", "sampler", "logit_mean",
+                                             "logit_std", "mode_scale", "weighting", "dynamic_shift", "base_shift",
+                                             "max_shift", "base_seq_len", "max_seq_len", "patch_size")}
+        if options.get("shift") is not None:
+            kw["dynamic_shift"] = False
+            kw["config"] = dict(self.config, shift=options["shift"], use_dynamic_shifting=False)
+        return FlowMatchSchedule(**kw | {k: v for k, v in options.items() if v is not None})
 
     def sampling_scheduler(self):
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -399,22 +425,26 @@ BETA_FIELDS = ("beta_schedule", "trained_betas")
 FLOW_FIELDS = ("shift", "use_dynamic_shifting")
 
 
-def schedule_from_config(config: dict) -> Schedule:
+def schedule_from_config(config: dict, patch_size: int = 1) -> Schedule:
     """The Schedule a diffusers scheduler config describes, read from the fields its file named.
 
     diffusers fills absent fields with defaults when a scheduler class loads a config (and lists them in
     `_use_default_values`): a flow-matching file read as DDPMScheduler gains linear betas. Only fields the
-    file itself named count here, so such a config is flow matching, and one naming neither is refused.
+    file itself named count here, so such a config is flow matching, and one naming neither is refused. A VP
+    scheduler saved by recent diffusers names flow fields too (DPMSolverMultistepScheduler writes
+    `use_dynamic_shifting: false` and `flow_shift`): its betas decide, unless it samples flow (`use_flow_sigmas`).
     """
     from trainers.errors import UserError
 
     defaulted = set(config.get("_use_default_values", ()))
     named = lambda key: key in config and key not in defaulted and config[key] is not None  # noqa: E731
     name = str(config.get("_class_name", ""))
-    if name.startswith("FlowMatch") or any(named(k) for k in FLOW_FIELDS):
-        return FlowMatchSchedule.from_config(config)
+    if name.startswith("FlowMatch") or config.get("use_flow_sigmas") is True:
+        return FlowMatchSchedule.from_config(config, patch_size=patch_size)
     if any(named(k) for k in BETA_FIELDS):
         return VPSchedule.from_config(config)
+    if any(named(k) for k in FLOW_FIELDS):
+        return FlowMatchSchedule.from_config(config, patch_size=patch_size)
     raise UserError(f"scheduler config{f' ({name})' if name else ''}: names neither betas "
                     f"({' or '.join(BETA_FIELDS)}) nor flow matching (a FlowMatch* scheduler, {' or '.join(FLOW_FIELDS)}), "
                     "so the model's noise process is unknown; add 'beta_schedule' (e.g. scaled_linear) to its "

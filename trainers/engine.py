@@ -80,6 +80,7 @@ class Trainer:
         if recipe.memory.quantize_base != "none":
             quantize.check(recipe, objective_cls, self.strategy.sharded)
         self.backbone = load_backbone(recipe.model)
+        self.backbone.check_resolution(recipe.data.resolution)
         if recipe.memory.quantize_base != "none":  # before the LoRA wraps the layers
             quantize.quantize_linears(self.backbone.denoiser, recipe.memory.quantize_base, DTYPES[recipe.precision])
         self.objective = objective_cls(recipe, self.backbone)
@@ -326,7 +327,8 @@ class Trainer:
         if self.is_main and cfg.prompts:
             with self.objective.on_device_for_sampling():
                 grid = sample_grid(self.objective.validation_pipeline(), cfg, self.recipe.data.resolution,
-                                   self.accelerator.autocast, **self.objective.validation_inputs())
+                                   self.accelerator.autocast, **self.backbone.sampling_kwargs(),
+                                   **self.objective.validation_inputs())
             path = self.out / "samples" / f"step-{step}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             grid.save(path)

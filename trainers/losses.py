@@ -25,7 +25,7 @@ def denoising_loss(x0: torch.Tensor, batch: dict, schedule: Schedule, predict: C
     eps = seeding.randn(seeds, seeding.NOISE, x0.shape[1:], device)
     if noise_offset:
         eps = diffusion.offset_noise(eps, seeding.randn(seeds, seeding.OFFSET, x0.shape[1:2], device), noise_offset)
-    t = schedule.sample_timesteps(seeds, device)
+    t = schedule.sample_timesteps(seeds, device, x0.shape)
     mask = latent_mask(batch["mask"].to(device, non_blocking=True), x0.shape[-2:], mask_floor) \
         if "mask" in batch else None
     per_sample = denoising_error(schedule, predict, x0, eps, t, mask)

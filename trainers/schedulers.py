@@ -1,16 +1,50 @@
 """Sampler names that recipes and `launch/sample.py` accept, and the one way a pipeline's scheduler is swapped."""
 from __future__ import annotations
 
+from trainers.errors import UserError
+
 SCHEDULERS = {
     "dpmsolver": "DPMSolverMultistepScheduler",
     "ddim": "DDIMScheduler",
     "euler": "EulerDiscreteScheduler",
     "lcm": "LCMScheduler",
 }
+FLOW_SCHEDULERS = ("dpmsolver", "euler")  # what samples a rectified-flow model (a velocity on sigma in [0, 1])
+
+
+def is_flow(config) -> bool:
+    """A FlowMatch* scheduler's config, or one already swapped to sample flow (DPM-Solver on flow sigmas)."""
+    return str(config.get("_class_name", "")).startswith("FlowMatch") or bool(config.get("use_flow_sigmas"))
 
 
 def set_scheduler(pipe, name: str) -> None:
-    """Swap the scheduler, keeping the trained noise schedule from the current one's config."""
+    """Swap the scheduler, keeping the trained noise schedule from the current one's config.
+
+    A flow-matching model keeps flow sampling: euler is FlowMatchEulerDiscreteScheduler, dpmsolver is DPM-Solver++
+    on flow sigmas with the model's shift (as diffusers samples SANA); ddim and lcm have no flow form.
+    """
     import diffusers
 
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    config = dict(pipe.scheduler.config)
+    if not is_flow(config):
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(config)
+    elif name == "euler":
+        if type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
+            pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+    elif name == "dpmsolver":
+        pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
+            config, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=config.get("shift", 1.0))
+    else:
+        raise UserError(f"scheduler {name!r} has no flow-matching form; a rectified-flow model samples with "
+                        f"{' or '.join(FLOW_SCHEDULERS)}")
+
+
+def for_vp_pipeline(scheduler):
+    """A flow scheduler made callable by pipelines written for VP schedulers, which scale the initial noise by
+    `init_noise_sigma` and the model input by `scale_model_input`: FlowMatch schedulers need neither (1 and the
+    identity), so lack both. Other schedulers come back as they are."""
+    if not hasattr(scheduler, "init_noise_sigma"):
+        scheduler.init_noise_sigma = 1.0
+    if not hasattr(scheduler, "scale_model_input"):
+        scheduler.scale_model_input = lambda sample, *args, **kwargs: sample
+    return scheduler

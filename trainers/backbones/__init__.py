@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from trainers.backbones.base import Backbone
 from trainers.backbones.dit import DiTBackbone
+from trainers.backbones.flux import FluxBackbone
 from trainers.backbones.loading import ModelSource, pipeline_name_of, resolve_source
 from trainers.backbones.sd import SDBackbone
+from trainers.backbones.sd3 import SD3Backbone
 from trainers.backbones.sdxl import SDXLBackbone
 from trainers.backbones.uvit import UViTBackbone
 from trainers.config import ModelConfig
 from trainers.errors import UserError
 
 FAMILIES: dict[str, type[Backbone]] = {"sd15": SDBackbone, "sdxl": SDXLBackbone, "uvit": UViTBackbone,
-                                        "dit": DiTBackbone}
+                                        "dit": DiTBackbone, "sd3": SD3Backbone, "flux": FluxBackbone}
 
 
 def family_of_pipeline(pipeline_name: str) -> str | None:
@@ -43,9 +45,19 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
     family = detect_family(source) if cfg.family == "auto" else cfg.family
     if family not in FAMILIES:
         raise UserError(f"model.family: {family!r} is not supported (known: {', '.join(FAMILIES)})")
-    backbone = FAMILIES[family].load(source)
+    check_options(cfg, family)
+    backbone = FAMILIES[family].load(source, cfg)
     backbone.schedule  # noqa: B018  (an unknown noise process fails here, before anything trains)
     return backbone
+
+
+def check_options(cfg: ModelConfig, family: str) -> None:
+    """A model option that the family does not read is an error, never silently ignored."""
+    defaults = ModelConfig(pretrained="")
+    for key in ("t5", "max_sequence_length", "guidance"):
+        if getattr(cfg, key) != getattr(defaults, key) and key not in FAMILIES[family].model_options:
+            readers = [name for name, cls in FAMILIES.items() if key in cls.model_options]
+            raise UserError(f"model.{key}: {family} models do not read it (only {', '.join(readers)}); remove it")
 
 
 __all__ = ["Backbone", "FAMILIES", "ModelSource", "detect_family", "family_of_pipeline", "load_backbone"]

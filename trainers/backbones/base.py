@@ -29,11 +29,15 @@ class Backbone(abc.ABC):
     vae: torch.nn.Module
     scheduler_config: dict         # the model's training noise schedule (diffusers scheduler config)
     lora_targets: tuple[str, ...]  # default LoRA target modules of the denoiser
+    lora_text_encoders: tuple[str, ...] | None = None  # the encoders adapter.text_encoder trains; None: all
+    model_options: tuple[str, ...] = ()  # the family-specific ModelConfig keys it reads (t5, guidance, ...)
+    patch_size: int = 1            # latent pixels per token side: a token count, which Flux's dynamic shift reads
 
     @classmethod
     @abc.abstractmethod
-    def load(cls, source) -> "Backbone":
-        """Every component from a ModelSource (folder, single file or hub id), frozen."""
+    def load(cls, source, model=None) -> "Backbone":
+        """Every component from a ModelSource (folder, single file or hub id), frozen; `model` (the recipe's
+        ModelConfig) carries the options some families read (model.t5, model.guidance, ...)."""
 
     @abc.abstractmethod
     def encode_text(self, captions: list[str], device, text_encoders=None) -> dict[str, torch.Tensor]:
@@ -61,9 +65,10 @@ class Backbone(abc.ABC):
                     for k, v in text.items()}
         return self.denoiser_kwargs(text, batch, device)
 
-    @abc.abstractmethod
     def encode_images(self, pixels: torch.Tensor) -> LatentDist:
         """The VAE posterior of (B, 3, H, W) pixels in [-1, 1]."""
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return LatentDist(dist.mean.float(), dist.std.float())
 
     def latents_from(self, dist: LatentDist, noise: torch.Tensor) -> torch.Tensor:
         """Draw z ~ q(z|x) with the given noise and apply the VAE's latent scaling."""
@@ -71,13 +76,32 @@ class Backbone(abc.ABC):
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (z - shift) * self.vae.config.scaling_factor
 
+    @property
+    def trainable_text_encoders(self) -> tuple[str, ...]:
+        return self.lora_text_encoders if self.lora_text_encoders is not None else tuple(self.text_encoders)
+
+    def check_resolution(self, resolution: int) -> None:
+        """Images must make whole latents and whole patches: a multiple of the VAE's scale times the patch size."""
+        from trainers.errors import ConfigError
+
+        step = 2 ** (len(self.vae.config.block_out_channels) - 1) * self.patch_size
+        if resolution % step:
+            raise ConfigError(f"'data.resolution' {resolution} is not a multiple of {step} (the VAE's scale x the "
+                              f"{self.family} transformer's {self.patch_size}x{self.patch_size} patches)"
+                              if self.patch_size > 1 else
+                              f"'data.resolution' {resolution} is not a multiple of the VAE's scale {step}")
+
+    def sampling_kwargs(self) -> dict:
+        """Pipeline arguments that sampling must pass to match training (e.g. T5's sequence length)."""
+        return {}
+
     def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: dict, denoiser=None) -> torch.Tensor:
         return (denoiser or self.denoiser)(z_t, t, **cond).sample
 
     @functools.cached_property
     def schedule(self) -> Schedule:
         """The model's own noise process, read once from its scheduler config (an unknown kind is a UserError)."""
-        return schedule_from_config(self.scheduler_config)
+        return schedule_from_config(self.scheduler_config, self.patch_size)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, denoiser=None,
                 schedule: Schedule | None = None) -> tuple[torch.Tensor, torch.Tensor]:

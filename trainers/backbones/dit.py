@@ -11,7 +11,7 @@ import importlib.util
 
 import torch
 
-from trainers.backbones.base import Backbone, LatentDist
+from trainers.backbones.base import Backbone
 from trainers.backbones.loading import ModelSource
 from trainers.backbones.sd import load_components
 from trainers.devices import host_to_device
@@ -26,6 +26,7 @@ class DiTBackbone(Backbone):
     pipeline_name = "PixArtAlphaPipeline"
     # self- and cross-attention projections and the feed-forward of every block
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+    patch_size = 2
 
     def __init__(self, parts: dict):
         self.denoiser, self.vae, self.tokenizer = parts["transformer"], parts["vae"], parts["tokenizer"]
@@ -33,7 +34,7 @@ class DiTBackbone(Backbone):
         self.scheduler_config = dict(parts["scheduler"].config)
 
     @classmethod
-    def load(cls, source: ModelSource) -> "DiTBackbone":
+    def load(cls, source: ModelSource, model=None) -> "DiTBackbone":
         if source.kind == "single_file":
             raise UserError(f"model.pretrained: {source.ref}: PixArt loads from a diffusers folder or hub id "
                             "(e.g. PixArt-alpha/PixArt-XL-2-512x512), not a single file")
@@ -84,10 +85,6 @@ class DiTBackbone(Backbone):
         """The eps half of a learned-sigma output, as PixArtAlphaPipeline takes it."""
         out = (denoiser or self.denoiser)(z_t, timestep=t, **cond).sample
         return out[:, :z_t.shape[1]] if out.shape[1] == 2 * z_t.shape[1] else out
-
-    def encode_images(self, pixels: torch.Tensor) -> LatentDist:
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        return LatentDist(dist.mean.float(), dist.std.float())
 
     @classmethod
     def pipeline_class(cls):

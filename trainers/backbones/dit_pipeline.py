@@ -75,11 +75,14 @@ class PixArtAlphaLoraPipeline(diffusers.PixArtAlphaPipeline, PixArtLoraLoaderMix
                          transformer=with_lora_methods(transformer), scheduler=scheduler)
 
     def __call__(self, *args, use_resolution_binning: bool | None = None, clean_caption: bool = False, **kwargs):
-        """The stock call with two defaults changed.
+        """The stock call with two defaults changed (and a FlowMatch scheduler accepted).
 
         Resolution binning happens only where PixArt has bins, so tiny test models sample the size asked; and
         prompts are lowercased, not `clean_caption`-ed (which needs bs4 and ftfy), as difftune's training saw them.
         """
+        from trainers.schedulers import for_vp_pipeline
+
+        for_vp_pipeline(self.scheduler)  # a PixArt trained by rectified flow samples with a FlowMatch scheduler
         if use_resolution_binning is None:
             use_resolution_binning = self.transformer.config.sample_size in BINNED_SAMPLE_SIZES
         return super().__call__(*args, use_resolution_binning=use_resolution_binning, clean_caption=clean_caption,

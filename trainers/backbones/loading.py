@@ -42,15 +42,24 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or ref.count("/") != 1 or ref.endswith((".safetensors", ".ckpt"))
 
 
-def pipeline_name_of(source: ModelSource) -> str:
-    """The pipeline class a folder's (or hub repo's) model_index.json names ("" if none)."""
+def model_index(source: ModelSource) -> dict:
+    """A folder's (or hub repo's) model_index.json: its pipeline class and components."""
     try:
         if source.kind == "folder":
-            index = json.loads((Path(source.ref) / "model_index.json").read_text())
-        else:
-            from diffusers import DiffusionPipeline
+            return json.loads((Path(source.ref) / "model_index.json").read_text())
+        from diffusers import DiffusionPipeline
 
-            index = DiffusionPipeline.load_config(source.ref, **source.from_pretrained_kwargs())
+        return DiffusionPipeline.load_config(source.ref, **source.from_pretrained_kwargs())
     except Exception as e:
         raise UserError(f"model.pretrained: cannot read the model index of {source.ref!r}: {e}") from None
-    return index.get("_class_name", "")
+
+
+def pipeline_name_of(source: ModelSource) -> str:
+    """The pipeline class a folder's (or hub repo's) model_index.json names ("" if none)."""
+    return model_index(source).get("_class_name", "")
+
+
+def has_component(source: ModelSource, name: str) -> bool:
+    """Whether the model ships component `name` (model_index.json lists it with a class, not [null, null])."""
+    entry = model_index(source).get(name)
+    return isinstance(entry, (list, tuple)) and entry[0] is not None

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from trainers.backbones.base import Backbone, LatentDist
+from trainers.backbones.base import Backbone
 from trainers.backbones.loading import ModelSource
 from trainers.errors import UserError
 
@@ -25,7 +25,7 @@ class SDBackbone(Backbone):
         self.scheduler_config = dict(scheduler_config)
 
     @classmethod
-    def load(cls, source: ModelSource) -> "SDBackbone":
+    def load(cls, source: ModelSource, model=None) -> "SDBackbone":
         if source.kind == "single_file":
             parts = load_single_file(source, cls.pipeline_name, COMPONENTS)
         else:
@@ -49,10 +49,6 @@ class SDBackbone(Backbone):
 
     def denoiser_kwargs(self, text, batch, device):
         return {"encoder_hidden_states": text["hidden"]}
-
-    def encode_images(self, pixels: torch.Tensor) -> LatentDist:
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        return LatentDist(dist.mean.float(), dist.std.float())
 
     def pipeline(self, denoiser, text_encoders, scheduler):
         return self.pipeline_class()(
@@ -99,8 +95,10 @@ def load_components(source: ModelSource, classes: dict) -> dict:
     return parts
 
 
-def load_single_file(source: ModelSource, pipeline_name: str, components: tuple[str, ...]) -> dict:
-    """A .safetensors checkpoint in the original layout, converted by diffusers (needs the hub for configs)."""
+def load_single_file(source: ModelSource, pipeline_name: str, components: tuple[str, ...], ddpm: bool = True) -> dict:
+    """A .safetensors checkpoint in the original layout, converted by diffusers (needs the hub for configs).
+
+    ddpm: read the scheduler as DDPMScheduler (the VP families' training process); flow families keep theirs."""
     import diffusers
 
     try:
@@ -108,8 +106,9 @@ def load_single_file(source: ModelSource, pipeline_name: str, components: tuple[
     except Exception as e:
         raise UserError(f"model.pretrained: cannot load single file {source.ref}: "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    parts = {name: getattr(pipe, name) for name in components}
-    parts["scheduler"] = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+    parts = {name: getattr(pipe, name, None) for name in components}
+    if ddpm:
+        parts["scheduler"] = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
     for m in parts.values():
         if isinstance(m, torch.nn.Module):
             m.requires_grad_(False)

@@ -27,7 +27,7 @@ class SDXLBackbone(SDBackbone):
         self.scheduler_config = dict(parts["scheduler"].config)
 
     @classmethod
-    def load(cls, source: ModelSource) -> "SDXLBackbone":
+    def load(cls, source: ModelSource, model=None) -> "SDXLBackbone":
         if source.kind == "single_file":
             return cls(load_single_file(source, cls.pipeline_name, COMPONENTS))
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

@@ -17,9 +17,10 @@ class UViTBackbone(SDBackbone):
     pipeline_name = "UViTPipeline"
     controlnet_pipeline = None  # a transformer: ControlNet trains on U-Nets
     lora_targets = ("to_q", "to_k", "to_v", "to_out", "fc1", "fc2")
+    patch_size = 2
 
     @classmethod
-    def load(cls, source: ModelSource) -> "UViTBackbone":
+    def load(cls, source: ModelSource, model=None) -> "UViTBackbone":
         if source.kind == "single_file":
             raise UserError(f"model.pretrained: {source.ref}: U-ViT loads from a diffusers folder or hub id "
                             "(launch/make_tiny_model.py --arch uvit writes one), not a single file")

@@ -106,6 +106,9 @@ class UViTPipeline(DiffusionPipeline, UViTLoraLoaderMixin):
         eps_hat = eps(z, "") + w * (eps(z, c) - eps(z, "")) (Ho & Salimans 2021), w = guidance_scale.
         output_type: "pil", "np", "pt" or "latent".
         """
+        from trainers.schedulers import for_vp_pipeline
+
+        for_vp_pipeline(self.scheduler)  # a rectified-flow U-ViT samples with FlowMatchEulerDiscreteScheduler
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         side = self.transformer.config.sample_size * self.vae_scale_factor
         height, width = height or side, width or side

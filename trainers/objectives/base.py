@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 from trainers.backbones import Backbone
-from trainers.config import Recipe
-from trainers.diffusion import Schedule, VPSchedule
+from trainers.config import FlowConfig, Recipe
+from trainers.diffusion import FlowMatchSchedule, Schedule, VPSchedule
 from trainers.errors import ConfigError
+from trainers.schedulers import FLOW_SCHEDULERS
 
 
 class Objective(abc.ABC):
@@ -25,18 +26,33 @@ class Objective(abc.ABC):
         self.recipe, self.backbone = recipe, backbone
 
     def training_schedule(self, zero_terminal_snr: bool = False, vp_only: str = "") -> Schedule:
-        """The backbone's schedule with the recipe's objective.prediction_type (and, for losses that train on
-        data, zero_terminal_snr); vp_only names why an objective needs a discrete VP process (its solvers)."""
+        """The noise process this objective trains on: the backbone's (or rectified flow, objective.schedule: flow)
+        with the recipe's settings: prediction_type and, for losses on data, zero_terminal_snr (VP); the timestep
+        sampler, weighting and shift (flow). vp_only names why an objective needs a discrete VP process."""
         obj, schedule = self.recipe.objective, self.backbone.schedule
+        if obj.schedule == "flow" and isinstance(schedule, VPSchedule):
+            schedule = FlowMatchSchedule(num_train_timesteps=schedule.num_train_timesteps,
+                                         config={"num_train_timesteps": schedule.num_train_timesteps, "shift": 1.0},
+                                         patch_size=self.backbone.patch_size)
         if not isinstance(schedule, VPSchedule):
             if vp_only:
-                raise ConfigError(f"'objective.name': {self.name} {vp_only}; {self.backbone.family} models are "
-                                  f"trained with {schedule.kind} matching")
+                raise ConfigError(f"'objective.name': {self.name} {vp_only}; this recipe trains {self.backbone.family} "
+                                  f"by rectified flow ({schedule.kind} matching)")
             for key in ("prediction_type", "zero_terminal_snr"):
                 if getattr(obj, key):
-                    raise ConfigError(f"'objective.{key}' applies to discrete (VP) diffusion; "
-                                      f"{self.backbone.family} models predict a flow-matching velocity: remove it")
-            return schedule
+                    raise ConfigError(f"'objective.{key}' applies to discrete (VP) diffusion; this recipe trains "
+                                      f"{self.backbone.family} by rectified flow (a velocity): remove it")
+            v = self.recipe.validation
+            if v.every_steps and v.prompts and v.scheduler not in FLOW_SCHEDULERS:
+                raise ConfigError(f"'validation.scheduler': {v.scheduler} has no rectified-flow form; use "
+                                  f"{' or '.join(FLOW_SCHEDULERS)}")
+            flow = obj.flow
+            return schedule.configured(sampler=flow.timestep_sampler, logit_mean=flow.logit_mean,
+                                       logit_std=flow.logit_std, mode_scale=flow.mode_scale, weighting=flow.weighting,
+                                       shift=flow.shift)
+        if obj.flow != FlowConfig():
+            raise ConfigError(f"'objective.flow' applies to rectified flow; {self.backbone.family} models are trained "
+                              "as VP diffusion (objective.schedule: flow trains them by rectified flow instead)")
         prediction_type = obj.prediction_type or schedule.prediction_type
         if zero_terminal_snr and prediction_type != "v_prediction":
             raise ConfigError("'objective.zero_terminal_snr' needs objective.prediction_type: v_prediction "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from trainers import adapters, kohya, seeding
+from trainers import adapters, kohya, mmdit_lora, seeding
 from trainers.errors import ConfigError
 from trainers.losses import denoising_error, denoising_loss
 from trainers.objectives import inputs
@@ -32,6 +32,8 @@ class FineTune(Objective):
             if start is None:
                 adapters.add_lora(self.denoiser, ad, ad.target_modules or backbone.lora_targets)
             for name, encoder in backbone.text_encoders.items():
+                if name not in backbone.trainable_text_encoders:
+                    continue
                 if start is not None and name in start.text_encoders:
                     kohya.load_lora(encoder, start.text_encoders[name], start.alphas, name)
                 elif ad.text_encoder:
@@ -42,8 +44,8 @@ class FineTune(Objective):
         else:
             self.denoiser.requires_grad_(True)
             if ad.text_encoder:  # e.g. a model trained from scratch learns its own text encoder
-                for name, encoder in backbone.text_encoders.items():
-                    self.trained_encoders[name] = encoder.requires_grad_(True)
+                for name in backbone.trainable_text_encoders:
+                    self.trained_encoders[name] = backbone.text_encoders[name].requires_grad_(True)
         self._uncond = None  # the unconditional text input, once (frozen text encoders only)
 
     def load_kohya(self, path: str):
@@ -114,7 +116,7 @@ class FineTune(Objective):
         eps = seeding.randn(seeds, seeding.NOISE, x0.shape[1:], self.device)
         predict = lambda z_t, t: self.backbone.predict(z_t, t, cond, self.denoiser)  # noqa: E731
         errors = [denoising_error(self.schedule, predict, x0, eps, t.expand(len(seeds)).to(self.device))
-                  for t in timesteps]
+                  for t in self.schedule.at_train_timesteps(timesteps)]
         return torch.stack(errors).mean()
 
     def condition(self, batch, seeds):
@@ -145,8 +147,15 @@ class FineTune(Objective):
             else:
                 files = [adapters.save_lora(out_dir, self.backbone.pipeline_class(), self.backbone.denoiser_key,
                                             self.denoiser, self.trained_encoders, dtype)]
-            kohya_file = kohya.export_trained(out_dir, self.trained_modules(), self.backbone.family, self.recipe, dtype)
-            return files + ([kohya_file] if kohya_file else [])
+            family = self.backbone.family
+            kohya_file = (mmdit_lora.export(out_dir, self.trained_modules(), family, self.recipe.name, dtype)
+                          if family in mmdit_lora.WRITERS else
+                          kohya.export_trained(out_dir, self.trained_modules(), family, self.recipe, dtype))
+            files += [kohya_file] if kohya_file else []
+            if self.changes_noise_process:  # the base's scheduler would sample the LoRA wrongly: ship the trained one
+                self.schedule.sampling_scheduler().save_pretrained(out_dir / "scheduler")
+                files.append(out_dir / "scheduler")
+            return files
         written = []
         for key, module in self.trained_modules().items():
             module.to(dtype).save_pretrained(out_dir / key, safe_serialization=True)
@@ -172,9 +181,13 @@ class FineTune(Objective):
                     f"pipe.to(\"cuda\")\nimage = pipe(\"your prompt\", num_inference_steps=25).images[0]\n"
                     f"# ComfyUI / A1111 / Forge: load {kohya.KOHYA_WEIGHTS} (LyCORIS key names) as a LoRA\n")
         if self.recipe.adapter.low_rank:
-            return (f"import torch\nfrom {lib} import {pipe}\n\n"
+            scheduler = (f"pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained({where!r}, "
+                         f"subfolder=\"scheduler\")  # trained by rectified flow\n" if self.changes_noise_process else "")
+            imports = f"{pipe}, FlowMatchEulerDiscreteScheduler" if scheduler and lib == "diffusers" else pipe
+            extra = "from diffusers import FlowMatchEulerDiscreteScheduler\n" if scheduler and lib != "diffusers" else ""
+            return (f"import torch\n{extra}from {lib} import {imports}\n\n"
                     f"pipe = {pipe}.from_pretrained({base!r}, torch_dtype=torch.float16).to(\"cuda\")\n"
-                    f"pipe.load_lora_weights({where!r})\n"
+                    f"pipe.load_lora_weights({where!r})\n{scheduler}"
                     f"image = pipe(\"your prompt\", num_inference_steps=25).images[0]\n")
         key = self.backbone.denoiser_key
         model = type(self.denoiser).__name__
@@ -182,6 +195,11 @@ class FineTune(Objective):
                 f"{key} = {model}.from_pretrained({where!r}, subfolder={key!r}, torch_dtype=torch.float16)\n"
                 f"pipe = {pipe}.from_pretrained({base!r}, {key}={key}, torch_dtype=torch.float16).to(\"cuda\")\n"
                 f"image = pipe(\"your prompt\", num_inference_steps=25).images[0]\n")
+
+    @property
+    def changes_noise_process(self) -> bool:
+        """Trained on another noise process than the base model's (objective.schedule: flow on a VP model)."""
+        return self.schedule.kind != self.backbone.schedule.kind
 
     @property
     def card_tags(self):

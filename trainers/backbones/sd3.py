@@ -1,0 +1,118 @@
+"""Stable Diffusion 3 / 3.5 (Esser et al. 2024): an MMDiT on a 16-channel VAE, trained by rectified flow.
+
+Text is what StableDiffusion3Pipeline feeds the transformer: the penultimate hidden states of CLIP-L and CLIP-G
+side by side (77 tokens), zero-padded to T5's width and followed by T5-XXL's last hidden states (256 tokens), and
+the two CLIPs' projected pooled outputs concatenated. Without T5 (`model.t5: false`, or a folder that has none)
+the T5 tokens are zeros, as the pipeline makes them with text_encoder_3=None: a documented SD3 mode that saves
+about 9 GB. SD3.5's dual-attention and qk-norm layers come with the transformer's config. The text tensors keep
+CLIP and T5 apart (`clip`, `t5`), so a cache without T5 holds no zeros.
+"""
+from __future__ import annotations
+
+import torch
+
+from trainers.backbones.base import Backbone
+from trainers.backbones.loading import ModelSource, has_component
+from trainers.backbones.sd import load_components, load_single_file
+
+T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
+
+
+def load_t5(source: ModelSource, encoder: str, tokenizer: str) -> dict:
+    """T5's encoder and tokenizer components (a missing sentencepiece/tokenizer is named by load_components)."""
+    from transformers import T5EncoderModel, T5TokenizerFast
+
+    return load_components(source, {encoder: T5EncoderModel, tokenizer: T5TokenizerFast})
+
+
+class SD3Backbone(Backbone):
+    family = "sd3"
+    denoiser_key = "transformer"
+    pipeline_name = "StableDiffusion3Pipeline"
+    # joint attention: the image stream's projections and the text stream's (add_*); SD3.5's second attention
+    # (attn2) has the same names; MLPs (ff.net.0.proj, ff.net.2, ff_context.*) and norms via adapter.target_modules
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    lora_text_encoders = ("text_encoder", "text_encoder_2")  # the CLIPs; diffusers' SD3 loader has no T5 LoRA
+    patch_size = 2
+    model_options = ("t5", "max_sequence_length")
+
+    def __init__(self, parts: dict, t5_tokens: int = T5_TOKENS):
+        self.denoiser, self.vae = parts["transformer"], parts["vae"]
+        self.tokenizers = {"text_encoder": parts["tokenizer"], "text_encoder_2": parts["tokenizer_2"]}
+        self.text_encoders = {"text_encoder": parts["text_encoder"], "text_encoder_2": parts["text_encoder_2"]}
+        if parts.get("text_encoder_3") is not None:
+            self.tokenizers["text_encoder_3"] = parts["tokenizer_3"]
+            self.text_encoders["text_encoder_3"] = parts["text_encoder_3"]
+        self.tokenizer = parts["tokenizer"]
+        self.scheduler_config = dict(parts["scheduler"].config)
+        self.t5_tokens = t5_tokens
+
+    @classmethod
+    def load(cls, source: ModelSource, model=None) -> "SD3Backbone":
+        want_t5 = model is None or model.t5
+        tokens = (model.max_sequence_length if model is not None and model.max_sequence_length else T5_TOKENS)
+        if source.kind == "single_file":
+            parts = load_single_file(source, cls.pipeline_name, (
+                "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
+                "tokenizer_2", "tokenizer_3", "scheduler"), ddpm=False)
+            if not want_t5:
+                parts["text_encoder_3"] = None
+            return cls(parts, tokens)
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        parts = load_components(source, {
+            "transformer": SD3Transformer2DModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModelWithProjection,
+            "text_encoder_2": CLIPTextModelWithProjection, "tokenizer": CLIPTokenizer, "tokenizer_2": CLIPTokenizer,
+            "scheduler": FlowMatchEulerDiscreteScheduler})
+        if want_t5 and has_component(source, "text_encoder_3"):
+            parts |= load_t5(source, "text_encoder_3", "tokenizer_3")
+        return cls(parts, tokens)
+
+    @property
+    def has_t5(self) -> bool:
+        return "text_encoder_3" in self.text_encoders
+
+    def encode_text(self, captions, device, text_encoders=None):
+        """`clip` (B, 77, D_L + D_G): both CLIPs' penultimate states; `pooled` (B, P_L + P_G); `t5` (B, 256, D_T5)."""
+        encoders = text_encoders or self.text_encoders
+        hidden, pooled = [], []
+        for name in ("text_encoder", "text_encoder_2"):
+            tok = self.tokenizers[name]
+            ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(device)
+            out = encoders[name](ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled.append(out[0])
+        text = {"clip": torch.cat(hidden, dim=-1), "pooled": torch.cat(pooled, dim=-1)}
+        if self.has_t5:
+            ids = self.tokenizers["text_encoder_3"](captions, padding="max_length", max_length=self.t5_tokens,
+                                                    truncation=True, add_special_tokens=True,
+                                                    return_tensors="pt").input_ids.to(device)
+            text["t5"] = encoders["text_encoder_3"](ids)[0]
+        return text
+
+    def denoiser_kwargs(self, text, batch, device):
+        """The pipeline's joint text sequence: CLIP states padded to the T5 width, then T5's (or zero) tokens."""
+        clip = text["clip"]
+        width = self.denoiser.config.joint_attention_dim
+        clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
+        t5 = text.get("t5")
+        if t5 is None:
+            t5 = clip.new_zeros(clip.shape[0], self.t5_tokens, width)
+        return {"encoder_hidden_states": torch.cat([clip, t5.to(clip.dtype)], dim=-2),
+                "pooled_projections": text["pooled"]}
+
+    def predict(self, z_t, t, cond, denoiser=None):
+        return (denoiser or self.denoiser)(hidden_states=z_t, timestep=t, **cond).sample
+
+    def sampling_kwargs(self) -> dict:
+        return {"max_sequence_length": self.t5_tokens}
+
+    def pipeline(self, denoiser, text_encoders, scheduler):
+        return self.pipeline_class()(
+            transformer=denoiser, scheduler=scheduler, vae=self.vae,
+            text_encoder=text_encoders["text_encoder"], tokenizer=self.tokenizers["text_encoder"],
+            text_encoder_2=text_encoders["text_encoder_2"], tokenizer_2=self.tokenizers["text_encoder_2"],
+            text_encoder_3=text_encoders.get("text_encoder_3"), tokenizer_3=self.tokenizers.get("text_encoder_3"))
+
