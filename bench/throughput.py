@@ -44,9 +44,11 @@ CONFIGS = {
     "nf4": ["memory.quantize_base=nf4"],
     "int8": ["memory.quantize_base=int8"],
 }
-RECIPES = {"sd15": "recipes/demo/sd15_lora_tiny.yaml", "sdxl": "recipes/demo/sdxl_lora_tiny.yaml"}
+RECIPES = {"sd15": "recipes/demo/sd15_lora_tiny.yaml", "sdxl": "recipes/demo/sdxl_lora_tiny.yaml",
+           "sd3": "recipes/demo/sd3_lora_tiny.yaml", "flux": "recipes/demo/flux_lora_tiny.yaml"}
 CONTROLNET_RECIPES = {"sd15": "recipes/sd15_controlnet.yaml", "sdxl": "recipes/sdxl_controlnet.yaml"}
-RESOLUTION = {("sd15", "tiny"): 64, ("sdxl", "tiny"): 64, ("sd15", "full"): 512, ("sdxl", "full"): 1024}
+RESOLUTION = {("sd15", "tiny"): 64, ("sdxl", "tiny"): 64, ("sd3", "tiny"): 64, ("flux", "tiny"): 64,
+              ("sd15", "full"): 512, ("sdxl", "full"): 1024, ("sd3", "full"): 1024, ("flux", "full"): 512}
 
 
 def overrides_of(config: str) -> list[str]:
@@ -100,7 +102,8 @@ def bare_step_seconds(recipe, steps: int, warmup: int) -> tuple[float, int | Non
         keys = next(iter(StepSampler(data.buckets(), recipe.train.batch_size, 1, 0)))
         batch = collate([data[k] for k in keys])
         pixels = batch["pixel_values"].to(device)
-        acp = bb.schedule.to(device).acp
+        schedule = bb.schedule.to(device)
+        flow = schedule.kind == "flow"
         times = []
         for _ in range(steps):
             tick = time.perf_counter()
@@ -109,11 +112,12 @@ def bare_step_seconds(recipe, steps: int, warmup: int) -> tuple[float, int | Non
                 x0 = bb.latents_from(dist, torch.randn_like(dist.mean))
                 h = bb.encode_text(batch["captions"], device)
             eps = torch.randn_like(x0)
-            t = torch.randint(0, len(acp), (x0.shape[0],), device=device)
-            a, s = diffusion.alpha_sigma(acp, t)
+            t = (schedule.shifted(torch.sigmoid(torch.randn(x0.shape[0], device=device)), schedule.tokens(x0.shape))
+                 if flow else torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), device=device))
             with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
-                pred = bb.denoiser(diffusion.add_noise(x0, eps, a, s), t, **bb.denoiser_kwargs(h, batch, device)).sample
-            loss = torch.nn.functional.mse_loss(pred.float(), eps)
+                pred = bb.predict(schedule.add_noise(x0, eps, t), schedule.model_timestep(t),
+                                  bb.denoiser_kwargs(h, batch, device))
+            loss = torch.nn.functional.mse_loss(pred.float(), schedule.target(x0, eps, t))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, recipe.optimizer.max_grad_norm)
             opt.step()
@@ -139,7 +143,8 @@ def forward_flops(recipe) -> float:
         batch = {"original_size": [(recipe.data.resolution,) * 2], "crop_top_left": [(0, 0)],
                  "target_size": [(recipe.data.resolution,) * 2]}
         with FlopCounterMode(display=False) as counter:
-            bb.denoiser(x, torch.tensor([500]), **bb.denoiser_kwargs(h, batch, "cpu"))
+            bb.predict(x, bb.schedule.model_timestep(bb.schedule.at_train_timesteps(torch.tensor([500]))),
+                       bb.denoiser_kwargs(h, batch, "cpu"))
     return counter.get_total_flops()
 
 
@@ -170,7 +175,8 @@ def main(argv=None) -> None:
     parser.add_argument("--objective", choices=("lora", "controlnet"), default="lora",
                         help="controlnet: the ControlNet recipe of --arch, timed by the engine only")
     parser.add_argument("--size", choices=("tiny", "full"), default="tiny")
-    parser.add_argument("--resolution", type=int, default=None, help="default: 64 tiny, 512 SD-1.5, 1024 SDXL")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="default: 64 tiny, 512 SD-1.5 and Flux, 1024 SDXL and SD3")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median (compiles, allocator)")
     parser.add_argument("--batch", type=int, default=8)

@@ -139,7 +139,8 @@ def run_cache(args: argparse.Namespace) -> int:
     from datasets_prep.cache import write_cache
     from trainers.config import ModelConfig
 
-    model = ModelConfig(pretrained=args.model, revision=args.revision, variant=args.variant)
+    model = ModelConfig(pretrained=args.model, revision=args.revision, variant=args.variant, t5=not args.no_t5,
+                        max_sequence_length=args.max_sequence_length)
     print(f"cache written to {write_cache(args.data, model, args.batch_size, args.dtype, args.device)}")
     return 0
 
@@ -151,6 +152,9 @@ def add_cache(commands) -> None:
     parser.add_argument("--model", required=True, help="the model.pretrained the recipe will train")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--variant", default=None)
+    parser.add_argument("--no-t5", action="store_true", help="sd3: as the recipe's model.t5: false (no T5 tokens)")
+    parser.add_argument("--max-sequence-length", default=None, type=positive_int,
+                        help="T5 tokens per caption, as the recipe's model.max_sequence_length (sd3, flux)")
     parser.add_argument("--batch-size", default=16, type=positive_int)
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
                         help="storage dtype (float32 reproduces uncached training exactly)")

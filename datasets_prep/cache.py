@@ -5,7 +5,8 @@ DIR/cache/<key>/ holds one safetensors file per data shard, row for row (`<row>.
 `<row>.latent_std`, `<row>.text.<name>`, and `<row>.mask` at latent size where the record has a mask), and
 meta.json, written last. The VAE posterior's mean and std are
 stored, not a sample, so each epoch still draws a fresh latent. The key hashes what produced the tensors: the
-model's VAE and text-encoder configs and weight files (or hub id and revision) and the data's resolution.
+model's VAE and text-encoder configs and weight files (or hub id and revision), the options that change the text
+tensors (model.t5, model.max_sequence_length) and the data's resolution.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from tqdm.auto import tqdm
 from trainers.config import ModelConfig
 from trainers.errors import UserError
 
-ENCODERS = ("vae", "text_encoder", "text_encoder_2")
+ENCODERS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+TEXT_OPTIONS = ("t5", "max_sequence_length")  # model options that change the text tensors (sd3, flux)
 META = "meta.json"
 
 
@@ -42,7 +44,10 @@ def model_identity(model: ModelConfig) -> dict:
 
 
 def cache_dir(data_dir: Path, model: ModelConfig, resolution: int) -> Path:
-    identity = json.dumps({"model": model_identity(model), "resolution": resolution}, sort_keys=True)
+    defaults = ModelConfig(pretrained=model.pretrained)
+    options = {k: getattr(model, k) for k in TEXT_OPTIONS if getattr(model, k) != getattr(defaults, k)}
+    identity = json.dumps({"model": model_identity(model), "resolution": resolution} | ({"options": options}
+                          if options else {}), sort_keys=True)  # options only when set: older keys stay valid
     return Path(data_dir) / "cache" / hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 

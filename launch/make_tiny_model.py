@@ -8,6 +8,7 @@ SD-1.5's full size (for GPU benchmarks). Nothing is downloaded: even the CLIP BP
 tokenizers are made here from a small built-in caption corpus.
 
     python launch/make_tiny_model.py --arch sd15|sdxl|uvit|dit|sd3|flux --out DIR [--size tiny|full] [--seed N]
+        [--configs-only]
 """
 
 from __future__ import annotations
@@ -501,10 +502,33 @@ def write_pipeline(pipe, out: str | Path) -> Path:
     return out
 
 
-def make_tiny_model(arch: str, out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Build and write one model; the in-process entry point for tests and other code."""
+def write_configs(pipe, out: str | Path) -> Path:
+    """The folder without weights: model_index.json, each model's config, tokenizers and scheduler. Enough for
+    `launch/train.py --dry-run` (which builds models from configs) at any size, in kilobytes."""
+    from diffusers import ModelMixin
+
+    out = Path(out)
+    pipe.save_config(out)
+    for name, component in pipe.components.items():
+        if isinstance(component, ModelMixin):
+            component.save_config(out / name)
+        elif isinstance(component, torch.nn.Module):
+            component.config.save_pretrained(out / name)
+        elif component is not None:
+            component.save_pretrained(out / name)
+            if isinstance(component, CLIPTokenizer):
+                write_bpe_files(out / name)
+    return out
+
+
+def make_tiny_model(arch: str, out: str | Path, size: str = "tiny", seed: int = 0, configs_only: bool = False) -> Path:
+    """Build and write one model; the in-process entry point for tests and other code. configs_only: build on the
+    meta device and write no weights."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    if configs_only:
+        with torch.device("meta"):
+            return write_configs(ARCHS[arch](size, seed), out)
     return write_pipeline(ARCHS[arch](size, seed), out)
 
 
@@ -522,12 +546,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--size", default="tiny", choices=SIZES)
     parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--configs-only", action="store_true",
+                        help="no weights: the folder `launch/train.py --dry-run` needs, at any size, in kilobytes")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Build, write and report."""
     args = parse_args(argv)
+    if args.configs_only:
+        with torch.device("meta"):
+            pipe = ARCHS[args.arch](args.size, args.seed)
+            print(summary(pipe, write_configs(pipe, args.out)).replace("wrote", "wrote the configs of"))
+        return
     pipe = ARCHS[args.arch](args.size, args.seed)
     print(summary(pipe, write_pipeline(pipe, args.out)))
 

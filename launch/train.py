@@ -19,7 +19,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     parser.add_argument("--dry-run", action="store_true",
-                        help="validate, build the models, print parameter counts and memory, then exit")
+                        help="validate, build the models from their configs (no weights are read), print parameter "
+                             "counts and memory, then exit")
     return parser.parse_intermixed_args(argv)
 
 
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     from trainers.engine import Trainer
 
-    trainer = Trainer(recipe)
+    trainer = Trainer(recipe, dry_run=args.dry_run)
     if args.dry_run:
         if trainer.is_main:
             print(dry_run_report(trainer))
@@ -61,7 +62,8 @@ def dry_run_report(trainer) -> str:
             f"  model family: {trainer.backbone.family}, objective: {trainer.recipe.objective.name}\n"
             f"  training samples: {samples:,}\n"
             f"  trainable parameters: {trainable:,}\n  frozen parameters: {frozen:,}\n"
-            f"  estimated memory for weights, gradients and optimizer state: {size} (activations not included)")
+            f"  estimated memory for weights, gradients and optimizer state: {size} (activations not included)"
+            + (f"\n  disk: {trainer.disk_warning}" if trainer.disk_warning else ""))
 
 
 if __name__ == "__main__":

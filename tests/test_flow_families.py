@@ -110,7 +110,7 @@ def test_sd3_without_t5_uses_zero_t5_tokens_as_the_pipeline_does(tiny):
     backbone = backbone_of(tiny["sd3"], t5=False)
     assert "text_encoder_3" not in backbone.text_encoders
     text = backbone.encode_text(["a digit"], "cpu")
-    assert sorted(text) == ["clip", "pooled"]  # nothing T5-sized to cache
+    assert sorted(text) == ["clip_g", "clip_l", "pooled_g", "pooled_l"]  # nothing T5-sized to cache
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny["sd3"], text_encoder_3=None, tokenizer_3=None)
     with torch.no_grad():
         hidden, _, pooled, _ = pipe.encode_prompt("a digit", None, None, do_classifier_free_guidance=False,
@@ -392,3 +392,92 @@ def test_flow_settings_on_a_vp_recipe_and_vp_settings_on_a_flow_one_are_named(re
         Trainer(recipe("flux", tiny, digits_data, tmp_path / "b", "validation.every_steps=5", "validation.scheduler=ddim"))
     with pytest.raises(ConfigError, match="'data.resolution' 72 is not a multiple of 16"):
         Trainer(recipe("flux", tiny, digits_data, tmp_path / "c", "data.resolution=72"))
+
+
+@pytest.mark.parametrize("family,options,keys", [("sd3", ("--no-t5",), ["clip_g", "clip_l", "pooled_g", "pooled_l"]),
+                                                 ("flux", (), ["pooled", "t5"])])
+def test_training_from_a_cache_matches_training_from_images(family, options, keys, tiny, digits_data, tmp_path):
+    """The cache is keyed by the options that shape the text (no T5, T5 length) and trains like the encoders."""
+    from datasets_prep.__main__ import main as prep
+    from trainers.engine import Trainer
+
+    prepared = tmp_path / "prepared"
+    assert prep(["prepare", "--source", str(digits_data), "--out", str(prepared), "--resolution", "64",
+                 "--min-size", "8"]) == 0
+    assert prep(["cache", "--data", str(prepared), "--model", str(tiny[family]), "--dtype", "float32",
+                 "--max-sequence-length", str(T5_TOKENS), *options]) == 0
+    args = (f"data.source={prepared}", "train.max_steps=3", "train.log_every=1", "objective.caption_dropout=0.5",
+            "train.batch_size=4", *(["model.t5=false"] if options else []))
+    cached = Trainer(recipe(family, tiny, digits_data, tmp_path / "cached", *args))
+    assert cached.dataset.cache is not None and cached.dataset.cache.meta["text_keys"] == keys
+    cached.fit()
+    images = Trainer(recipe(family, tiny, digits_data, tmp_path / "images", *args, "data.use_cache=false"))
+    images.fit()
+    assert list(losses(tmp_path / "cached").values()) == pytest.approx(
+        list(losses(tmp_path / "images").values()), rel=1e-5, abs=1e-6)
+    other = Trainer(recipe(family, tiny, digits_data, tmp_path / "other", *args, "model.max_sequence_length=16"))
+    assert other.dataset.cache is None  # another T5 length: that cache does not fit
+
+
+@pytest.mark.parametrize("recipe_name,arch,trainable", [
+    ("sd3_lora", "sd3", None), ("flux_lora", "flux", 26_148_864), ("flux_full", "flux", 11_901_408_320)])
+def test_dry_run_of_full_size_configs_counts_without_weights(recipe_name, arch, trainable, digits_data, tmp_path):
+    """`--dry-run` builds the models from their configs on the meta device: full-size SD3.5 Medium and Flux.1-dev
+    (a folder of configs only, kilobytes) give their parameter counts and memory on a CPU machine.
+
+    Flux LoRA rank 16 on the default targets: 19 double blocks x 8 projections + 38 single blocks x 3 (q, k, v), each
+    16 x (3072 + 3072) parameters = 26,148,864."""
+    from launch.make_tiny_model import make_tiny_model
+
+    folder = make_tiny_model(arch, tmp_path / "model", size="full", configs_only=True)
+    assert not list(folder.rglob("*.safetensors"))
+    proc = subprocess.run([sys.executable, "launch/train.py", f"recipes/{recipe_name}.yaml", "--dry-run",
+                           f"model.pretrained={folder}", f"data.source={digits_data}", f"output_dir={tmp_path / 'o'}",
+                           "data.resolution=512", "train.report_to=none"],
+                          capture_output=True, text=True, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"model family: {arch}" in proc.stdout and "estimated memory" in proc.stdout
+    counts = {line.split(":")[0].strip(): int(line.split(":")[1].replace(",", ""))
+              for line in proc.stdout.splitlines() if "parameters:" in line}
+    if trainable is not None:
+        assert counts["trainable parameters"] == trainable
+    assert counts["trainable parameters"] + counts["frozen parameters"] > 7_000_000_000  # T5-XXL alone is 4.76B
+    assert not (tmp_path / "o").exists()
+
+
+def test_each_encoder_can_be_dropped_on_its_own(tiny, recipe_for):
+    """caption_dropout_per_encoder: one seeded draw per encoder, and a dropped encoder's input alone becomes the
+    empty prompt's."""
+    from trainers.engine import Trainer
+    from trainers.errors import ConfigError
+    from trainers.objectives.inputs import dropped_captions
+
+    backbone = backbone_of(tiny["sd3"])
+    seeds = list(range(64))
+    flags = dropped_captions(seeds, 0.5, backbone.text_groups)
+    assert flags == dropped_captions(seeds, 0.5, backbone.text_groups)  # seeded: a resumed run draws the same
+    assert flags["clip_l"] == flags["pooled_l"] and flags["clip_l"] != flags["clip_g"] != flags["t5"]
+    assert 16 < sum(flags["t5"]) < 48
+    captions = [f"a digit {i}" for i in range(4)]
+    dropped = {"clip_l": [False] * 4, "pooled_l": [False] * 4, "clip_g": [False] * 4, "pooled_g": [False] * 4,
+               "t5": [True, False, True, False]}
+    with torch.no_grad():
+        text, uncond = backbone.encode_text(captions, "cpu"), backbone.unconditional("cpu")
+        mixed = backbone.condition(captions, dropped, {}, "cpu", text=text, uncond=uncond)
+        want = backbone.denoiser_kwargs({**text, "t5": torch.stack([uncond["t5"][0], text["t5"][1],
+                                                                     uncond["t5"][0], text["t5"][3]])}, {}, "cpu")
+    for key in want:
+        torch.testing.assert_close(mixed[key], want[key], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="caption_dropout_per_encoder' applies to fine-tuning sd3 and flux"):
+        Trainer(recipe_for("objective.caption_dropout_per_encoder=true"))
+
+
+@pytest.mark.parametrize("family,tag", [("sd3", "sd3"), ("flux", "flux")])
+def test_model_card_names_the_family_its_tags_and_files(family, tag, lora_runs):
+    import yaml
+
+    _, result, _ = lora_runs[family]
+    card = (result.final_dir / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert tag in front["tags"] and "lora" in front["tags"] and front["license"] == "other"
+    assert f"({family})" in card and "lora_kohya.safetensors" in card and "load_lora_weights" in card

@@ -91,6 +91,8 @@ class ObjectiveConfig:
     noise_offset: float = _f(0.0, min=0.0)          # per-channel offset noise; 0.05-0.1 helps very dark/bright
     zero_terminal_snr: bool = False     # rescale betas so the last step is pure noise (Lin et al. 2024)
     caption_dropout: float = _f(0.0, min=0.0, max=1.0)  # p of training on the empty prompt (for CFG)
+    caption_dropout_per_encoder: bool = False  # sd3, flux: each text encoder's input dropped on its own with
+                                        # p = caption_dropout (SD3 trains so, which lets T5 be left out when sampling)
     mask_floor: float = _f(0.0, min=0.0, max=1.0)  # with masks: the loss weight of the background (0 ignores it)
     schedule: Literal["model", "flow"] = "model"  # the noise process trained: the model's own, or rectified flow
                                         # on a VP model (uvit, dit: the model learns velocity; exports sample with

@@ -5,6 +5,7 @@ checkpoints and resume, the progress bar, trackers and validation cadence.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from trainers import checkpoint, integrity, memory, optimizers, preflight, quantize, seeding, trackers
 from trainers.backbones import load_backbone
+from trainers.backbones.loading import empty_weights
 from trainers.config import Recipe, dump_recipe
 from trainers.data import StepSampler, build_dataset, collate, make_loader
 from trainers.ema import EMA
@@ -45,11 +47,13 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, dry_run: bool = False):
+        """dry_run: build the models from their configs on the meta device (no weights read, nothing trains), for
+        parameter counts and a memory estimate of any size on any machine."""
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
-        self.recipe, self.out = recipe, Path(recipe.output_dir)
+        self.recipe, self.out, self.dry_run = recipe, Path(recipe.output_dir), dry_run
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not _has_device():
             # accelerate would quietly run plain DDP on CPU processes (it shards only over GPUs)
             raise UserError("FSDP (accelerate_configs/fsdp.yaml) needs GPUs; without one use "
@@ -79,25 +83,32 @@ class Trainer:
         seeding.seed_everything(recipe.train.seed)
         if recipe.memory.quantize_base != "none":
             quantize.check(recipe, objective_cls, self.strategy.sharded)
-        self.backbone = load_backbone(recipe.model)
+        with empty_weights() if dry_run else contextlib.nullcontext():
+            self.backbone = load_backbone(recipe.model)
         self.backbone.check_resolution(recipe.data.resolution)
-        if recipe.memory.quantize_base != "none":  # before the LoRA wraps the layers
+        if recipe.memory.quantize_base != "none" and not dry_run:  # before the LoRA wraps the layers
             quantize.quantize_linears(self.backbone.denoiser, recipe.memory.quantize_base, DTYPES[recipe.precision])
         self.objective = objective_cls(recipe, self.backbone)
         if self.heldout is not None and not self.objective.has_heldout_loss:
             raise UserError(f"validation.loss_source: the {recipe.objective.name} objective has no held-out loss")
         self.strategy.check(self.objective.trained_modules())
-        self.objective.to(self.device, DTYPES[recipe.precision],
+        self.objective.to(torch.device("meta") if dry_run else self.device, DTYPES[recipe.precision],
                           inputs_cached=getattr(self.dataset, "cache", None) is not None)
         memory.configure(self.objective.memory_modules(), self.backbone.denoiser_key, recipe.memory)
         self.params = self.objective.trainable_named_parameters()
         self.ema = EMA(self.params, recipe.ema.decay) if recipe.ema.enabled else None
         self.nonfinite = NonFiniteGuard(self.device, recipe.train.max_nonfinite_steps)
         trainable = self.parameter_counts()[0]
-        warning = preflight.check_disk(self.out, preflight.checkpoint_bytes(trainable, recipe.optimizer.name,
-                                                                            recipe.ema.enabled),
-                                       recipe.checkpoint.keep_last, export_bytes=2 * 4 * trainable)
-        if warning and self.is_main:
+        try:
+            warning = preflight.check_disk(self.out, preflight.checkpoint_bytes(trainable, recipe.optimizer.name,
+                                                                                recipe.ema.enabled),
+                                           recipe.checkpoint.keep_last, export_bytes=2 * 4 * trainable)
+        except UserError as error:
+            if not dry_run:
+                raise
+            warning = str(error)  # a dry run reports it with the estimate: it is what the run would stop on
+        self.disk_warning = warning
+        if warning and self.is_main and not dry_run:
             tqdm.write(warning)
 
     def _frozen_parameters(self) -> list[torch.nn.Parameter]:
@@ -114,6 +125,8 @@ class Trainer:
         """Bytes for weights, gradients, optimizer state and EMA; activations depend on batch and resolution."""
         trainable = self.parameter_counts()[0]
         frozen_bytes = sum(p.numel() * p.element_size() for p in self._frozen_parameters())  # as held: cast, 8/4-bit
+        if self.dry_run and self.recipe.memory.quantize_base != "none":  # nothing was quantised on the meta device
+            frozen_bytes -= quantize.bytes_saved(self.backbone.denoiser, self.recipe.memory.quantize_base)
         gradients = trainable * 4
         return frozen_bytes + gradients + preflight.checkpoint_bytes(
             trainable, self.recipe.optimizer.name, self.ema is not None)
@@ -353,9 +366,11 @@ class Trainer:
                        if until_step is None or n <= until_step]
             if samples:
                 shutil.copy(samples[-1], tmp / "samples.png")
-            write_model_card(tmp, self.recipe, self.objective.card_tags, self.objective.usage_snippet(str(final)),
-                             "samples.png" if samples else None, trigger_words=self.recipe.data.trigger_words,
-                             num_processes=self.accelerator.num_processes, trained=self.objective.card_trained())
+            write_model_card(tmp, self.recipe, (*self.backbone.card_tags, *self.objective.card_tags),
+                             self.objective.usage_snippet(str(final)), "samples.png" if samples else None,
+                             trigger_words=self.recipe.data.trigger_words, license=self.backbone.license,
+                             num_processes=self.accelerator.num_processes, trained=self.objective.card_trained(),
+                             family=self.backbone.family)
             (tmp / "recipe.yaml").write_text(dump_recipe(self.recipe))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)

@@ -27,7 +27,8 @@ FILE_NOTES = {  # what each known export file is for; others are listed without 
 def write_model_card(final_dir: Path, recipe: Recipe, tags: Sequence[str], usage: str,
                      sample_image: str | None = None, *, trigger_words: Sequence[str] = (),
                      num_processes: int = 1, license: str = "creativeml-openrail-m",
-                     pipeline_tag: str = "text-to-image", trained: str | None = None) -> Path:
+                     pipeline_tag: str = "text-to-image", trained: str | None = None,
+                     family: str | None = None) -> Path:
     """Write final_dir/README.md and return its path.
 
     Args:
@@ -38,6 +39,7 @@ def write_model_card(final_dir: Path, recipe: Recipe, tags: Sequence[str], usage
         num_processes: data-parallel processes, for the effective batch size.
         trained: what was trained where the recipe's adapter section does not say it (the objective's
             `card_trained`, e.g. a ControlNet).
+        family: the backbone family (sd15, flux, ...), named in the training table.
     """
     words = tuple(trigger_words)
     front = front_matter(recipe, tags, words, sample_image, license, pipeline_tag)
@@ -53,7 +55,7 @@ def write_model_card(final_dir: Path, recipe: Recipe, tags: Sequence[str], usage
     if files:
         lines += ["## Files", ""] + [f"- `{f}`" + (f": {FILE_NOTES[f]}" if f in FILE_NOTES else "") for f in files]
         lines += [""]
-    lines += ["## Training", ""] + summary_table(recipe, num_processes, trained)
+    lines += ["## Training", ""] + summary_table(recipe, num_processes, trained, family)
     lines += ["", "The full recipe (`recipe.yaml`), as run:", "", "```yaml", dump_recipe(recipe).rstrip(), "```", ""]
     path = Path(final_dir) / "README.md"
     path.write_text(redact("\n".join(lines)))
@@ -84,7 +86,8 @@ def is_hub_id(ref: str) -> bool:
 ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 
-def summary_table(recipe: Recipe, num_processes: int = 1, trained: str | None = None) -> list[str]:
+def summary_table(recipe: Recipe, num_processes: int = 1, trained: str | None = None,
+                  family: str | None = None) -> list[str]:
     """The settings that decide a result, as Markdown table rows."""
     r, ad, t = recipe, recipe.adapter, recipe.train
     objective = r.objective.name + (f" ({r.objective.prediction_type})" if r.objective.prediction_type else "")
@@ -94,7 +97,8 @@ def summary_table(recipe: Recipe, num_processes: int = 1, trained: str | None = 
              f"process{'es' if num_processes != 1 else ''} = {t.batch_size * t.grad_accum * num_processes}")
     schedule = r.lr_schedule.name + (f", {r.lr_schedule.warmup_steps} warmup steps" if r.lr_schedule.warmup_steps
                                      else "")
-    rows = [("Base model", f"`{r.model.pretrained}`"), ("Objective", objective), ("Trained", adapter),
+    rows = [("Base model", f"`{r.model.pretrained}`" + (f" ({family})" if family else "")),
+            ("Objective", objective), ("Trained", adapter),
             ("Steps", str(t.max_steps)), ("Batch", batch),
             ("Learning rate", f"{r.optimizer.lr:g} ({r.optimizer.name}), {schedule}"),
             ("Resolution", f"{r.data.resolution} px"),

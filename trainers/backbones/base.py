@@ -30,6 +30,9 @@ class Backbone(abc.ABC):
     scheduler_config: dict         # the model's training noise schedule (diffusers scheduler config)
     lora_targets: tuple[str, ...]  # default LoRA target modules of the denoiser
     lora_text_encoders: tuple[str, ...] | None = None  # the encoders adapter.text_encoder trains; None: all
+    card_tags: tuple[str, ...] = ()  # the hub tags of the family's models, on every model card
+    license: str = "creativeml-openrail-m"  # the base's licence, which a fine-tune inherits (model card)
+    text_groups: dict[str, tuple[str, ...]] | None = None  # encoder -> its text keys, where each can drop alone
     model_options: tuple[str, ...] = ()  # the family-specific ModelConfig keys it reads (t5, guidance, ...)
     patch_size: int = 1            # latent pixels per token side: a token count, which Flux's dynamic shift reads
 
@@ -51,18 +54,21 @@ class Backbone(abc.ABC):
     def denoiser_kwargs(self, text: dict[str, torch.Tensor], batch: dict, device) -> dict:
         """Keyword arguments for the denoiser from text tensors and the batch's records."""
 
-    def condition(self, captions: list[str], dropped: list[bool], batch: dict, device, text_encoders=None,
-                  text: dict | None = None, uncond: dict | None = None) -> dict:
+    def condition(self, captions: list[str], dropped: list[bool] | dict[str, list[bool]], batch: dict, device,
+                  text_encoders=None, text: dict | None = None, uncond: dict | None = None) -> dict:
         """Denoiser kwargs with dropped captions replaced by the unconditional input.
+
+        `dropped`: one flag per sample for every text tensor, or per text key (one encoder's input dropped alone).
 
         `text` (e.g. from a cache) skips the encoders; `uncond` reuses an unconditional input computed once.
         """
         text = text if text is not None else self.encode_text(captions, device, text_encoders)
-        if any(dropped):
+        per_key = dropped if isinstance(dropped, dict) else dict.fromkeys(text, dropped)
+        if any(any(d) for d in per_key.values()):
             uncond = uncond if uncond is not None else self.unconditional(device, text_encoders)
-            mask = host_to_device(dropped, device)
-            text = {k: torch.where(mask.view(-1, *[1] * (v.dim() - 1)), uncond[k].to(v.dtype), v)
-                    for k, v in text.items()}
+            masks = {k: host_to_device(d, device) for k, d in per_key.items() if any(d)}
+            text = {k: torch.where(masks[k].view(-1, *[1] * (v.dim() - 1)), uncond[k].to(v.dtype), v)
+                    if k in masks else v for k, v in text.items()}
         return self.denoiser_kwargs(text, batch, device)
 
     def encode_images(self, pixels: torch.Tensor) -> LatentDist:

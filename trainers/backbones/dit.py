@@ -24,6 +24,8 @@ class DiTBackbone(Backbone):
     family = "dit"
     denoiser_key = "transformer"
     pipeline_name = "PixArtAlphaPipeline"
+    card_tags = ("pixart-alpha",)
+    license = "openrail++"  # CreativeML Open RAIL++-M
     # self- and cross-attention projections and the feed-forward of every block
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
     patch_size = 2

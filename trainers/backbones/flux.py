@@ -45,11 +45,14 @@ class FluxBackbone(Backbone):
     family = "flux"
     denoiser_key = "transformer"
     pipeline_name = "FluxPipeline"
+    card_tags = ("flux", "flux-diffusers")
+    license = "other"  # the base's own licence (model.pretrained's card names it)
     # the attention projections of both streams in double blocks, and of single blocks (to_q/k/v); MLPs
     # (ff.net.*, ff_context.net.*, proj_mlp) and norms (norm1.linear, ...) via adapter.target_modules
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     lora_text_encoders = ("text_encoder",)  # CLIP-L; diffusers' Flux loader has no T5 LoRA
     model_options = ("guidance", "max_sequence_length")
+    text_groups = {"text_encoder": ("pooled",), "text_encoder_2": ("t5",)}
     patch_size = 2  # latents are packed 2x2: an image's token count, which dynamic shifting reads, is h*w/4
 
     def __init__(self, parts: dict, guidance: float = 1.0, t5_tokens: int = T5_TOKENS):

@@ -1,6 +1,7 @@
 """Where a model comes from: a local diffusers folder, a single-file checkpoint, or a hub id."""
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,3 +64,34 @@ def has_component(source: ModelSource, name: str) -> bool:
     """Whether the model ships component `name` (model_index.json lists it with a class, not [null, null])."""
     entry = model_index(source).get(name)
     return isinstance(entry, (list, tuple)) and entry[0] is not None
+
+
+_EMPTY = [False]
+
+
+@contextlib.contextmanager
+def empty_weights():
+    """Within it, folder and hub models are built from their configs on the meta device and no weight is read: what a
+    dry run needs for parameter counts and memory (a hub model downloads its configs only)."""
+    _EMPTY[0] = True
+    try:
+        yield
+    finally:
+        _EMPTY[0] = False
+
+
+def building_empty() -> bool:
+    return _EMPTY[0]
+
+
+def empty_module(cls, source: ModelSource, name: str, kwargs: dict):
+    """A diffusers or transformers model of class `cls` from component `name`'s config, on the meta device."""
+    import torch
+
+    if getattr(cls, "config_class", None) is not None:  # transformers
+        config = cls.config_class.from_pretrained(source.ref, subfolder=name, **kwargs)
+        with torch.device("meta"):
+            return cls(config)
+    config = cls.load_config(source.ref, subfolder=name, **kwargs)
+    with torch.device("meta"):
+        return cls.from_config(config)

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from trainers.backbones.base import Backbone
-from trainers.backbones.loading import ModelSource
+from trainers.backbones.loading import ModelSource, building_empty, empty_module
 from trainers.errors import UserError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -16,6 +16,7 @@ class SDBackbone(Backbone):
     family = "sd15"
     denoiser_key = "unet"  # the denoiser's name in pipelines and LoRA files
     pipeline_name = "StableDiffusionPipeline"
+    card_tags = ("stable-diffusion", "stable-diffusion-diffusers")
     controlnet_pipeline = "StableDiffusionControlNetPipeline"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -86,7 +87,9 @@ def load_components(source: ModelSource, classes: dict) -> dict:
         kw = source.from_pretrained_kwargs() if name not in ("tokenizer", "scheduler") else (
             {"revision": source.revision} if source.revision else {})
         try:
-            parts[name] = cls.from_pretrained(source.ref, subfolder=name, **kw)
+            empty = building_empty() and isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+            parts[name] = empty_module(cls, source, name, kw) if empty else \
+                cls.from_pretrained(source.ref, subfolder=name, **kw)
         except Exception as e:
             raise UserError(f"model.pretrained: cannot load '{name}' from {source.ref!r}: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -5,7 +5,8 @@ side by side (77 tokens), zero-padded to T5's width and followed by T5-XXL's las
 the two CLIPs' projected pooled outputs concatenated. Without T5 (`model.t5: false`, or a folder that has none)
 the T5 tokens are zeros, as the pipeline makes them with text_encoder_3=None: a documented SD3 mode that saves
 about 9 GB. SD3.5's dual-attention and qk-norm layers come with the transformer's config. The text tensors keep
-CLIP and T5 apart (`clip`, `t5`), so a cache without T5 holds no zeros.
+encoders apart (`clip_l`, `clip_g`, `t5`, ...), so a cache without T5 holds no zeros and each encoder's input can
+be dropped on its own (objective.caption_dropout_per_encoder, as the SD3 paper trains).
 """
 from __future__ import annotations
 
@@ -29,12 +30,16 @@ class SD3Backbone(Backbone):
     family = "sd3"
     denoiser_key = "transformer"
     pipeline_name = "StableDiffusion3Pipeline"
+    card_tags = ("sd3", "sd3-diffusers")
+    license = "other"  # the base's own licence (model.pretrained's card names it)
     # joint attention: the image stream's projections and the text stream's (add_*); SD3.5's second attention
     # (attn2) has the same names; MLPs (ff.net.0.proj, ff.net.2, ff_context.*) and norms via adapter.target_modules
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     lora_text_encoders = ("text_encoder", "text_encoder_2")  # the CLIPs; diffusers' SD3 loader has no T5 LoRA
     patch_size = 2
     model_options = ("t5", "max_sequence_length")
+    text_groups = {"text_encoder": ("clip_l", "pooled_l"), "text_encoder_2": ("clip_g", "pooled_g"),
+                   "text_encoder_3": ("t5",)}
 
     def __init__(self, parts: dict, t5_tokens: int = T5_TOKENS):
         self.denoiser, self.vae = parts["transformer"], parts["vae"]
@@ -74,17 +79,16 @@ class SD3Backbone(Backbone):
         return "text_encoder_3" in self.text_encoders
 
     def encode_text(self, captions, device, text_encoders=None):
-        """`clip` (B, 77, D_L + D_G): both CLIPs' penultimate states; `pooled` (B, P_L + P_G); `t5` (B, 256, D_T5)."""
+        """Per encoder: `clip_l` / `clip_g` (B, 77, D) penultimate states, `pooled_l` / `pooled_g` projected pooled
+        outputs, and `t5` (B, 256, D_T5) last states (absent without T5)."""
         encoders = text_encoders or self.text_encoders
-        hidden, pooled = [], []
-        for name in ("text_encoder", "text_encoder_2"):
+        text = {}
+        for name, suffix in (("text_encoder", "l"), ("text_encoder_2", "g")):
             tok = self.tokenizers[name]
             ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids.to(device)
             out = encoders[name](ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled.append(out[0])
-        text = {"clip": torch.cat(hidden, dim=-1), "pooled": torch.cat(pooled, dim=-1)}
+            text |= {f"clip_{suffix}": out.hidden_states[-2], f"pooled_{suffix}": out[0]}
         if self.has_t5:
             ids = self.tokenizers["text_encoder_3"](captions, padding="max_length", max_length=self.t5_tokens,
                                                     truncation=True, add_special_tokens=True,
@@ -93,15 +97,16 @@ class SD3Backbone(Backbone):
         return text
 
     def denoiser_kwargs(self, text, batch, device):
-        """The pipeline's joint text sequence: CLIP states padded to the T5 width, then T5's (or zero) tokens."""
-        clip = text["clip"]
+        """The pipeline's joint text sequence: both CLIPs' states side by side, zero-padded to the T5 width, then
+        T5's (or zero) tokens; the pooled input is both CLIPs' pooled outputs."""
+        clip = torch.cat([text["clip_l"], text["clip_g"]], dim=-1)
         width = self.denoiser.config.joint_attention_dim
         clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
         t5 = text.get("t5")
         if t5 is None:
             t5 = clip.new_zeros(clip.shape[0], self.t5_tokens, width)
         return {"encoder_hidden_states": torch.cat([clip, t5.to(clip.dtype)], dim=-2),
-                "pooled_projections": text["pooled"]}
+                "pooled_projections": torch.cat([text["pooled_l"], text["pooled_g"]], dim=-1)}
 
     def predict(self, z_t, t, cond, denoiser=None):
         return (denoiser or self.denoiser)(hidden_states=z_t, timestep=t, **cond).sample

@@ -17,6 +17,8 @@ COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tok
 class SDXLBackbone(SDBackbone):
     family = "sdxl"
     pipeline_name = "StableDiffusionXLPipeline"
+    card_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
+    license = "openrail++"  # CreativeML Open RAIL++-M
     controlnet_pipeline = "StableDiffusionXLControlNetPipeline"
 
     def __init__(self, parts: dict):

@@ -15,6 +15,7 @@ class UViTBackbone(SDBackbone):
     family = "uvit"
     denoiser_key = "transformer"
     pipeline_name = "UViTPipeline"
+    card_tags = ("uvit",)
     controlnet_pipeline = None  # a transformer: ControlNet trains on U-Nets
     lora_targets = ("to_q", "to_k", "to_v", "to_out", "fc1", "fc2")
     patch_size = 2

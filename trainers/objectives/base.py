@@ -14,6 +14,7 @@ import torch
 from trainers.backbones import Backbone
 from trainers.config import FlowConfig, Recipe
 from trainers.diffusion import FlowMatchSchedule, Schedule, VPSchedule
+from trainers.devices import cast
 from trainers.errors import ConfigError
 from trainers.schedulers import FLOW_SCHEDULERS
 
@@ -24,6 +25,9 @@ class Objective(abc.ABC):
 
     def __init__(self, recipe: Recipe, backbone: Backbone):
         self.recipe, self.backbone = recipe, backbone
+        if recipe.objective.caption_dropout_per_encoder and (self.name != "finetune" or backbone.text_groups is None):
+            raise ConfigError("'objective.caption_dropout_per_encoder' applies to fine-tuning sd3 and flux models "
+                              f"(whose text encoders' inputs are kept apart), not {self.name} on {backbone.family}")
 
     def training_schedule(self, zero_terminal_snr: bool = False, vp_only: str = "") -> Schedule:
         """The noise process this objective trains on: the backbone's (or rectified flow, objective.schedule: flow)
@@ -102,7 +106,7 @@ class Objective(abc.ABC):
             if not any(module is m for m in self.offloaded):
                 module.to(self.device)
             if next(module.parameters()).dtype != dtype:  # diffusers warns on any cast: only when needed
-                module.to(dtype)
+                cast(module, dtype)
         for p in self.trainable_named_parameters().values():
             p.data = p.data.float()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from trainers import adapters, kohya, mmdit_lora, seeding
+from trainers.devices import cast
 from trainers.errors import ConfigError
 from trainers.losses import denoising_error, denoising_loss
 from trainers.objectives import inputs
@@ -84,7 +85,7 @@ class FineTune(Objective):
             if module not in self.offloaded:
                 module.to(self.device)
             if next(module.parameters()).dtype != dtype:  # diffusers warns on any cast: only when needed (a
-                module.to(dtype)                           # model saved in float16 loads in float16)
+                cast(module, dtype)                        # model saved in float16 loads in float16)
         for p in self.trainable_named_parameters().values():
             p.data = p.data.float()  # master weights in float32 under mixed precision
         self.schedule.to(self.device)
@@ -125,12 +126,14 @@ class FineTune(Objective):
         Frozen text encoders: cached text tensors are used when the batch has them, and the unconditional
         input is computed once.
         """
-        dropped = inputs.dropped_captions(seeds, self.recipe.objective.caption_dropout)
+        obj = self.recipe.objective
+        dropped = inputs.dropped_captions(seeds, obj.caption_dropout,
+                                          self.backbone.text_groups if obj.caption_dropout_per_encoder else None)
         if self.trained_encoders:
             encoders = {**self.backbone.text_encoders, **{k: self.wrapped[k] for k in self.trained_encoders}}
             return self.backbone.condition(batch["captions"], dropped, batch, self.device, encoders)
         with torch.no_grad():
-            if any(dropped) and self._uncond is None:
+            if inputs.any_dropped(dropped) and self._uncond is None:
                 where = "cpu" if self.offloaded else self.device
                 self._uncond = {k: v.to(self.device) for k, v in self.backbone.unconditional(where).items()}
             return self.backbone.condition(batch["captions"], dropped, batch, self.device,
@@ -158,7 +161,7 @@ class FineTune(Objective):
             return files
         written = []
         for key, module in self.trained_modules().items():
-            module.to(dtype).save_pretrained(out_dir / key, safe_serialization=True)
+            cast(module, dtype).save_pretrained(out_dir / key, safe_serialization=True)
             module.float()
             written.append(out_dir / key)
         self.schedule.sampling_scheduler().save_pretrained(out_dir / "scheduler")

@@ -18,9 +18,24 @@ def latents(backbone: Backbone, batch: dict, device) -> torch.Tensor:
     return backbone.latents_from(dist, seeding.randn(batch["seeds"], seeding.LATENT, dist.mean.shape[1:], device))
 
 
-def dropped_captions(seeds: list[int], p: float) -> list[bool]:
-    """Which captions train as the empty prompt (classifier-free guidance), each drawn from its sample's seed."""
-    return (seeding.rand(seeds, seeding.DROPOUT, "cpu") < p).tolist() if p > 0 else [False] * len(seeds)
+def dropped_captions(seeds: list[int], p: float, groups: dict[str, tuple[str, ...]] | None = None):
+    """Which captions train as the empty prompt (classifier-free guidance), each drawn from its sample's seed.
+
+    groups (a family's text encoder -> its text keys): each encoder's input is dropped on its own, with its own
+    draw, and the flags come per text key (the SD3 paper trains so, so that any subset of encoders can be left out).
+    """
+    if groups is None:
+        return (seeding.rand(seeds, seeding.DROPOUT, "cpu") < p).tolist() if p > 0 else [False] * len(seeds)
+    out = {}
+    for i, keys in enumerate(groups.values()):
+        flags = (seeding.rand(seeds, seeding.mix(seeding.DROPOUT, i + 1), "cpu") < p).tolist() if p > 0 \
+            else [False] * len(seeds)
+        out |= dict.fromkeys(keys, flags)
+    return out
+
+
+def any_dropped(dropped: list[bool] | dict[str, list[bool]]) -> bool:
+    return any(any(flags) for flags in dropped.values()) if isinstance(dropped, dict) else any(dropped)
 
 
 def cached_text(batch: dict, device) -> dict | None:
