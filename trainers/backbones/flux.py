@@ -13,7 +13,7 @@ import torch
 from trainers.backbones.base import Backbone
 from trainers.backbones.loading import ModelSource
 from trainers.backbones.sd import load_components, load_single_file
-from trainers.backbones.sd3 import load_t5
+from trainers.backbones.sd3 import JOINT_ATTENTION, load_t5
 from trainers.devices import host_to_device
 
 T5_TOKENS = 512  # FluxPipeline's default max_sequence_length
@@ -47,9 +47,9 @@ class FluxBackbone(Backbone):
     pipeline_name = "FluxPipeline"
     card_tags = ("flux", "flux-diffusers")
     license = "other"  # the base's own licence (model.pretrained's card names it)
-    # the attention projections of both streams in double blocks, and of single blocks (to_q/k/v); MLPs
-    # (ff.net.*, ff_context.net.*, proj_mlp) and norms (norm1.linear, ...) via adapter.target_modules
-    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    # double blocks' joint attention and single blocks' to_q/k/v; MLPs (ff.net.*, ff_context.net.*, proj_mlp) and
+    # norms (norm1.linear, ...) via adapter.target_modules
+    lora_targets = JOINT_ATTENTION
     lora_text_encoders = ("text_encoder",)  # CLIP-L; diffusers' Flux loader has no T5 LoRA
     model_options = ("guidance", "max_sequence_length")
     text_groups = {"text_encoder": ("pooled",), "text_encoder_2": ("t5",)}

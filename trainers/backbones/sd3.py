@@ -17,6 +17,8 @@ from trainers.backbones.loading import ModelSource, has_component
 from trainers.backbones.sd import load_components, load_single_file
 
 T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
+# an MMDiT's joint attention: the image stream's projections and the text stream's (add_*), Flux's too
+JOINT_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
 def load_t5(source: ModelSource, encoder: str, tokenizer: str) -> dict:
@@ -32,9 +34,9 @@ class SD3Backbone(Backbone):
     pipeline_name = "StableDiffusion3Pipeline"
     card_tags = ("sd3", "sd3-diffusers")
     license = "other"  # the base's own licence (model.pretrained's card names it)
-    # joint attention: the image stream's projections and the text stream's (add_*); SD3.5's second attention
-    # (attn2) has the same names; MLPs (ff.net.0.proj, ff.net.2, ff_context.*) and norms via adapter.target_modules
-    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    # SD3.5's second attention (attn2) has the same names; MLPs (ff.net.0.proj, ff.net.2, ff_context.*) and norms
+    # via adapter.target_modules
+    lora_targets = JOINT_ATTENTION
     lora_text_encoders = ("text_encoder", "text_encoder_2")  # the CLIPs; diffusers' SD3 loader has no T5 LoRA
     patch_size = 2
     model_options = ("t5", "max_sequence_length")
