@@ -39,7 +39,25 @@ def main(argv=None) -> int:
     result = trainer.fit()
     if trainer.is_main:
         print(finish_line(result), flush=True)
+        if result.stopped:
+            mark_stopped(result)
     return 0
+
+
+def mark_stopped(result) -> None:
+    """Tell a batch script that this run stopped with a checkpoint to resume from (and did not finish): the file
+    DIFFTUNE_STOP_MARKER names, when set, gets the checkpoint's path. launch/slurm/train.sbatch requeues on it only,
+    so a stop signal that arrives after the last step (during the export, say) does not start another attempt."""
+    import os
+
+    from trainers.checkpoint import step_dir
+
+    marker = os.environ.get("DIFFTUNE_STOP_MARKER")
+    if marker:
+        tmp = f"{marker}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{step_dir(result.output_dir, result.step)}\n")
+        os.replace(tmp, marker)
 
 
 def finish_line(result) -> str:

@@ -133,3 +133,25 @@ def test_options_of_another_kind_are_refused(tiny_sd15, digits_data, tmp_path):
         Trainer(recipe(tiny_sd15, digits_data, tmp_path / "a", "adapter.lokr_factor=4"))
     with pytest.raises(ConfigError, match="'adapter.dropout': loha has no input dropout"):
         Trainer(recipe(tiny_sd15, digits_data, tmp_path / "b", "adapter.kind=loha", "adapter.dropout=0.1"))
+
+
+def test_init_from_the_kohya_file_of_the_same_kind_starts_at_the_trained_model(kind_run, tiny_sd15, digits_data,
+                                                                                tmp_path):
+    """adapter.init_from with the LyCORIS file a run exported: the new run's U-Net and text encoder (before step 1)
+    compute what the trained ones do, its adapter trains, and a file of another kind is refused by name."""
+    name, trainer, out = kind_run
+    start = out / "final" / kohya.KOHYA_WEIGHTS
+    again = Trainer(recipe(tiny_sd15, digits_data, tmp_path / "again", *KINDS[name], f"adapter.init_from={start}"))
+    sample, t, text = unet_input(trainer.backbone.denoiser)
+    with torch.no_grad():
+        ours = again.backbone.denoiser.float()(sample, t, text).sample
+        trained = trainer.backbone.denoiser.float()(sample, t, text).sample
+        ids = torch.arange(8)[None]
+        te = again.backbone.text_encoder.float()(ids)[0], trainer.backbone.text_encoder.float()(ids)[0]
+    torch.testing.assert_close(ours, trained, rtol=0, atol=1e-5)
+    torch.testing.assert_close(*te, rtol=0, atol=1e-5)
+    assert again.params and all(p.requires_grad for p in again.params.values())
+    other = "lokr" if name == "loha" else "loha"
+    with pytest.raises(ConfigError, match=f"'adapter.kind' is {other} but adapter.init_from .* holds a {name[:4]}"):
+        Trainer(recipe(tiny_sd15, digits_data, tmp_path / "other", f"adapter.kind={other}",
+                       f"adapter.init_from={start}"))

@@ -1,5 +1,6 @@
 """SIGTERM (preemption) leaves a checkpoint at the current step and exits 0; the run then resumes."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -32,7 +33,8 @@ def test_stop_signal_checkpoints_the_current_step_and_exits_0(tiny_sd15, digits_
     saved = [int(p.name[5:]) for p in (out / "checkpoints").glob("step-*") if (p / "state.json").is_file()]
     assert saved == [logged[-1]] and logged[-1] >= 3
     assert not (out / "final").exists()
-    assert "stop signal" in stdout + stderr
+    assert f"stopped by a signal: step {logged[-1]} checkpointed in {out / 'checkpoints' / f'step-{logged[-1]}'}" \
+        in stdout.splitlines()[-1]  # the last line names the checkpoint
 
 
 def test_second_ctrl_c_aborts_at_once():
@@ -51,3 +53,26 @@ def test_second_ctrl_c_aborts_at_once():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_stopped_run_marks_itself_for_the_batch_script_and_a_finished_one_does_not(tiny_sd15, digits_data, tmp_path):
+    """DIFFTUNE_STOP_MARKER (set by launch/slurm/train.sbatch) gets the checkpoint of a stopped run only: a stop
+    signal that arrives after the last step must not requeue a finished job."""
+    from launch.train import mark_stopped
+    from trainers.engine import TrainResult
+
+    marker = tmp_path / "job.stopped"
+    os.environ["DIFFTUNE_STOP_MARKER"] = str(marker)
+    try:
+        mark_stopped(TrainResult(tmp_path / "run", None, 7, 0.1, stopped=True))
+        assert marker.read_text().strip() == str(tmp_path / "run" / "checkpoints" / "step-7")
+        marker.unlink()
+        proc = subprocess.run([sys.executable, "launch/train.py", "recipes/demo/sd15_lora_tiny.yaml",
+                               f"model.pretrained={tiny_sd15}", f"data.source={digits_data}",
+                               f"output_dir={tmp_path / 'done'}", "train.max_steps=2", "train.report_to=none",
+                               "validation.every_steps=0", "checkpoint.every_steps=0", "data.num_workers=0"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert not marker.exists()
+    finally:
+        del os.environ["DIFFTUNE_STOP_MARKER"]

@@ -131,6 +131,50 @@ def test_preemption_checkpoints_the_step_requeues_and_resumes_exactly(uninterrup
     no_trainer_left()
 
 
+def resumed_every_stop(log: str, out: Path) -> list[int]:
+    """The steps each attempt stopped at; each must be where the next attempt resumed."""
+    stops = [int(line.split()[5].rstrip(":")) for line in log.splitlines() if line.startswith("stopped by a signal: step")]
+    for step in stops:
+        assert f"resumed from {out / 'checkpoints' / f'step-{step}'}" in log, (step, log[-3000:])
+    return stops
+
+
+def test_a_time_limit_signal_checkpoints_requeues_and_the_run_ends_as_uninterrupted(uninterrupted, assets, tmp_path):
+    """--time with --signal=B:USR1@N (the script's own #SBATCH form): Slurm signals the batch shell before the limit
+    (its timer has a 60 s resolution, so here seconds after the start, in every attempt); each attempt checkpoints the
+    step it is on and requeues, and the last one finishes with the uninterrupted run's losses, bitwise."""
+    straight, _ = uninterrupted
+    out = tmp_path / "timed"
+    info = wait_for(sbatch(assets, out, *RUN, flags=("--time=2", "--signal=B:USR1@90")), timeout=900)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0")
+    log = next(tmp_path.glob("timed.slurm-*.out")).read_text(errors="replace")
+    stops = resumed_every_stop(log, out)
+    assert stops and int(info["Restarts"]) == len(stops)
+    assert losses(out) == losses(straight)
+    no_trainer_left()
+
+
+def test_a_signal_during_start_up_ends_cleanly_and_still_requeues(uninterrupted, assets, tmp_path):
+    """The stop arrives before any trainer installed its handler: the trainers (started with USR1 ignored) get it
+    again once they listen, stop after their first step with a checkpoint, and the job requeues and completes."""
+    straight, _ = uninterrupted
+    out = tmp_path / "early"
+    job_id = sbatch(assets, out, *RUN)
+    deadline = time.monotonic() + 120
+    while job(job_id).get("JobState") != "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    assert logged_steps(out) == 0  # sent before the first step (the trainers were still loading)
+    info = wait_for(job_id, timeout=900)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1")
+    log = next(tmp_path.glob("early.slurm-*.out")).read_text(errors="replace")
+    stops = resumed_every_stop(log, out)
+    assert len(stops) == 1 and stops[0] < 100  # well before the first periodic checkpoint
+    assert "Traceback" not in log
+    assert losses(out) == losses(straight)
+    no_trainer_left()
+
+
 def test_two_nodes_train_what_one_node_with_two_processes_does(cluster, assets, tmp_path):
     """DDP across the two slurmd (one process each, rendezvous at node1) against both processes on one node."""
     args = ("train.max_steps=20", "train.log_every=1", "checkpoint.every_steps=10")

@@ -125,7 +125,8 @@ class AdapterConfig:
     target_modules: Optional[tuple[str, ...]] = None  # None: the family's attention projections
     text_encoder: bool = False          # also train the text encoder(s): a LoRA, or all weights with kind: full
     text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
-    init_from: Optional[str] = None     # a kohya-format LoRA (.safetensors) to start from; its ranks win
+    init_from: Optional[str] = None     # a kohya/LyCORIS file (.safetensors) of adapter.kind to start from (LoRA,
+                                        # DoRA, LoHa, LoKr: a LoKr's factor options must be the file's); its ranks win
     lokr_factor: int = _f(-1, min=-1)   # lokr: split each dimension as (factor, dim / factor); -1: as square as it goes
     lokr_decompose_both: bool = False   # lokr: the small Kronecker factor low-rank too
 

@@ -163,9 +163,7 @@ class Trainer:
                 if r.validation.every_steps and step % r.validation.every_steps == 0:
                     self.validate(step)
                 if self._stop_agreed(stop.requested, log_step):
-                    stopped = True
-                    tqdm.write(f"stop signal: checkpointed step {step}; run the same command again to resume "
-                               "(resume: auto)")
+                    stopped = True  # the caller says so, naming the checkpoint (launch/train.py's last line)
                     break
         if not checkpoint.step_dir(self.out, step).exists():
             self.save_checkpoint(step)

@@ -96,7 +96,8 @@ LYCORIS_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", 
                  "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 _FACTOR_SUFFIXES |= {f".{part}": part for part in LYCORIS_PARTS}
 # DoRA's m is LyCORIS's `dora_scale` (its wd_on_out form: shape (out, 1, ...), the norm taken of the merged weight)
-_KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "magnitude"}
+_KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "magnitude",
+                **{part: part for part in LYCORIS_PARTS}}
 
 # Module-name words that hold an underscore; every other "_" in a kohya name stands for a ".".
 _WORDS = {"down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
@@ -117,9 +118,12 @@ class KohyaLora(NamedTuple):
 
     @property
     def kind(self) -> str:
-        """dora when the file carries dora_scale, else lora: what adapter.kind must be to go on from it."""
-        states = [self.unet, *self.text_encoders.values()]
-        return "dora" if any(k.endswith(".lora_magnitude_vector") for s in states for k in s) else "lora"
+        """What adapter.kind must be to go on from the file: loha / lokr (LyCORIS names), dora (dora_scale), lora."""
+        keys = [k for s in (self.unet, *self.text_encoders.values()) for k in s]
+        for kind, mark in (("loha", ".hada_"), ("lokr", ".lokr_"), ("dora", ".lora_magnitude_vector")):
+            if any(mark in k for k in keys):
+                return kind
+        return "lora"
 
 
 def family_of(family: str | Family) -> Family:
@@ -298,16 +302,23 @@ def from_kohya(state: dict[str, torch.Tensor], family: str | Family = "sd15") ->
         if prefix is None:
             raise UserError(f"kohya import: {key!r} starts with none of {', '.join(components)}")
         if part not in _KOHYA_PARTS:
-            raise UserError(f"kohya import: {key!r} is not a LoRA or DoRA weight (lora_down.weight, lora_up.weight, "
-                            f"alpha, dora_scale); LoHa, LoKr and the like cannot start a run")
+            raise UserError(f"kohya import: {key!r} is not a LoRA, DoRA, LoHa or LoKr weight (lora_down.weight, "
+                            f"lora_up.weight, alpha, dora_scale, hada_*, lokr_*)")
         component, path = components[prefix], dotted(name[len(prefix) + 1:])
         path = diffusers_path(path, fam.layers_per_block) if component == UNET else clip_path(path)
         modules.setdefault((component, path), {})[_KOHYA_PARTS[part]] = tensor
     out = KohyaLora({}, {}, {})
     for (component, path), part in modules.items():
+        target = out.unet if component == UNET else out.text_encoders.setdefault(component, {})
+        lycoris = set(part) & set(LYCORIS_PARTS)
+        if lycoris:  # peft names LoHa/LoKr factors as LyCORIS does; a LoKr of whole matrices has its scale folded in
+            target |= {f"{path}.{name}": part[name] for name in lycoris}
+            whole = lycoris <= {"lokr_w1", "lokr_w2"}  # two whole matrices: readers apply no scale, whatever alpha
+            out.alphas[f"{component}.{path}"] = float(part["alpha"].item()) if "alpha" in part and not whole \
+                else float("nan")  # nan: scale 1 (load_lora sets alpha = r)
+            continue
         if not {"down", "up"} <= set(part):
             raise UserError(f"kohya import: {component}.{path} lacks lora_down or lora_up")
-        target = out.unet if component == UNET else out.text_encoders.setdefault(component, {})
         target[f"{path}.lora_A.weight"] = part["down"]
         target[f"{path}.lora_B.weight"] = part["up"]
         if "magnitude" in part:
@@ -350,39 +361,66 @@ def _full_kronecker(layer) -> bool:
 
 
 def load_lora(module: torch.nn.Module, state: dict[str, torch.Tensor], alphas: dict[str, float],
-              component: str) -> None:
+              component: str, adapter=None) -> None:
     """Freeze `module` and add a trainable peft adapter 'default' shaped like `state` (per-layer r and alpha).
 
     `state` is one component of `from_kohya`; `alphas` its alphas, keyed "<component>.<path>". Text-encoder paths
     lose their `text_model.` level where the module has none (transformers 5's CLIPTextModel), as diffusers does.
+    LoHa and LoKr need `adapter` (the recipe's AdapterConfig): a LoKr's factor options decide its factor shapes,
+    and they must be the file's.
     """
     from peft.utils import set_peft_model_state_dict
 
     if component != UNET and not hasattr(module, "text_model"):
         state = {key.removeprefix("text_model."): value for key, value in state.items()}
         alphas = {key.replace(".text_model.", ".", 1): value for key, value in alphas.items()}
-    ranks = {key.removesuffix(".lora_A.weight"): value.shape[0] for key, value in state.items()
-             if key.endswith(".lora_A.weight")}
+    kind = KohyaLora(state, {}, {}).kind
+    ranks = _ranks(state, kind, adapter)
+    layer_alphas = {path: alphas[f"{component}.{path}"] for path in ranks}
+    layer_alphas = {path: float(ranks[path]) if math.isnan(a) else a for path, a in layer_alphas.items()}  # scale 1
     dora = {key.removesuffix(".lora_magnitude_vector") for key in state if key.endswith(".lora_magnitude_vector")}
     if dora and dora != set(ranks):
         raise UserError(f"kohya import: {component} mixes DoRA and plain LoRA layers (e.g. "
                         f"{next(iter(set(ranks) - dora))} has no dora_scale), which one peft adapter cannot hold")
     module.requires_grad_(False)
-    module.add_adapter(lora_config(ranks, {path: alphas[f"{component}.{path}"] for path in ranks}, bool(dora)))
-    result = set_peft_model_state_dict(module, state)
+    module.add_adapter(lora_config(ranks, layer_alphas, bool(dora), kind, adapter))
+    try:
+        result = set_peft_model_state_dict(module, state)
+    except RuntimeError as e:  # a factor of another shape: a LoKr split differently
+        raise UserError(f"kohya import: {component}'s {kind} factors do not fit the layers peft made "
+                        f"({str(e).splitlines()[0][:160]}); a LoKr needs the file's adapter.lokr_factor and "
+                        "adapter.lokr_decompose_both") from None
     if result.unexpected_keys:
         raise UserError(f"kohya import: {component} has no layer for {', '.join(result.unexpected_keys[:3])}")
 
 
-def lora_config(ranks: dict[str, int], alphas: dict[str, float], dora: bool = False):
-    """A LoraConfig for exactly these layers; layers off the most common r or alpha go in rank/alpha_pattern."""
-    from peft import LoraConfig
+def _ranks(state: dict[str, torch.Tensor], kind: str, adapter) -> dict[str, int]:
+    """Each adapted layer's rank, read from its factors' shapes (a LoKr of whole matrices: the recipe's rank)."""
+    if kind == "loha":
+        return {k.removesuffix(".hada_w1_b"): v.shape[0] for k, v in state.items() if k.endswith(".hada_w1_b")}
+    if kind == "lokr":
+        paths = {k.rsplit(".", 1)[0] for k in state}
+        low = {k.rsplit(".", 1)[0]: v.shape[0] for k, v in state.items() if k.endswith((".lokr_w2_b", ".lokr_w1_b"))}
+        return {path: low.get(path, adapter.rank) for path in paths}
+    return {k.removesuffix(".lora_A.weight"): v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight")}
+
+
+def lora_config(ranks: dict[str, int], alphas: dict[str, float], dora: bool = False, kind: str = "lora",
+                adapter=None):
+    """A peft config of `kind` for exactly these layers; layers off the most common r or alpha go in
+    rank/alpha_pattern."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
-    return LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(ranks), use_dora=dora,
-                      rank_pattern={path: v for path, v in ranks.items() if v != r},
-                      alpha_pattern={path: v for path, v in alphas.items() if v != alpha})
+    common = dict(r=r, target_modules=sorted(ranks), rank_pattern={path: v for path, v in ranks.items() if v != r},
+                  alpha_pattern={path: v for path, v in alphas.items() if v != alpha})
+    if kind == "loha":
+        return LoHaConfig(alpha=alpha, **common)
+    if kind == "lokr":
+        return LoKrConfig(alpha=alpha, decompose_factor=adapter.lokr_factor, decompose_both=adapter.lokr_decompose_both,
+                          **common)
+    return LoraConfig(lora_alpha=alpha, use_dora=dora, **common)
 
 
 def kohya_metadata(rank: int, alpha: float, title: str, family: str | Family = "sd15",

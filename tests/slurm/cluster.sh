@@ -2,7 +2,8 @@
 # A local Slurm cluster for the Slurm tests: munged, slurmctld and two slurmd (node1, node2) on this host.
 #   tests/slurm/cluster.sh start   install Debian's slurm-wlm and munge if missing, write the config, start
 #   tests/slurm/cluster.sh stop    stop exactly the daemons `start` recorded, and the jobs they ran
-# Root only (it writes /etc/slurm and starts daemons). Facts it relies on: two slurmd on one host need
+# Root only (it writes /etc/slurm and starts daemons). Process tracking is proctrack/cgroup where this host lets
+# us create cgroups (production clusters run it), else proctrack/linuxproc; SLURM_TEST_PROCTRACK picks one. Facts it relies on: two slurmd on one host need
 # NodeAddr=127.0.0.1, a Port each, NodeHostname = this host's name and `slurmd -N <node>`.
 set -euo pipefail
 STATE=${SLURM_TEST_STATE:-/tmp/difftune-slurm}
@@ -17,12 +18,24 @@ start() {
             >"$STATE.apt.log" 2>&1 || { echo "apt-get install slurm-wlm munge failed: see $STATE.apt.log" >&2; exit 1; }
     fi
     mkdir -p "$STATE" /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
+    local proctrack=${SLURM_TEST_PROCTRACK:-}
+    if [ -z "$proctrack" ]; then  # cgroup as production clusters run it, where this host lets us make cgroups
+        proctrack=proctrack/linuxproc
+        if mkdir /sys/fs/cgroup/freezer/difftune_probe 2>/dev/null; then
+            rmdir /sys/fs/cgroup/freezer/difftune_probe
+            proctrack=proctrack/cgroup
+        fi
+    fi
+    # cgroup v1 (freezer and friends mounted one per controller, as in this CI's containers); v2 elsewhere
+    [ -d /sys/fs/cgroup/freezer ] && plugin=cgroup/v1 || plugin=autodetect
+    printf 'CgroupPlugin=%s\nCgroupAutomount=yes\nConstrainCores=no\nConstrainRAMSpace=no\nConstrainDevices=no\n' \
+        "$plugin" >/etc/slurm/cgroup.conf
     cat >"$CONF" <<CONF
 ClusterName=difftune
 SlurmctldHost=$HOST(127.0.0.1)
 AuthType=auth/munge
 AuthInfo=cred_expire=10
-ProctrackType=${SLURM_TEST_PROCTRACK:-proctrack/linuxproc}
+ProctrackType=$proctrack
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
@@ -53,7 +66,7 @@ CONF
     slurmd -N node2
     for _ in $(seq 60); do
         if [ "$(sinfo -h -o %T -t idle 2>/dev/null | wc -l)" -ge 1 ] && [ "$(sinfo -h -N -o %T | grep -c idle)" -eq 2 ]; then
-            echo "slurm: node1 node2 idle"; return 0
+            echo "slurm: node1 node2 idle ($proctrack)"; return 0
         fi
         sleep 1
     done

@@ -36,7 +36,7 @@ class FineTune(Objective):
                 if name not in backbone.trainable_text_encoders:
                     continue
                 if start is not None and name in start.text_encoders:
-                    kohya.load_lora(encoder, start.text_encoders[name], start.alphas, name)
+                    kohya.load_lora(encoder, start.text_encoders[name], start.alphas, name, ad)
                 elif ad.text_encoder:
                     adapters.add_lora(encoder, ad, ad.text_encoder_target_modules)
                 else:
@@ -65,7 +65,7 @@ class FineTune(Objective):
         if start.kind != self.recipe.adapter.kind:
             raise ConfigError(f"'adapter.kind' is {self.recipe.adapter.kind} but adapter.init_from {path} holds a "
                               f"{start.kind}: set adapter.kind: {start.kind} to go on from it")
-        kohya.load_lora(self.denoiser, start.unet, start.alphas, kohya.UNET)
+        kohya.load_lora(self.denoiser, start.unet, start.alphas, kohya.UNET, self.recipe.adapter)
         return start
 
     def trained_modules(self):
