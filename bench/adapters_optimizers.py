@@ -1,6 +1,7 @@
 """Adapter kinds and optimizers on the demo's concept LoRA (teach the demo teacher purple), at default settings.
 
     python bench/adapters_optimizers.py [--steps 300] [--variants lora dora loha lokr prodigy schedulefree]
+    python bench/adapters_optimizers.py --variants full-adamw full-adafactor full-came   # optimizer.name for full
                                         [--workdir /tmp/bench_adapters]
 
 Each variant is recipes/demo/shapes_concept_lora_tiny.yaml with one change (the adapter kind, or the optimizer at
@@ -32,6 +33,10 @@ VARIANTS = {
     "prodigy-dcoef0.5": ["optimizer.name=prodigy", "optimizer.lr=1.0", "optimizer.safeguard_warmup=true",
                          "optimizer.d_coef=0.5"],
     "schedulefree": ["optimizer.name=adamw_schedulefree", "lr_schedule.name=constant"],
+    # full fine-tunes of the teacher's U-Net at one full-fine-tune lr: AdamW against the two low-memory optimizers
+    "full-adamw": ["adapter.kind=full", "optimizer.lr=1e-4"],
+    "full-adafactor": ["adapter.kind=full", "optimizer.name=adafactor", "optimizer.lr=1e-4"],
+    "full-came": ["adapter.kind=full", "optimizer.name=came", "optimizer.lr=1e-4"],
 }
 
 

@@ -148,9 +148,10 @@ class OptimizerConfig:
     # prodigy (prodigyopt) estimates its own step size: lr multiplies it, so lr: 1.0;
     # adamw_schedulefree (schedulefree) needs no decay schedule (lr_schedule constant; warmup_steps applies) and
     # exports its averaged weights; adafactor (transformers') factored second moments, no first: full fine-tunes of
-    # large models in little memory (lr as for AdamW's full fine-tunes, ~1e-5)
+    # large models in little memory (lr as for AdamW's full fine-tunes, ~1e-5); came (came-pytorch): Adafactor's
+    # factored second moment plus a first moment and a confidence scale (half AdamW's state)
     name: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "prodigy", "adamw_schedulefree",
-                  "adafactor"] = "adamw"
+                  "adafactor", "came"] = "adamw"
     lr: float = _f(1e-4, min=0.0)
     text_encoder_lr: Optional[float] = _f(None, min=0.0)  # None: same as lr
     betas: tuple[float, float] = (0.9, 0.999)

@@ -1,7 +1,9 @@
 """Optimizers by recipe name, the LR schedule, and what some optimizers need beyond step().
 
 Adafactor factors Adam's second moment of each matrix into a row and a column vector and keeps no first moment:
-for a full fine-tune of a large denoiser its state is a few MB where AdamW's is twice the weights.
+for a full fine-tune of a large denoiser its state is a few MB where AdamW's is twice the weights. CAME (Luo et al.
+2023) keeps Adafactor's factored second moment plus a first moment (half AdamW's state) and scales updates by a
+factored estimate of their instability.
 
 Prodigy (Mishchenko & Defazio 2023) estimates its own step size d; `optimizer.lr` multiplies it (1.0 by its
 convention), and d is logged and checkpointed with the optimizer state. Schedule-free AdamW (Defazio et al. 2024)
@@ -23,7 +25,8 @@ BNB_OPTIMIZERS = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit",
 PRODIGY_KEYS = ("d0", "d_coef", "safeguard_warmup")  # optimizer.<key>: Prodigy's own options
 AVERAGING = ("adamw_schedulefree",)  # export averaged weights its optimizer state holds (`averaged_weights`)
 # per trained weight: float32 moments (8-bit: 2); Adafactor keeps a row and a column of second moments per matrix
-STATE_BYTES = {"adamw": 8, "lion8bit": 1, "prodigy": 16, "adamw_schedulefree": 8, "adafactor": 0}
+STATE_BYTES = {"adamw": 8, "lion8bit": 1, "prodigy": 16, "adamw_schedulefree": 8, "adafactor": 0, "came": 4}
+CAME_BETA3 = 0.9999  # CAME's third beta (the instability moment), the paper's default
 
 
 def optimizer_state_bytes(name: str) -> int:
@@ -73,6 +76,9 @@ def make_optimizer(groups: list[dict], cfg: OptimizerConfig) -> torch.optim.Opti
 
         return Adafactor(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, scale_parameter=False,
                          relative_step=False, warmup_init=False)
+    if cfg.name == "came":  # Luo et al. 2023: Adafactor's factored second moment with a confidence-guided
+        came = _import("came_pytorch", cfg.name, "came-pytorch")  # first moment; its own eps (1e-30, 1e-16)
+        return came.CAME(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(*cfg.betas, CAME_BETA3))
     if cfg.name == "adamw_schedulefree":
         schedulefree = _import("schedulefree", cfg.name, "schedulefree")
         optimizer = schedulefree.AdamWScheduleFree(groups, **kwargs)  # warmup: the engine's lr_schedule
