@@ -98,35 +98,20 @@ def test_a_schedule_free_checkpoint_exports_the_averaged_weights_too(recipe_for,
     assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
 
 
-def test_adafactor_keeps_factored_moments_and_resumes_exactly(recipe_for, tmp_path):
-    """A full fine-tune: each matrix's state is a row and a column vector (no (out, in) moment), and a run split by
-    a resume ends where an unbroken one does."""
-    args = ("optimizer.name=adafactor", "optimizer.lr=1e-4", "adapter.kind=full", "train.max_steps=4",
+@pytest.mark.parametrize("name,kept,absent", [
+    ("adafactor", {"exp_avg_sq_row", "exp_avg_sq_col"}, "exp_avg"),            # no first moment at all
+    ("came", {"exp_avg", "exp_avg_sq_row", "exp_avg_res_col"}, "exp_avg_sq"),  # a first moment, factored second
+])
+def test_factored_optimizers_keep_factored_moments_and_resume_exactly(name, kept, absent, recipe_for, tmp_path):
+    """A full fine-tune: each matrix's second moment (and CAME's instability moment) is a row and a column vector, no
+    (out, in) moment, and a run split by a resume ends where an unbroken one does."""
+    args = (f"optimizer.name={name}", "optimizer.lr=1e-4", "adapter.kind=full", "train.max_steps=4",
             "checkpoint.every_steps=2", "export.dtype=float32")
     trainer = Trainer(recipe_for(*args, out=tmp_path / "straight"))
     trainer.fit()
     state = trainer.optimizer.optimizer.state
     matrices = [p for p in trainer.params.values() if p.dim() == 2 and p in state]
-    assert matrices and all(set(state[p]) >= {"exp_avg_sq_row", "exp_avg_sq_col"} and "exp_avg" not in state[p]
-                            for p in matrices)
-    Trainer(recipe_for(*args, out=tmp_path / "split")).fit(until=2)
-    Trainer(recipe_for(*args, "resume=auto", out=tmp_path / "split")).fit()
-    a, b = (load_file(tmp_path / run / "final" / "unet" / "diffusion_pytorch_model.safetensors")
-            for run in ("straight", "split"))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-7
-
-
-def test_came_keeps_factored_moments_and_resumes_exactly(recipe_for, tmp_path):
-    """CAME on a full fine-tune: a first moment per weight, factored second and instability moments per matrix, and a
-    run split by a resume ends where an unbroken one does."""
-    args = ("optimizer.name=came", "optimizer.lr=1e-4", "adapter.kind=full", "train.max_steps=4",
-            "checkpoint.every_steps=2", "export.dtype=float32")
-    trainer = Trainer(recipe_for(*args, out=tmp_path / "straight"))
-    trainer.fit()
-    state = trainer.optimizer.optimizer.state
-    matrices = [p for p in trainer.params.values() if p.dim() == 2 and p in state]
-    assert matrices and all({"exp_avg", "exp_avg_sq_row", "exp_avg_res_col"} <= set(state[p])
-                            and "exp_avg_sq" not in state[p] for p in matrices)
+    assert matrices and all(kept <= set(state[p]) and absent not in state[p] for p in matrices)
     Trainer(recipe_for(*args, out=tmp_path / "split")).fit(until=2)
     Trainer(recipe_for(*args, "resume=auto", out=tmp_path / "split")).fit()
     a, b = (load_file(tmp_path / run / "final" / "unet" / "diffusion_pytorch_model.safetensors")

@@ -454,13 +454,17 @@ def kohya_metadata(rank: int, alpha: float, title: str, family: str | Family = "
 
 def save_kohya(path: str | Path, state: dict[str, torch.Tensor], alphas: dict[str, float] | float,
                metadata: dict[str, str], family: str | Family = "sd15") -> Path:
-    """Convert with `to_kohya` and write safetensors atomically: a temp file beside `path`, then a rename."""
+    """Convert with `to_kohya` and write it with `write_atomically`."""
+    return write_atomically(path, to_kohya(state, alphas, family), metadata)
+
+
+def write_atomically(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Safetensors written to a temp file beside `path`, then renamed over it: a reader never sees half a file."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in to_kohya(state, alphas, family).items()}
     tmp = path.with_name(f".tmp-{path.name}")
-    save_file(tensors, str(tmp), metadata=metadata)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
 

@@ -14,13 +14,12 @@ ComfyUI ignores the LoraConfig metadata that carries alpha: so the single file f
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from trainers.errors import UserError
-from trainers.kohya import KOHYA_WEIGHTS, clip_path, peft_lora
+from trainers.kohya import KOHYA_WEIGHTS, clip_path, peft_lora, write_atomically
 
 DENOISER = "transformer"
 # BFL layer in a double block -> the diffusers modules (in transformer_blocks.<i>) fused into it, in its row order
@@ -162,16 +161,10 @@ def export(out_dir: str | Path, modules: dict[str, torch.nn.Module], family: str
            dtype: torch.dtype) -> Path | None:
     """Write lora_kohya.safetensors for an MMDiT family atomically; None (with a warning) where the LoRA has no such
     form: the diffusers-format file beside it still holds it, and training is not lost to an export error."""
-    from safetensors.torch import save_file
-
     try:
         tensors = WRITERS[family](modules, dtype)
     except UserError as e:
         print(f"warning: no {KOHYA_WEIGHTS} written: {e}", flush=True)
         return None
-    path = Path(out_dir) / KOHYA_WEIGHTS
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_file(tensors, str(tmp), metadata=METADATA[family] | {"modelspec.title": title,
-                                                              "ss_training_comment": "difftune"})
-    os.replace(tmp, path)
-    return path
+    return write_atomically(Path(out_dir) / KOHYA_WEIGHTS, tensors,
+                            METADATA[family] | {"modelspec.title": title, "ss_training_comment": "difftune"})

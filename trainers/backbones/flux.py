@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from trainers.backbones.base import Backbone
 from trainers.backbones.loading import ModelSource
+from trainers.backbones.mmdit import MMDiTBackbone, load_t5
 from trainers.backbones.sd import load_components, load_single_file
-from trainers.backbones.sd3 import JOINT_ATTENTION, load_t5
-from trainers.devices import host_to_device
-
-T5_TOKENS = 512  # FluxPipeline's default max_sequence_length
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -34,28 +30,24 @@ def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
-    """(h/2 * w/2, 3) position ids of packed tokens: (0, row, column)."""
-    ids = torch.zeros(h // 2, w // 2, 3)
-    ids[..., 1] = torch.arange(h // 2)[:, None]
-    ids[..., 2] = torch.arange(w // 2)[None, :]
-    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+    """(h/2 * w/2, 3) position ids of packed tokens: (0, row, column), made on the device (no host copy a step)."""
+    ids = torch.zeros(h // 2, w // 2, 3, device=device, dtype=dtype)
+    ids[..., 1] = torch.arange(h // 2, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(w // 2, device=device, dtype=dtype)[None, :]
+    return ids.reshape(-1, 3)
 
 
-class FluxBackbone(Backbone):
+class FluxBackbone(MMDiTBackbone):
     family = "flux"
-    denoiser_key = "transformer"
     pipeline_name = "FluxPipeline"
     card_tags = ("flux", "flux-diffusers")
-    license = "other"  # the base's own licence (model.pretrained's card names it)
-    # double blocks' joint attention and single blocks' to_q/k/v; MLPs (ff.net.*, ff_context.net.*, proj_mlp) and
-    # norms (norm1.linear, ...) via adapter.target_modules
-    lora_targets = JOINT_ATTENTION
     lora_text_encoders = ("text_encoder",)  # CLIP-L; diffusers' Flux loader has no T5 LoRA
+    default_t5_tokens = 512  # FluxPipeline's max_sequence_length
     model_options = ("guidance", "max_sequence_length")
     text_groups = {"text_encoder": ("pooled",), "text_encoder_2": ("t5",)}
-    patch_size = 2  # latents are packed 2x2: an image's token count, which dynamic shifting reads, is h*w/4
+    # patch_size 2: latents are packed 2x2, so an image's token count, which dynamic shifting reads, is h*w/4
 
-    def __init__(self, parts: dict, guidance: float = 1.0, t5_tokens: int = T5_TOKENS):
+    def __init__(self, parts: dict, guidance: float = 1.0, t5_tokens: int = default_t5_tokens):
         self.denoiser, self.vae = parts["transformer"], parts["vae"]
         self.tokenizers = {"text_encoder": parts["tokenizer"], "text_encoder_2": parts["tokenizer_2"]}
         self.text_encoders = {"text_encoder": parts["text_encoder"], "text_encoder_2": parts["text_encoder_2"]}
@@ -66,7 +58,7 @@ class FluxBackbone(Backbone):
     @classmethod
     def load(cls, source: ModelSource, model=None) -> "FluxBackbone":
         guidance = model.guidance if model is not None and model.guidance is not None else 1.0
-        tokens = model.max_sequence_length if model is not None and model.max_sequence_length else T5_TOKENS
+        tokens = cls.t5_tokens_of(model)
         if source.kind == "single_file":
             return cls(load_single_file(source, cls.pipeline_name, (
                 "transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
@@ -91,16 +83,14 @@ class FluxBackbone(Backbone):
         ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(device)
         pooled = encoders["text_encoder"](ids, output_hidden_states=False).pooler_output
-        ids = self.tokenizers["text_encoder_2"](captions, padding="max_length", max_length=self.t5_tokens,
-                                                truncation=True, return_tensors="pt").input_ids.to(device)
-        return {"pooled": pooled, "t5": encoders["text_encoder_2"](ids, output_hidden_states=False)[0]}
+        return {"pooled": pooled, "t5": self.encode_t5(captions, "text_encoder_2", encoders, device)}
 
     def denoiser_kwargs(self, text, batch, device):
         t5 = text["t5"]
         kwargs = {"encoder_hidden_states": t5, "pooled_projections": text["pooled"],
                   "txt_ids": torch.zeros(t5.shape[1], 3, device=t5.device, dtype=t5.dtype)}
-        if self.guidance_distilled:
-            kwargs["guidance"] = host_to_device([self.guidance] * t5.shape[0], device, torch.float32)
+        if self.guidance_distilled:  # made on the device: no host copy each step
+            kwargs["guidance"] = torch.full((t5.shape[0],), self.guidance, device=t5.device, dtype=torch.float32)
         return kwargs
 
     def predict(self, z_t, t, cond, denoiser=None):
@@ -109,9 +99,6 @@ class FluxBackbone(Backbone):
         out = (denoiser or self.denoiser)(hidden_states=pack(z_t), timestep=t / 1000,
                                           img_ids=image_ids(h, w, z_t.device, z_t.dtype), **cond).sample
         return unpack(out, h, w)
-
-    def sampling_kwargs(self) -> dict:
-        return {"max_sequence_length": self.t5_tokens}
 
     def pipeline(self, denoiser, text_encoders, scheduler):
         return self.pipeline_class()(

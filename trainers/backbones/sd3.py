@@ -12,38 +12,22 @@ from __future__ import annotations
 
 import torch
 
-from trainers.backbones.base import Backbone
 from trainers.backbones.loading import ModelSource, has_component
+from trainers.backbones.mmdit import MMDiTBackbone, load_t5
 from trainers.backbones.sd import load_components, load_single_file
 
-T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
-# an MMDiT's joint attention: the image stream's projections and the text stream's (add_*), Flux's too
-JOINT_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
-
-def load_t5(source: ModelSource, encoder: str, tokenizer: str) -> dict:
-    """T5's encoder and tokenizer components (a missing sentencepiece/tokenizer is named by load_components)."""
-    from transformers import T5EncoderModel, T5TokenizerFast
-
-    return load_components(source, {encoder: T5EncoderModel, tokenizer: T5TokenizerFast})
-
-
-class SD3Backbone(Backbone):
+class SD3Backbone(MMDiTBackbone):
     family = "sd3"
-    denoiser_key = "transformer"
     pipeline_name = "StableDiffusion3Pipeline"
     card_tags = ("sd3", "sd3-diffusers")
-    license = "other"  # the base's own licence (model.pretrained's card names it)
-    # SD3.5's second attention (attn2) has the same names; MLPs (ff.net.0.proj, ff.net.2, ff_context.*) and norms
-    # via adapter.target_modules
-    lora_targets = JOINT_ATTENTION
     lora_text_encoders = ("text_encoder", "text_encoder_2")  # the CLIPs; diffusers' SD3 loader has no T5 LoRA
-    patch_size = 2
+    default_t5_tokens = 256  # StableDiffusion3Pipeline's max_sequence_length
     model_options = ("t5", "max_sequence_length")
     text_groups = {"text_encoder": ("clip_l", "pooled_l"), "text_encoder_2": ("clip_g", "pooled_g"),
                    "text_encoder_3": ("t5",)}
 
-    def __init__(self, parts: dict, t5_tokens: int = T5_TOKENS):
+    def __init__(self, parts: dict, t5_tokens: int = default_t5_tokens):
         self.denoiser, self.vae = parts["transformer"], parts["vae"]
         self.tokenizers = {"text_encoder": parts["tokenizer"], "text_encoder_2": parts["tokenizer_2"]}
         self.text_encoders = {"text_encoder": parts["text_encoder"], "text_encoder_2": parts["text_encoder_2"]}
@@ -57,7 +41,7 @@ class SD3Backbone(Backbone):
     @classmethod
     def load(cls, source: ModelSource, model=None) -> "SD3Backbone":
         want_t5 = model is None or model.t5
-        tokens = (model.max_sequence_length if model is not None and model.max_sequence_length else T5_TOKENS)
+        tokens = cls.t5_tokens_of(model)
         if source.kind == "single_file":
             parts = load_single_file(source, cls.pipeline_name, (
                 "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
@@ -92,10 +76,7 @@ class SD3Backbone(Backbone):
             out = encoders[name](ids, output_hidden_states=True)
             text |= {f"clip_{suffix}": out.hidden_states[-2], f"pooled_{suffix}": out[0]}
         if self.has_t5:
-            ids = self.tokenizers["text_encoder_3"](captions, padding="max_length", max_length=self.t5_tokens,
-                                                    truncation=True, add_special_tokens=True,
-                                                    return_tensors="pt").input_ids.to(device)
-            text["t5"] = encoders["text_encoder_3"](ids)[0]
+            text["t5"] = self.encode_t5(captions, "text_encoder_3", encoders, device)
         return text
 
     def denoiser_kwargs(self, text, batch, device):
@@ -113,13 +94,9 @@ class SD3Backbone(Backbone):
     def predict(self, z_t, t, cond, denoiser=None):
         return (denoiser or self.denoiser)(hidden_states=z_t, timestep=t, **cond).sample
 
-    def sampling_kwargs(self) -> dict:
-        return {"max_sequence_length": self.t5_tokens}
-
     def pipeline(self, denoiser, text_encoders, scheduler):
         return self.pipeline_class()(
             transformer=denoiser, scheduler=scheduler, vae=self.vae,
             text_encoder=text_encoders["text_encoder"], tokenizer=self.tokenizers["text_encoder"],
             text_encoder_2=text_encoders["text_encoder_2"], tokenizer_2=self.tokenizers["text_encoder_2"],
             text_encoder_3=text_encoders.get("text_encoder_3"), tokenizer_3=self.tokenizers.get("text_encoder_3"))
-

@@ -32,9 +32,8 @@ class FineTune(Objective):
             start = self.load_kohya(ad.init_from) if ad.init_from else None
             if start is None:
                 adapters.add_lora(self.denoiser, ad, ad.target_modules or backbone.lora_targets)
-            for name, encoder in backbone.text_encoders.items():
-                if name not in backbone.trainable_text_encoders:
-                    continue
+            for name in backbone.trainable_text_encoders:
+                encoder = backbone.text_encoders[name]
                 if start is not None and name in start.text_encoders:
                     kohya.load_lora(encoder, start.text_encoders[name], start.alphas, name, ad)
                 elif ad.text_encoder:

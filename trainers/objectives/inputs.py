@@ -24,14 +24,13 @@ def dropped_captions(seeds: list[int], p: float, groups: dict[str, tuple[str, ..
     groups (a family's text encoder -> its text keys): each encoder's input is dropped on its own, with its own
     draw, and the flags come per text key (the SD3 paper trains so, so that any subset of encoders can be left out).
     """
+    def draw(purpose: int) -> list[bool]:
+        return (seeding.rand(seeds, purpose, "cpu") < p).tolist() if p > 0 else [False] * len(seeds)
+
     if groups is None:
-        return (seeding.rand(seeds, seeding.DROPOUT, "cpu") < p).tolist() if p > 0 else [False] * len(seeds)
-    out = {}
-    for i, keys in enumerate(groups.values()):
-        flags = (seeding.rand(seeds, seeding.mix(seeding.DROPOUT, i + 1), "cpu") < p).tolist() if p > 0 \
-            else [False] * len(seeds)
-        out |= dict.fromkeys(keys, flags)
-    return out
+        return draw(seeding.DROPOUT)
+    return {key: flags for i, keys in enumerate(groups.values())
+            for flags in [draw(seeding.mix(seeding.DROPOUT, i + 1))] for key in keys}
 
 
 def any_dropped(dropped: list[bool] | dict[str, list[bool]]) -> bool:
