@@ -1,9 +1,13 @@
 # Sourced by train.sbatch and node.sh. wait_for PID: wait until PID ends and set $status to its exit status.
 # A trap that sets interrupted=1 makes bash's `wait` return early (128 + the signal) while PID still runs: it is
-# waited for again, not taken for its status. While $stop is 1, the command in $on_stop runs every 5 s until PID
-# ends (node.sh re-sends the stop to trainers that were not yet listening).
+# waited for again, not taken for its status. While $stop is 1 (set by such a trap, before or during the wait), the
+# command in $on_stop runs every 5 s until PID ends: a stop re-sent reaches processes that were not yet listening.
 wait_for() {
     local pid=$1 rc last=""
+    while [ "${stop:-0}" = 1 ] && kill -0 "$pid" 2>/dev/null; do  # the stop came before PID was started
+        sleep 5
+        eval "${on_stop:-:}"
+    done
     while :; do
         interrupted=0
         wait "$pid"
@@ -16,7 +20,7 @@ wait_for() {
             last=$rc
             while [ "${stop:-0}" = 1 ] && kill -0 "$pid" 2>/dev/null; do
                 sleep 5
-                ${on_stop:-:}
+                eval "${on_stop:-:}"
             done
             continue
         fi
