@@ -165,10 +165,16 @@ def add_cache(commands) -> None:
 def run_synth(args: argparse.Namespace) -> int:
     """Write the procedural shapes benchmark; numpy and PIL only."""
     from datasets_prep.synth import parse_rules, write_synth_dataset
+    from datasets_prep.synth_world2 import write_world2_dataset
 
+    if args.world == "v2" and (args.only or args.exclude):
+        raise UserError("synth: --only/--exclude restrict world v1's factors; world v2 draws every value")
     try:
-        count = write_synth_dataset(args.out, n=args.n, size=args.size, seed=args.seed, edges=args.edges,
-                                    only=parse_rules(args.only), exclude=parse_rules(args.exclude))
+        if args.world == "v2":
+            count = write_world2_dataset(args.out, n=args.n, size=args.size, seed=args.seed, edges=args.edges)
+        else:
+            count = write_synth_dataset(args.out, n=args.n, size=args.size, seed=args.seed, edges=args.edges,
+                                        only=parse_rules(args.only), exclude=parse_rules(args.exclude))
     except ValueError as e:
         raise UserError(f"synth: {e}") from None
     print(f"wrote {count} images to {args.out}")
@@ -176,10 +182,13 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def add_synth(commands) -> None:
-    """Register `synth`: shapes with known shape, colour, size, position and background, for evaluation."""
+    """Register `synth`: shapes with known factors, for evaluation (world v1, or v2's open captions)."""
     parser = commands.add_parser("synth", help="write a procedural shapes imagefolder with known ground truth")
     parser.add_argument("--out", required=True, help="output folder (images/, metadata.jsonl, factors.json)")
     parser.add_argument("--n", type=positive_int, required=True, help="number of images; a smaller n is a prefix")
+    parser.add_argument("--world", choices=("v1", "v2"), default="v1",
+                        help="v1: one shape, every factor in the caption; v2: one to three shapes, captions that "
+                             "leave factors open (datasets_prep/synth_world2.py)")
     parser.add_argument("--size", type=int, choices=(32, 64), default=32, help="image side in pixels")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed for factors, jitter and texture")
     parser.add_argument("--edges", action="store_true",

@@ -56,10 +56,13 @@ def centre(factors: dict, size: int, seed: int) -> tuple[float, float]:
 def shape_mask(factors: dict, size: int, seed: int) -> np.ndarray:
     """Boolean (size, size) mask of the shape, tested at pixel centres so edges are hard (no antialiasing)."""
     cx, cy = centre(factors, size, seed)
-    h = HALF_EXTENT[factors["size"]] * size
+    return mask_at(factors["shape"], cx, cy, HALF_EXTENT[factors["size"]] * size, size)
+
+
+def mask_at(kind: str, cx: float, cy: float, h: float, size: int) -> np.ndarray:
+    """A shape of half extent h centred at (cx, cy), as a (size, size) mask; world v2 draws with it too."""
     ys, xs = np.mgrid[0:size, 0:size] + 0.5
     dx, dy = xs - cx, ys - cy
-    kind = factors["shape"]
     if kind == "circle":
         return dx**2 + dy**2 <= h**2
     if kind == "square":
@@ -176,5 +179,6 @@ def write_synth_dataset(out, n: int, size: int = 32, seed: int = 0, edges: bool 
         remove_stale(conditioning, keep if edges else set())
     summary = {"factors": allowed, "colours": COLOURS, "backgrounds": BACKGROUNDS, "size": size, "seed": seed, "n": n}
     write_atomically(out / "factors.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+    (out / "world.json").unlink(missing_ok=True)  # a world v2 dataset written here before
     write_atomically(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
     return n

@@ -7,6 +7,11 @@ fine-tune objective on random-initialised weights. The result is a stock StableD
 U-Net a CoordUNet2DConditionModel: SD's U-Net plus two coordinate input channels), saved in float16.
 
     python launch/demo_teacher.py --work teacher_work --out assets/demo_teacher [--vae-steps N] [--unet-steps N]
+    python launch/demo_teacher.py --world v2 --work teacher2_work --out assets/demo_teacher_v2   # benchmark v2
+
+--world v2 trains the same layout on world v2 (datasets_prep/synth_world2.py: one to three shapes, captions that
+leave factors open) with its own tokenizer (longer captions) and recipe (recipes/demo/teacher2_unet.yaml); the
+VAE sees v2 images too (stripes and patterned backgrounds).
 
 Choices a CPU-only trial taught (issue #10): v-prediction on DDPM's linear schedule (beta_end 0.02), since
 with SD's weaker schedule the last timestep of a 16x16 latent still shows the layout and the model learns to
@@ -25,6 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from dataclasses import dataclass  # noqa: E402
+
 from launch.cli import run_cli  # noqa: E402
 from launch.clip_bpe import write_bpe_files  # noqa: E402
 from trainers.errors import UserError  # noqa: E402
@@ -37,13 +44,52 @@ RESOLUTION = 32
 MAX_TOKENS = 24  # the longest caption is 15 tokens with BOS and EOS
 
 
-def caption_corpus() -> str:
-    """Every word a synthetic caption can use, held-out colour included, so each is one token."""
+@dataclass(frozen=True)
+class World:
+    """What differs between the teachers of the two benchmark worlds."""
+    name: str
+    max_tokens: int
+    unet_recipe: Path
+    out: Path
+    work: Path
+
+
+WORLDS = {
+    "v1": World("v1", MAX_TOKENS, UNET_RECIPE, ROOT / "assets" / "demo_teacher", Path("teacher_work")),
+    # the longest v2 caption (three objects, every attribute named, and a background) is about 40 tokens
+    "v2": World("v2", 48, ROOT / "recipes" / "demo" / "teacher2_unet.yaml", ROOT / "assets" / "demo_teacher_v2",
+                Path("teacher2_work")),
+}
+
+
+def caption_corpus(world: str = "v1") -> str:
+    """Every word a synthetic caption can use (v1: held-out colour included), so each is one token."""
+    if world == "v2":
+        from datasets_prep import synth_world2 as w2
+
+        names = [*w2.OBJECT_FACTORS.values(), w2.BACKGROUNDS, w2.RELATIONS, w2.COUNT_WORDS.values()]
+        examples = [w2.caption(w2.draw_record(0, i)[0]) for i in range(64)]
+        words = {w for values in names for v in values for w in v.split()} | {w for e in examples for w in e.split()}
+        return "\n".join([*examples, *sorted(words)])
     from datasets_prep.synth import FACTORS, caption
 
     words = {w for values in FACTORS.values() for v in values for w in v.split()}
     example = caption({name: values[0] for name, values in FACTORS.items()})
     return "\n".join([example, *sorted(words | set(example.split()))])
+
+
+def write_data(world: str, folder: Path, n: int, seed: int, every_colour: bool) -> None:
+    """The training images of a world (v1 holds purple out unless every_colour, for the VAE)."""
+    if (folder / "metadata.jsonl").is_file():
+        return
+    if world == "v2":
+        from datasets_prep.synth_world2 import write_world2_dataset
+
+        write_world2_dataset(folder, n=n, size=RESOLUTION, seed=seed)
+        return
+    from datasets_prep.synth import write_synth_dataset
+
+    write_synth_dataset(folder, n=n, size=RESOLUTION, seed=seed, exclude=None if every_colour else HELD_OUT)
 
 
 def unet_config() -> dict:
@@ -85,11 +131,11 @@ def vae_config() -> dict:
     }
 
 
-def text_encoder_config(vocab: dict) -> dict:
+def text_encoder_config(vocab: dict, max_tokens: int = MAX_TOKENS) -> dict:
     from launch.clip_bpe import BOS, EOS
 
     return {"vocab_size": len(vocab), "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "intermediate_size": 256, "max_position_embeddings": MAX_TOKENS, "hidden_act": "quick_gelu",
+            "intermediate_size": 256, "max_position_embeddings": max_tokens, "hidden_act": "quick_gelu",
             "projection_dim": 64, "bos_token_id": vocab[BOS], "eos_token_id": vocab[EOS], "pad_token_id": vocab[EOS]}
 
 
@@ -100,7 +146,7 @@ def scheduler_config() -> dict:
             "clip_sample": False, "set_alpha_to_one": False}
 
 
-def build_initial(out: Path, seed: int = 0) -> Path:
+def build_initial(out: Path, seed: int = 0, world: str = "v1") -> Path:
     """The random-initialised pipeline both training stages start from."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -109,13 +155,13 @@ def build_initial(out: Path, seed: int = 0) -> Path:
     from launch.make_tiny_model import seeded
     from trainers.backbones.coord_unet import CoordUNet2DConditionModel
 
-    corpus = caption_corpus()
+    corpus, max_tokens = caption_corpus(world), WORLDS[world].max_tokens
     vocab, _ = clip_bpe(corpus)
     pipe = StableDiffusionPipeline(
         unet=seeded(seed, CoordUNet2DConditionModel, **unet_config()),
         vae=seeded(seed, AutoencoderKL, **vae_config()),
-        text_encoder=seeded(seed, CLIPTextModel, CLIPTextConfig(**text_encoder_config(vocab))),
-        tokenizer=build_tokenizer(corpus, MAX_TOKENS), scheduler=DDPMScheduler.from_config(scheduler_config()),
+        text_encoder=seeded(seed, CLIPTextModel, CLIPTextConfig(**text_encoder_config(vocab, max_tokens))),
+        tokenizer=build_tokenizer(corpus, max_tokens), scheduler=DDPMScheduler.from_config(scheduler_config()),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     write_bpe_files(out / "tokenizer", corpus)
@@ -134,7 +180,7 @@ def with_component(base: Path, name: str, source: Path, out: Path) -> Path:
     return out
 
 
-def assemble(start: Path, unet_final: Path, out: Path) -> Path:
+def assemble(start: Path, unet_final: Path, out: Path, world: str = "v1") -> Path:
     """The teacher: trained U-Net and text encoder over `start` (tokenizer, trained VAE), all in float16."""
     from diffusers import StableDiffusionPipeline
 
@@ -149,13 +195,13 @@ def assemble(start: Path, unet_final: Path, out: Path) -> Path:
     pipe = StableDiffusionPipeline.from_pretrained(tmp)
     shutil.rmtree(tmp)
     pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-    write_bpe_files(tmp / "tokenizer", caption_corpus())
+    write_bpe_files(tmp / "tokenizer", caption_corpus(world))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
 
 
-def assemble_checkpoint(start: Path, checkpoint: Path, out: Path) -> Path:
+def assemble_checkpoint(start: Path, checkpoint: Path, out: Path, world: str = "v1") -> Path:
     """The teacher from a stage-2 checkpoint: its EMA weights where it kept an EMA, else its trained weights."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
@@ -175,7 +221,7 @@ def assemble_checkpoint(start: Path, checkpoint: Path, out: Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-    write_bpe_files(tmp / "tokenizer", caption_corpus())
+    write_bpe_files(tmp / "tokenizer", caption_corpus(world))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
@@ -191,8 +237,9 @@ def train_stage(recipe: Path, overrides: list[str]) -> Path:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("teacher_work"), help="data, initial model and runs")
-    parser.add_argument("--out", type=Path, default=ROOT / "assets" / "demo_teacher")
+    parser.add_argument("--world", choices=tuple(WORLDS), default="v1", help="the benchmark world it learns")
+    parser.add_argument("--work", type=Path, help="data, initial model and runs (teacher_work; v2: teacher2_work)")
+    parser.add_argument("--out", type=Path, help="assets/demo_teacher (v2: assets/demo_teacher_v2)")
     parser.add_argument("--images", type=int, default=20000, help="synthetic training images")
     parser.add_argument("--vae-steps", type=int, default=None, help="override the VAE recipe's train.max_steps")
     parser.add_argument("--unet-steps", type=int, default=None, help="override the U-Net recipe's train.max_steps")
@@ -205,32 +252,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from datasets_prep.synth import write_synth_dataset
-
-    work, began = args.work, time.perf_counter()
+    world = WORLDS[args.world]
+    work, out, began = args.work or world.work, args.out or world.out, time.perf_counter()
     start = work / "with_vae"  # the initial pipeline with the trained VAE: stage 2 starts from it
     if args.from_checkpoint is not None:
-        teacher = assemble_checkpoint(start, args.from_checkpoint, args.out)
+        teacher = assemble_checkpoint(start, args.from_checkpoint, out, world.name)
         print(f"demo teacher in {teacher} from {args.from_checkpoint}")
         return 0
     data, every_colour = work / "data" / "shapes", work / "data" / "all_colours"
-    if not (data / "metadata.jsonl").is_file():
-        write_synth_dataset(data, n=args.images, size=RESOLUTION, seed=args.seed, exclude=HELD_OUT)
-    if not (every_colour / "metadata.jsonl").is_file():  # the VAE is the model's image codec: it must be able to
-        # draw the held-out colour, which only the text-to-image stage never sees (a VAE without purple drew it green)
-        write_synth_dataset(every_colour, n=args.images // 2, size=RESOLUTION, seed=args.seed + 1)
+    write_data(world.name, data, args.images, args.seed, every_colour=False)
+    # the VAE is the model's image codec: it must be able to draw the held-out colour, which only the
+    # text-to-image stage never sees (a VAE without purple drew it green)
+    write_data(world.name, every_colour, args.images // 2, args.seed + 1, every_colour=True)
     initial = work / "initial"
     if not (initial / "model_index.json").is_file():
-        build_initial(initial, args.seed)
+        build_initial(initial, args.seed, world.name)
     seed = [f"train.seed={args.seed}"]
     vae_steps = [f"train.max_steps={args.vae_steps}"] if args.vae_steps else []
     vae_final = train_stage(VAE_RECIPE, [f"model.pretrained={initial}", f"output_dir={work / 'runs' / 'vae'}",
                                          f"data.source={every_colour}", *seed, *vae_steps])
     with_component(initial, "vae", vae_final / "vae", start)
     unet_steps = [f"train.max_steps={args.unet_steps}"] if args.unet_steps else []
-    unet_final = train_stage(UNET_RECIPE, [f"model.pretrained={start}", f"output_dir={work / 'runs' / 'unet'}",
+    unet_final = train_stage(world.unet_recipe, [f"model.pretrained={start}", f"output_dir={work / 'runs' / 'unet'}",
                                            f"data.source={data}", *seed, *unet_steps, *args.overrides])
-    teacher = assemble(start, unet_final, args.out)
+    teacher = assemble(start, unet_final, out, world.name)
     print(f"demo teacher in {teacher} after {(time.perf_counter() - began) / 60:.1f} min")
     return 0
 

@@ -4,6 +4,7 @@
         --steps 1,2,4,8 [--guidance 7.5] [--prompts 50] [--images-per-prompt 4] [--only colour=purple] \
         [--exclude colour=purple] [--seed 0] [--resolution 32] [--controlnet DIR] [--captions empty] --out DIR
     python launch/evaluate.py --real --prompts 100 --out DIR     # the same scores for rendered images
+    python launch/evaluate.py --world v2 --pipeline DIR --images-per-prompt 8 ... # world v2: coverage too
 
 Prompts are captions of factors drawn from datasets_prep.synth with a held-out seed. For every step count it
 reports adherence per factor (datasets_prep.synth_analysis), the sliced Wasserstein distance to real renders of
@@ -12,6 +13,11 @@ results.json, results.md and grid-<steps>.png (one row per prompt). Errors print
 
 --controlnet samples through a ControlNet given each prompt's edge map (the outline of a render of its factors);
 --captions empty then drops the prompts, so position, shape and size can come from the edge map alone.
+
+--world v2 prompts with world v2's captions, which leave factors open (datasets_prep/synth_world2.py): adherence
+is scored on what each caption fixes, coverage on what it leaves open over the K images of a prompt
+(datasets_prep/synth_world2_analysis.py), and a Fréchet distance on a classifier's features joins the SWD
+(datasets_prep/synth_features.py). Coverage wants K of 8 or more.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from datasets_prep.synth import caption, draw_factors, outline, parse_rules, render, restrict  # noqa: E402
 from datasets_prep.synth_analysis import SCORED, adherence, chance  # noqa: E402
 from datasets_prep.synth_distance import sliced_wasserstein  # noqa: E402
+from datasets_prep import synth_world2, synth_world2_analysis  # noqa: E402
 from launch.cli import run_cli  # noqa: E402
 from trainers.errors import UserError  # noqa: E402
 
@@ -40,6 +47,8 @@ SCHEDULERS = {  # name: (diffusers class, options beyond the pipeline's own sche
 HELD_OUT_SEED = 1_000_000  # prompt and render stream offset, far from the small seeds training data is written with
 SCORE_KEYS = (*SCORED, "all", "all_but_position")
 CAPTIONS = ("full", "empty")  # what the pipeline is prompted with: each prompt, or the empty prompt
+WORLDS = ("v1", "v2")
+WORLD2_KEYS = synth_world2_analysis.SCORED
 BATCH = 64                 # images per pipeline call; bounds memory without changing any image (per-image seeds)
 
 
@@ -200,6 +209,43 @@ def scores(images: list, drawn: list[tuple[dict, int]], per_prompt: int, referen
     return {"adherence": rates, "swd": sliced_wasserstein(images, reference), "detected": detections}
 
 
+def held_out_specs(prompts: int, seed: int = 0) -> list[dict]:
+    """World v2: what each held-out caption fixes, from the held-out stream."""
+    return [synth_world2.draw_record(HELD_OUT_SEED + seed, index)[0] for index in range(prompts)]
+
+
+def world2_images(specs: list[dict], per_prompt: int, resolution: int, variant: int = 0) -> list:
+    """Renders of scenes each caption describes (its open factors drawn anew per image), prompt-major."""
+    return [synth_world2.render(scene, resolution) for index, spec in enumerate(specs)
+            for scene in synth_world2.scenes_for(spec, per_prompt, stream_seed(HELD_OUT_SEED, index, variant))]
+
+
+def world2_scores(images: list, specs: list[dict], per_prompt: int, reference: list) -> dict:
+    """Adherence to the fixed factors, coverage of the open ones, SWD and Fréchet distance to the renders."""
+    from datasets_prep.synth_features import frechet_distance
+
+    expected = [spec for spec in specs for _ in range(per_prompt)]
+    found = [synth_world2_analysis.analyse(image) for image in images]
+    return {"adherence": synth_world2_analysis.adherence(found, expected),
+            "coverage": synth_world2_analysis.coverage(found, expected, per_prompt),
+            "swd": sliced_wasserstein(images, reference), "fd": frechet_distance(images, reference),
+            "detected": found}
+
+
+def world2_benchmark(prompts: int, per_prompt: int, seed: int, resolution: int) -> tuple[dict, list, list]:
+    """world v2's `benchmark`: settings and the real row (renders against other renders of the same captions)."""
+    if resolution not in synth_world2.SIZES:
+        raise UserError(f"--world v2 renders at {' or '.join(map(str, synth_world2.SIZES))} px, not {resolution}")
+    specs = held_out_specs(prompts, seed)
+    reference = world2_images(specs, per_prompt, resolution)
+    images = world2_images(specs, per_prompt, resolution, variant=1)
+    real = world2_scores(images, specs, per_prompt, reference) | {"images": images}
+    results = {"world": "v2", "prompts": [synth_world2.caption(spec) for spec in specs], "specs": specs,
+               "images_per_prompt": per_prompt, "resolution": resolution, "seed": seed, "only": {}, "exclude": {},
+               "real": real, "runs": []}
+    return results, specs, reference
+
+
 def settings(drawn, per_prompt, resolution, seed, only, exclude) -> dict:
     """What every results dict records about its prompts, so runs can be compared like for like."""
     return {"prompts": [caption(factors) for factors, _ in drawn], "factors": [f for f, _ in drawn],
@@ -208,30 +254,38 @@ def settings(drawn, per_prompt, resolution, seed, only, exclude) -> dict:
 
 
 def benchmark(prompts: int, images_per_prompt: int, only: dict | None, exclude: dict | None, seed: int,
-              resolution: int) -> tuple[dict, list, list]:
-    """Results holding the settings and the real-image row, plus the drawn factors and the reference renders."""
+              resolution: int, world: str = "v1") -> tuple[dict, list, list]:
+    """Results holding the settings and the real-image row, plus the drawn factors (v2: specs) and the
+    reference renders."""
+    if world not in WORLDS:
+        raise UserError(f"unknown world {world!r}; expected one of {', '.join(WORLDS)}")
+    if world == "v2":
+        if only or exclude:
+            raise UserError("--only/--exclude restrict world v1's factors; world v2 draws every value")
+        return world2_benchmark(prompts, images_per_prompt, seed, resolution)
     drawn = held_out_factors(prompts, only, exclude, seed)
     reference = real_images(drawn, images_per_prompt, resolution)
     images = real_images(drawn, images_per_prompt, resolution, variant=1)
     real = scores(images, drawn, images_per_prompt, reference) | {"images": images}
     results = settings(drawn, images_per_prompt, resolution, seed, only, exclude) | {"real": real, "runs": []}
-    return results, drawn, reference
+    return {"world": "v1"} | results, drawn, reference
 
 
 def evaluate_real(prompts: int = 20, images_per_prompt: int = 4, only: dict | None = None,
-                  exclude: dict | None = None, seed: int = 0, resolution: int = 32) -> dict:
+                  exclude: dict | None = None, seed: int = 0, resolution: int = 32, world: str = "v1") -> dict:
     """Score rendered images as if generated: the ceiling a perfect generator reaches (adherence 1, SWD floor).
 
     Returns the settings plus "real": {"adherence", "swd", "detected", "images"} and "runs": []; the SWD is
     between two render-seed sets of the same prompts, i.e. the distance's sampling floor.
     """
-    return benchmark(prompts, images_per_prompt, only, exclude, seed, resolution)[0]
+    return benchmark(prompts, images_per_prompt, only, exclude, seed, resolution, world)[0]
 
 
 def evaluate(pipe_or_dir, steps: list[int], *, lora=None, student=None, scheduler: str | None = "ddim",
              timestep_spacing: str | None = None, guidance: float = 7.5, prompts: int = 20,
              images_per_prompt: int = 4, only: dict | None = None, exclude: dict | None = None, seed: int = 0,
-             resolution: int = 32, device: str = "auto", controlnet=None, captions: str = "full") -> dict:
+             resolution: int = 32, device: str = "auto", controlnet=None, captions: str = "full",
+             world: str = "v1") -> dict:
     """Sample held-out prompts at each step count and score them; `evaluate_real`'s dict plus one run per count.
 
     pipe_or_dir: a pipeline folder or a loaded pipeline (its scheduler is restored afterwards; `lora`, if given,
@@ -243,7 +297,10 @@ def evaluate(pipe_or_dir, steps: list[int], *, lora=None, student=None, schedule
     """
     if not steps or any(int(n) < 1 for n in steps):
         raise UserError(f"steps must be positive integers, got {steps}")
-    results, drawn, reference = benchmark(prompts, images_per_prompt, only, exclude, seed, resolution)
+    if world == "v2" and controlnet is not None:
+        raise UserError("--controlnet is scored on world v1 (an edge map fixes what v2 leaves open)")
+    results, drawn, reference = benchmark(prompts, images_per_prompt, only, exclude, seed, resolution, world)
+    score = world2_scores if world == "v2" else scores
     loaded = hasattr(pipe_or_dir, "scheduler")
     if captions not in CAPTIONS:
         raise UserError(f"--captions must be one of {', '.join(CAPTIONS)}, got {captions!r}")
@@ -263,7 +320,7 @@ def evaluate(pipe_or_dir, steps: list[int], *, lora=None, student=None, schedule
         generate(pipe, texts[:1], 1, 1, guidance, seed, resolution, edges and edges[:1])  # warm-up: first-call costs
         for n in steps:
             images, cost = generate(pipe, texts, images_per_prompt, int(n), guidance, seed, resolution, edges)
-            run = scores(images, drawn, images_per_prompt, reference)
+            run = score(images, drawn, images_per_prompt, reference)
             results["runs"].append({"steps": int(n), **run, **cost, "images": images})
     finally:
         sampler = type(pipe.scheduler).__name__
@@ -283,11 +340,17 @@ def check_resolution(pipe, resolution: int) -> None:
         raise UserError(f"--resolution {resolution} is not a multiple of the VAE scale factor {factor}")
 
 
-def row(label, entry: dict) -> str:
-    """One Markdown table row: cost columns (blank for real images), adherence per key, SWD."""
+def row(label, entry: dict, world: str = "v1") -> str:
+    """One Markdown table row: cost columns (blank for real images), adherence per key, then the distances
+    (v1: SWD; v2: coverage distance, mode ratio, SWD, Fréchet distance)."""
     cost = [f"{entry[k]:g}" if k in entry else "–" for k in ("calls_per_image", "evaluations_per_image")]
     cost.append(f"{entry['seconds_per_image']:.3g}" if "seconds_per_image" in entry else "–")
-    rates = [f"{entry['adherence'][k]:.2f}" for k in SCORE_KEYS]
+    keys = WORLD2_KEYS if world == "v2" else SCORE_KEYS
+    rates = ["–" if entry["adherence"][k] is None else f"{entry['adherence'][k]:.2f}" for k in keys]
+    if world == "v2":
+        cover = entry["coverage"]
+        rates += ["–" if cover[k] is None else f"{cover[k]:.3f}" for k in ("coverage", "modes")]
+        return f"| {label} | " + " | ".join(cost + rates) + f" | {entry['swd']:.4f} | {entry['fd']:.1f} |"
     return f"| {label} | " + " | ".join(cost + rates) + f" | {entry['swd']:.4f} |"
 
 
@@ -304,15 +367,29 @@ def markdown(results: dict) -> str:
             f"{results['resolution']} px, seed {results['seed']}"
             + (f", only {results['only']}" if results["only"] else "")
             + (f", exclude {results['exclude']}" if results["exclude"] else ""), ""]
-    keys = [k.replace("_", " ") for k in SCORE_KEYS]
-    table = ["| steps | calls/img | evals/img | s/img | " + " | ".join(keys) + " | SWD |",
-             "|---" * (5 + len(keys)) + "|", row("real", results["real"])]
-    table += [row(run["steps"], run) for run in results["runs"]]
-    rates = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in results["chance"].items())
-    notes = ["", f"Chance (the best fixed guess over the prompts' factor values): {rates}.",
-             "SWD: sliced Wasserstein distance to renders of the same prompts, about an RMS pixel difference on a "
-             "0..1 scale; the real row is its sampling floor. A call is one denoiser forward; evals counts batch "
-             "rows (2 per call with classifier-free guidance); s/img is a batched call's wall time per image."]
+    world = results.get("world", "v1")
+    if world == "v2":
+        keys = [*WORLD2_KEYS, "coverage", "modes", "SWD", "FD"]
+        head[0] += " (world v2)"
+    else:
+        keys = [k.replace("_", " ") for k in SCORE_KEYS] + ["SWD"]
+    table = ["| steps | calls/img | evals/img | s/img | " + " | ".join(keys) + " |",
+             "|---" * (4 + len(keys)) + "|", row("real", results["real"], world)]
+    table += [row(run["steps"], run, world) for run in results["runs"]]
+    cost = ("A call is one denoiser forward; evals counts batch rows (2 per call with classifier-free guidance); "
+            "s/img is a batched call's wall time per image.")
+    if world == "v2":
+        notes = ["", "Adherence: the share of what the captions fix that the images show (count, each named "
+                 "attribute, the relation, the background; all: every fixed factor of an image). coverage: total-"
+                 "variation distance of the open factors over each prompt's images to the data's, less what as "
+                 "many exact draws reach (0 = as close as data samples); modes: the share of the data's modes hit, "
+                 "over what exact draws hit (1 = as many). SWD and FD (Fréchet distance on the shapes classifier's "
+                 "features) are to renders of the same captions; the real row is their sampling floor. " + cost]
+    else:
+        rates = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in results["chance"].items())
+        notes = ["", f"Chance (the best fixed guess over the prompts' factor values): {rates}.",
+                 "SWD: sliced Wasserstein distance to renders of the same prompts, about an RMS pixel difference on "
+                 "a 0..1 scale; the real row is its sampling floor. " + cost]
     return "\n".join(head + table + notes) + "\n"
 
 
@@ -371,6 +448,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--exclude", action="append", help="factor=value[,value]: drop these (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--world", choices=WORLDS, default="v1",
+                        help="v2: open captions, scored for adherence and coverage (use --images-per-prompt 8+)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--out", required=True, type=Path)
     return parser.parse_args(argv)
@@ -386,7 +465,7 @@ def main(argv=None) -> int:
     if min(args.prompts, args.images_per_prompt, args.resolution) < 1:
         raise UserError("--prompts, --images-per-prompt and --resolution must be positive")
     common = dict(prompts=args.prompts, images_per_prompt=args.images_per_prompt, only=only, exclude=exclude,
-                  seed=args.seed, resolution=args.resolution)
+                  seed=args.seed, resolution=args.resolution, world=args.world)
     if args.real:
         results = evaluate_real(**common)
     else:

@@ -31,6 +31,24 @@ def test_demo_teacher_recipes_regenerate_a_teacher(tmp_path):
         assert json.loads(committed.read_text()) | unset == json.loads((out / "unet" / "config.json").read_text()) | unset
 
 
+def test_the_world_v2_teacher_trains_on_v2_data_with_its_own_tokenizer(tmp_path):
+    """--world v2: v2 data for both stages, a tokenizer whose every v2 word is one token, longer captions."""
+    from diffusers import StableDiffusionPipeline
+
+    from datasets_prep.synth_world2 import OBJECT_FACTORS
+    from launch.demo_teacher import main
+
+    work, out = tmp_path / "work", tmp_path / "teacher2"
+    assert main(["--world", "v2", "--work", str(work), "--out", str(out), "--images", "64", "--vae-steps", "2",
+                 "--unet-steps", "2", "train.batch_size=8", "ema.enabled=false", *FAST]) == 0
+    first = json.loads((work / "data" / "shapes" / "metadata.jsonl").read_text().splitlines()[0])
+    assert "spec" in first and json.loads((work / "data" / "shapes" / "world.json").read_text())["world"] == "v2"
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    assert pipe.tokenizer.model_max_length == 48 == pipe.text_encoder.config.max_position_embeddings
+    words = [w for values in OBJECT_FACTORS.values() for v in values for w in v.split()] + ["checkered", "banded"]
+    assert all(len(pipe.tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in words)
+
+
 @pytest.mark.skipif(not (TEACHER / "model_index.json").is_file(), reason="no committed demo teacher")
 def test_demo_chain_end_to_end(tmp_path):
     from launch.demo import main

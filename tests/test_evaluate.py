@@ -15,7 +15,7 @@ from datasets_prep.synth import COLOURS, FACTORS, draw_factors, render
 from datasets_prep.synth_analysis import ALL, ALL_BUT_POSITION, CHANCE, SCORED, adherence, analyse, score
 from datasets_prep.synth_distance import sliced_wasserstein
 from launch.cli import run_cli
-from launch.evaluate import evaluate, load_pipeline, main
+from launch.evaluate import WORLD2_KEYS, evaluate, load_pipeline, main
 
 REPO = Path(__file__).resolve().parents[1]
 CHANCE_MARGIN = 0.15  # noise may beat a fixed guess by luck of the draw, never by much
@@ -129,6 +129,25 @@ def test_evaluate_script_on_a_tiny_pipeline(tiny_sd15, tmp_path):
     assert [line.split(" | ")[0] for line in table] == ["| steps", "| real", "| 1", "| 2"]
 
 
+def test_world_v2_real_mode_scores_full_adherence_and_the_coverage_floor(tmp_path):
+    argv = ["--real", "--world", "v2", "--prompts", "6", "--images-per-prompt", "8", "--out", str(tmp_path)]
+    assert run_cli(main, argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    real = results["real"]
+    assert results["world"] == "v2" and len(results["specs"]) == 6
+    assert all(v == 1.0 for v in real["adherence"].values() if v is not None)
+    assert abs(real["coverage"]["coverage"]) < 0.1 and real["fd"] > 0 and real["swd"] > 0
+    assert "| coverage | modes | SWD | FD |" in (tmp_path / "results.md").read_text()
+
+
+def test_world_v2_on_a_tiny_pipeline(tiny_sd15):
+    results = evaluate(tiny_sd15, [1], world="v2", prompts=2, images_per_prompt=2, resolution=64, device="cpu")
+    run = results["runs"][0]
+    assert results["world"] == "v2" and results["prompts"][0] != results["prompts"][1]
+    assert set(run["adherence"]) == set(WORLD2_KEYS) and set(run["coverage"]) >= {"coverage", "modes"}
+    assert run["fd"] > 0 and len(run["images"]) == 4 and (run["calls_per_image"], run["evaluations_per_image"]) == (1, 2)
+
+
 @pytest.fixture
 def coord_pipeline(tiny_sd15, tmp_path):
     """The tiny pipeline with the teacher's U-Net class (CoordUNet2DConditionModel) and v-prediction."""
@@ -165,6 +184,9 @@ def test_evaluate_a_loaded_coord_unet_pipeline_without_guidance(coord_pipeline):
     (["--pipeline", "{missing}", "--scheduler", "heun"], "unknown scheduler 'heun'"),
     (["--pipeline", "{missing}", "--steps", "2,0"], "--steps wants positive integers"),
     (["--pipeline", "{tiny}", "--controlnet", "{missing}"], "ControlNet folder has no config.json"),
+    (["--pipeline", "{missing}", "--world", "v2", "--only", "colour=red"], "restrict world v1's factors"),
+    (["--pipeline", "{missing}", "--world", "v2", "--resolution", "48"], "--world v2 renders at 32 or 64 px"),
+    (["--pipeline", "{tiny}", "--world", "v2", "--controlnet", "{tiny}"], "--controlnet is scored on world v1"),
 ])
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys, tiny_sd15, args, message):
     argv = [a.format(missing=tmp_path / "nothing", tiny=tiny_sd15) for a in args] + ["--out", str(tmp_path / "out")]
