@@ -9,12 +9,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from datasets_prep.__main__ import main
 from datasets_prep.synth_world2 import (BACKGROUNDS, OBJECT_FACTORS, PATTERN_LEVELS, caption, cell, draw_record,
                                         object_mask, relation_holds, render, scenes_for, write_world2_dataset)
 from datasets_prep.synth_world2_analysis import adherence, analyse, coverage, hits
+from datasets_prep.synth_world2_baselines import baselines, other_draws
 
 K = 8
 
@@ -105,26 +105,9 @@ def test_cli_writes_world_v2_and_it_loads_for_training_and_v1_options_are_refuse
     assert not (out / "world.json").exists() and (out / "factors.json").exists()
 
 
-def generators(prompts: int, side: int = 32, seed: int = 7):
-    """Specs (K per prompt) and what real renders, a collapsed, a blurred-average and a noise generator give."""
-    specs, out = [], {"real": [], "collapsed": [], "blurred": [], "noise": []}
-    rng = np.random.default_rng(0)
-    for i in range(prompts):
-        spec, _ = draw_record(seed, i)
-        images = [np.asarray(render(s, side), dtype=np.float64) for s in scenes_for(spec, K + K * K, seed=50 + i)]
-        for k in range(K):
-            specs.append(spec)
-            out["real"].append(Image.fromarray(images[k].astype(np.uint8)))
-            out["collapsed"].append(Image.fromarray(images[0].astype(np.uint8)))
-            average = np.mean(images[K + k * K:K + (k + 1) * K], axis=0)
-            out["blurred"].append(Image.fromarray(average.round().astype(np.uint8)))
-            out["noise"].append(Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)))
-    return specs, out
-
-
 @pytest.fixture(scope="module")
 def judged():
-    specs, made = generators(30)
+    specs, made = baselines(30, K)
     return {name: (adherence([analyse(i) for i in images], specs), coverage([analyse(i) for i in images], specs, K))
             for name, images in made.items()}
 
@@ -200,9 +183,8 @@ def test_the_committed_feature_network_orders_real_collapsed_blurred_and_noise()
     from datasets_prep.synth_features import features, frechet, load
 
     net = load()
-    specs, made = generators(30)
-    other = [render(s, 32) for i, spec in enumerate(specs[::K]) for s in scenes_for(spec, K, seed=999 + i)]
-    reference = features(other, net)
+    specs, made = baselines(30, K)
+    reference = features(other_draws(specs, K), net)
     distance = {name: frechet(features(images, net), reference) for name, images in made.items()}
     assert distance["real"] < 0.6 * min(distance["collapsed"], distance["blurred"], distance["noise"]), distance
 
