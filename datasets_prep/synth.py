@@ -158,27 +158,45 @@ def write_synth_dataset(out, n: int, size: int = 32, seed: int = 0, edges: bool 
     that never sees purple, only={"colour": "purple"} for the concept a LoRA then teaches.
     """
     allowed = restrict(only, exclude)
+
+    def records():
+        for i in range(n):
+            factors, render_seed = draw_factors(seed, i, allowed)
+            row = {"text": caption(factors), **factors, "render_seed": render_seed}
+            yield row, render(factors, size, render_seed), lambda f=factors, r=render_seed: outline(f, size, r)
+
+    summary = {"factors": allowed, "colours": COLOURS, "backgrounds": BACKGROUNDS, "size": size, "seed": seed, "n": n}
+    return write_imagefolder(out, records(), edges, "factors.json", summary)
+
+
+SUMMARIES = ("factors.json", "world.json")  # world v1's and world v2's: a folder holds one world's
+
+
+def write_imagefolder(out, records, edges: bool, summary_name: str, summary: dict) -> int:
+    """Write (row, image, outline-maker) records as images/NNNNN.png, conditioning/NNNNN.png (edges),
+    metadata.jsonl and the summary file; images, outlines and the other world's summary left from an earlier run
+    in the same folder go, so a smaller or edgeless run never leaves rows the metadata no longer lists."""
     out = Path(out)
     images, conditioning = out / "images", out / "conditioning"
     images.mkdir(parents=True, exist_ok=True)
     if edges:
         conditioning.mkdir(exist_ok=True)
     rows = []
-    for i in range(n):
-        factors, render_seed = draw_factors(seed, i, allowed)
+    for i, (row, image, make_outline) in enumerate(records):
         name = f"{i:05d}.png"
-        write_atomically(images / name, png_bytes(render(factors, size, render_seed)))
-        row = {"file_name": f"images/{name}", "text": caption(factors), **factors, "render_seed": render_seed}
+        write_atomically(images / name, png_bytes(image))
+        row = {"file_name": f"images/{name}", **row}
         if edges:
-            write_atomically(conditioning / name, png_bytes(outline(factors, size, render_seed)))
+            write_atomically(conditioning / name, png_bytes(make_outline()))
             row["conditioning_image"] = f"conditioning/{name}"
         rows.append(row)
-    keep = {f"{i:05d}.png" for i in range(n)}
+    keep = {f"{i:05d}.png" for i in range(len(rows))}
     remove_stale(images, keep)
-    if conditioning.is_dir():  # a run without --edges must not leave outlines the metadata no longer lists
+    if conditioning.is_dir():
         remove_stale(conditioning, keep if edges else set())
-    summary = {"factors": allowed, "colours": COLOURS, "backgrounds": BACKGROUNDS, "size": size, "seed": seed, "n": n}
-    write_atomically(out / "factors.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
-    (out / "world.json").unlink(missing_ok=True)  # a world v2 dataset written here before
+    for other in SUMMARIES:
+        if other != summary_name:
+            (out / other).unlink(missing_ok=True)
+    write_atomically(out / summary_name, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
     write_atomically(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
-    return n
+    return len(rows)

@@ -15,13 +15,11 @@ object pixel saturated, so object and background separate by chroma alone.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from datasets_prep.digits import png_bytes, remove_stale, write_atomically
-from datasets_prep.synth import COLOURS, PREPOSITION, mask_at
+from datasets_prep.synth import COLOURS, PREPOSITION, mask_at, write_imagefolder
 
 OBJECT_FACTORS = {
     "shape": ("circle", "square", "triangle", "cross"),
@@ -202,29 +200,14 @@ def write_world2_dataset(out, n: int, size: int = 32, seed: int = 0, edges: bool
     spec as JSON strings), world.json; edges adds ControlNet outlines under conditioning/."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size}")
-    out = Path(out)
-    images, conditioning = out / "images", out / "conditioning"
-    images.mkdir(parents=True, exist_ok=True)
-    if edges:
-        conditioning.mkdir(exist_ok=True)
-    rows = []
-    for i in range(n):
-        spec, scene = draw_record(seed, i)
-        name = f"{i:05d}.png"
-        write_atomically(images / name, png_bytes(render(scene, size)))
-        row = {"file_name": f"images/{name}", "text": caption(spec), "count": scene["count"],
-               "background": scene["background"], "scene": json.dumps(scene), "spec": json.dumps(spec)}
-        if edges:
-            write_atomically(conditioning / name, png_bytes(outline(scene, size)))
-            row["conditioning_image"] = f"conditioning/{name}"
-        rows.append(row)
-    keep = {f"{i:05d}.png" for i in range(n)}
-    remove_stale(images, keep)
-    if conditioning.is_dir():
-        remove_stale(conditioning, keep if edges else set())
+
+    def records():
+        for i in range(n):
+            spec, scene = draw_record(seed, i)
+            row = {"text": caption(spec), "count": scene["count"], "background": scene["background"],
+                   "scene": json.dumps(scene), "spec": json.dumps(spec)}
+            yield row, render(scene, size), lambda s=scene: outline(s, size)
+
     summary = {"world": "v2", "object_factors": OBJECT_FACTORS, "backgrounds": BACKGROUNDS, "counts": COUNTS,
                "relations": RELATIONS, "colours": COLOURS, "size": size, "seed": seed, "n": n}
-    write_atomically(out / "world.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
-    (out / "factors.json").unlink(missing_ok=True)  # a world v1 dataset written here before
-    write_atomically(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
-    return n
+    return write_imagefolder(out, records(), edges, "world.json", summary)
