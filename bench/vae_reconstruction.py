@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.evaluate import HELD_OUT_SEED, held_out_factors, held_out_specs, real_images, world2_images  # noqa: E402
+from launch.evaluate import held_out_factors, held_out_specs, real_images, world2_images  # noqa: E402
 
 
 def reconstruct(vae, images: list, batch: int = 64) -> list:
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         from datasets_prep import synth_world2_analysis as analysis
         from datasets_prep.synth_features import frechet_distance
 
-        specs = held_out_specs(args.images, seed=HELD_OUT_SEED % 7)
+        specs = held_out_specs(args.images)
         images = world2_images(specs, 1, args.resolution)
         score = lambda imgs: analysis.adherence([analysis.analyse(i) for i in imgs], specs)  # noqa: E731
     else:

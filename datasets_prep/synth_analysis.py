@@ -104,10 +104,12 @@ def shifted(mask: np.ndarray, dx: int, dy: int) -> np.ndarray:
     return out
 
 
-def fit_template(blob: np.ndarray, centroid: np.ndarray) -> tuple[float, Template | None, np.ndarray]:
-    """Best IoU over templates placed with their centroid on the blob's, +-SEARCH pixels; (iou, template, centre)."""
+def fit_template(blob: np.ndarray, centroid: np.ndarray,
+                 candidates: tuple[Template, ...] | None = None) -> tuple[float, Template | None, np.ndarray]:
+    """Best IoU over templates (default: this world's) placed with their centroid on the blob's, +-SEARCH pixels;
+    (iou, template, centre)."""
     best = (0.0, None, centroid)
-    for template in templates(blob.shape[0]):
+    for template in candidates or templates(blob.shape[0]):
         base = np.round(centroid - template.centroid).astype(int)
         for oy in range(-SEARCH, SEARCH + 1):
             for ox in range(-SEARCH, SEARCH + 1):

@@ -15,13 +15,14 @@ ratio near 1, and a sampler that collapses or blurs does not.
 """
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from itertools import permutations
 
 import numpy as np
 
 from datasets_prep.synth import COLOURS
-from datasets_prep.synth_analysis import largest_component, nearest, shifted, to_rgb
+from datasets_prep.synth_analysis import Template, dilate, fit_template, largest_component, nearest, to_rgb
 from datasets_prep.synth_world2 import (FLAT_LEVEL, HALF_EXTENT, OBJECT_FACTORS, SHADE, mask_at, centre,
                                         relation_holds, scenes_for)
 
@@ -30,7 +31,6 @@ CHROMA_THRESHOLD = 80     # two thirds of the least saturated shade (a green or 
 MIN_IOU = 0.3             # below this no template fits: an object is there, its shape and size unknown
 MIN_BLOB_FRACTION = 0.5   # a blob under this share of the smallest template's area (a small cross: 9 px at 32)
                           # is speckle, not an object
-SEARCH = 1                # template offsets tried either side of the centroid match, in pixels
 DARK_RATIO = (1 + SHADE) / 2   # an interior pixel darker than this share of the object's brightness is a stripe
 STRIPED_FRACTION = 0.2    # striped when more of the interior than this is stripe (renders: 0 or about 0.4-0.6)
 LEVEL_TOLERANCE = 35      # a flat background's median grey lies within this of its level
@@ -45,15 +45,15 @@ FLOOR_TRIALS = 32         # K-draw sets per prompt for what exact samples reach
 
 
 @lru_cache(maxsize=8)
-def templates(side: int) -> tuple[tuple[str, str, np.ndarray, np.ndarray], ...]:
-    """(shape, size, mask, centroid) for every shape and size, drawn in the centre cell."""
+def templates(side: int) -> tuple[Template, ...]:
+    """Every shape and size of world v2, drawn in the centre cell (the same pixels it draws in any cell)."""
     out = []
     cx, cy = centre("center", side)
     for shape in OBJECT_FACTORS["shape"]:
         for size in OBJECT_FACTORS["size"]:
             mask = mask_at(shape, cx, cy, HALF_EXTENT[size] * side, side)
             ys, xs = np.nonzero(mask)
-            out.append((shape, size, mask, np.array([xs.mean(), ys.mean()])))
+            out.append(Template(shape, size, mask, np.array([cx, cy]), np.array([xs.mean() + 0.5, ys.mean() + 0.5])))
     return tuple(out)
 
 
@@ -64,22 +64,6 @@ def cell_window(position: str, side: int) -> tuple[slice, slice]:
     return slice(bounds[row], bounds[row + 1]), slice(bounds[col], bounds[col + 1])
 
 
-def fit(blob: np.ndarray) -> tuple[float, str | None, str | None]:
-    """Best IoU of any template moved onto the blob's centroid (+-SEARCH px): (iou, shape, size)."""
-    ys, xs = np.nonzero(blob)
-    centroid = np.array([xs.mean(), ys.mean()])
-    best = (0.0, None, None)
-    for shape, size, mask, at in templates(blob.shape[0]):
-        base = np.round(centroid - at).astype(int)
-        for oy in range(-SEARCH, SEARCH + 1):
-            for ox in range(-SEARCH, SEARCH + 1):
-                moved = shifted(mask, int(base[0] + ox), int(base[1] + oy))
-                iou = float((moved & blob).sum() / (moved | blob).sum())
-                if iou > best[0]:
-                    best = (iou, shape, size)
-    return best
-
-
 def erode(mask: np.ndarray) -> np.ndarray:
     padded = np.pad(mask, 1)
     return mask & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
@@ -87,7 +71,8 @@ def erode(mask: np.ndarray) -> np.ndarray:
 
 def read_object(rgb: np.ndarray, blob: np.ndarray, position: str) -> dict:
     """One object's factors from its blob (a full-image mask inside one cell)."""
-    iou, shape, size = fit(blob)
+    ys, xs = np.nonzero(blob)
+    iou, template, _ = fit_template(blob, np.array([xs.mean() + 0.5, ys.mean() + 0.5]), templates(blob.shape[0]))
     pixels = rgb[blob]
     brightness = pixels.max(axis=1)
     full = max(float(np.percentile(brightness, 90)), 1.0)  # the colour at full strength (stripes are darker)
@@ -96,14 +81,14 @@ def read_object(rgb: np.ndarray, blob: np.ndarray, position: str) -> dict:
     level = rgb[interior].max(axis=1) / full
     fill = "striped" if float(np.mean(level < DARK_RATIO)) > STRIPED_FRACTION else "plain"
     known = iou >= MIN_IOU
-    return {"shape": shape if known else None, "size": size if known else None, "colour": colour, "fill": fill,
+    return {"shape": template.shape if known else None, "size": template.size if known else None, "colour": colour, "fill": fill,
             "position": position, "iou": iou}
 
 
 def read_background(rgb: np.ndarray, objects_mask: np.ndarray, chroma: np.ndarray) -> str | None:
     """Flat light or dark grey by level; checkered or banded by where the grey changes; None when unclear."""
     grey = rgb.mean(axis=2)
-    keep = (chroma < CHROMA_THRESHOLD) & ~dilate(objects_mask)
+    keep = (chroma < CHROMA_THRESHOLD) & ~dilate(objects_mask, 1)
     if keep.sum() < MIN_BACKGROUND_FRACTION * keep.size:
         return None
     level = float(np.median(grey[keep]))
@@ -127,19 +112,13 @@ def changes(grey: np.ndarray, keep: np.ndarray, axis: int) -> float:
     return float(np.mean(np.abs(a - b)[both] > CHANGE)) if both.any() else 0.0
 
 
-def dilate(mask: np.ndarray) -> np.ndarray:
-    padded = np.pad(mask, 1)
-    h, w = mask.shape
-    return np.logical_or.reduce([padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
-
-
 def analyse(image) -> dict:
     """{"objects": [per occupied cell, grid order], "count", "background"} read from one image."""
     rgb = to_rgb(image)
     side = rgb.shape[0]
     chroma = rgb.max(axis=2) - rgb.min(axis=2)
     saturated = chroma > CHROMA_THRESHOLD
-    smallest = min(int(t[2].sum()) for t in templates(side))
+    smallest = min(int(t.mask.sum()) for t in templates(side))
     objects, occupied = [], np.zeros_like(saturated)
     for position in OBJECT_FACTORS["position"]:
         rows, cols = cell_window(position, side)
@@ -238,8 +217,6 @@ def data_values(spec: dict, count: int, seed: int) -> list[dict[str, list]]:
 
 @lru_cache(maxsize=4096)
 def _reference(spec_key: str, k: int) -> tuple[dict, float, float]:
-    import json
-
     spec = json.loads(spec_key)
     reference = histograms(data_values(spec, REFERENCE_DRAWS, seed=0))
     trials = [compare(data_values(spec, k, seed=1 + t), reference) for t in range(FLOOR_TRIALS)]
@@ -248,8 +225,6 @@ def _reference(spec_key: str, k: int) -> tuple[dict, float, float]:
 
 def reference_for(spec: dict, k: int) -> tuple[dict, float, float]:
     """The data's open-factor distribution for a caption, and the TV and mode share K exact draws reach."""
-    import json
-
     return _reference(json.dumps(spec, sort_keys=True), k)
 
 

@@ -2,12 +2,16 @@
 # A trap that sets interrupted=1 makes bash's `wait` return early (128 + the signal) while PID still runs: it is
 # waited for again, not taken for its status. While $stop is 1 (set by such a trap, before or during the wait), the
 # command in $on_stop runs every 5 s until PID ends: a stop re-sent reaches processes that were not yet listening.
-wait_for() {
-    local pid=$1 rc last=""
-    while [ "${stop:-0}" = 1 ] && kill -0 "$pid" 2>/dev/null; do  # the stop came before PID was started
+keep_stopping() {  # PID: while $stop is 1 and PID runs, run $on_stop every 5 s
+    while [ "${stop:-0}" = 1 ] && kill -0 "$1" 2>/dev/null; do
         sleep 5
         eval "${on_stop:-:}"
     done
+}
+
+wait_for() {
+    local pid=$1 rc last=""
+    keep_stopping "$pid"  # the stop came before PID was started
     while :; do
         interrupted=0
         wait "$pid"
@@ -18,10 +22,7 @@ wait_for() {
         fi
         if [ "$interrupted" = 1 ] && [ "$rc" -gt 128 ]; then
             last=$rc
-            while [ "${stop:-0}" = 1 ] && kill -0 "$pid" 2>/dev/null; do
-                sleep 5
-                eval "${on_stop:-:}"
-            done
+            keep_stopping "$pid"
             continue
         fi
         status=$rc
