@@ -12,13 +12,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=lambda s: s.name)
-def test_stop_signal_checkpoints_the_current_step_and_exits_0(tiny_sd15, digits_data, tmp_path, sig):
-    out = tmp_path / "run"
+def _stop_a_run(tiny_sd15, digits_data, out, send, workers=0):
+    """Start a long run, let it log three steps, `send(proc)` a stop and return what it printed."""
     args = ["recipes/demo/sd15_lora_tiny.yaml", f"model.pretrained={tiny_sd15}", f"data.source={digits_data}",
             f"output_dir={out}", "train.max_steps=100000", "train.log_every=1", "train.report_to=none",
-            "validation.every_steps=0", "checkpoint.every_steps=0", "data.num_workers=0", "train.batch_size=1"]
-    proc = subprocess.Popen([sys.executable, "launch/train.py", *args], cwd=ROOT,
+            "validation.every_steps=0", "checkpoint.every_steps=0", f"data.num_workers={workers}",
+            "train.batch_size=1"]
+    proc = subprocess.Popen([sys.executable, "launch/train.py", *args], cwd=ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "logs" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -26,7 +26,7 @@ def test_stop_signal_checkpoints_the_current_step_and_exits_0(tiny_sd15, digits_
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
-    proc.send_signal(sig)
+    send(proc)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
     logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
@@ -35,6 +35,20 @@ def test_stop_signal_checkpoints_the_current_step_and_exits_0(tiny_sd15, digits_
     assert not (out / "final").exists()
     assert f"stopped by a signal: step {logged[-1]} checkpointed in {out / 'checkpoints' / f'step-{logged[-1]}'}" \
         in stdout.splitlines()[-1]  # the last line names the checkpoint
+    return stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=lambda s: s.name)
+def test_stop_signal_checkpoints_the_current_step_and_exits_0(tiny_sd15, digits_data, tmp_path, sig):
+    _stop_a_run(tiny_sd15, digits_data, tmp_path / "run", lambda proc: proc.send_signal(sig))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=lambda s: s.name)
+def test_a_stop_sent_to_the_whole_process_group_spares_the_loader_workers(tiny_sd15, digits_data, tmp_path, sig):
+    """`kill -- -PGID`, Slurm's stops (which signal every process of a step) and systemd's reach the DataLoader
+    workers too; a worker dying of one used to end the run in a loader traceback with no checkpoint."""
+    stderr = _stop_a_run(tiny_sd15, digits_data, tmp_path / "run", lambda proc: os.killpg(proc.pid, sig), workers=1)
+    assert "Traceback" not in stderr
 
 
 def test_second_ctrl_c_aborts_at_once():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -21,6 +22,7 @@ from trainers import seeding
 from trainers.config import DataConfig, ModelConfig
 from trainers.errors import UserError
 from trainers.images import mask_tensor, to_tensor
+from trainers.signals import SIGNALS
 
 CONDITIONING_COLUMN = "conditioning_image"  # a ControlNet's input image, beside each training image
 
@@ -368,11 +370,20 @@ def collate(items: list[dict]) -> dict:
     return batch
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A stop signal sent to every process (`kill -- -PGID`, Slurm or systemd signalling a whole step) would
+    otherwise kill the workers, and the trainer would die of its loader instead of checkpointing. Workers still
+    end with the loader, or with the trainer (torch's watchdog)."""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def make_loader(dataset: CaptionedImages, sampler: StepSampler, num_workers: int) -> torch.utils.data.DataLoader:
     """An endless loader; its own generator keeps worker seeding off the global RNG."""
     workers = min(num_workers, os.cpu_count() or 1)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+        worker_init_fn=_leave_stop_signals_to_the_trainer,
         pin_memory=torch.cuda.is_available(), persistent_workers=False,
         generator=torch.Generator().manual_seed(sampler.seed),
         prefetch_factor=4 if workers else None,
