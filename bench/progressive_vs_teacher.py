@@ -20,25 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch.evaluate import SCORE_KEYS, evaluate, write_results  # noqa: E402
-from launch.export import main as export_checkpoint  # noqa: E402
-
-
-def stage_students(run: Path) -> list[tuple[int, int, Path]]:
-    """(student steps, checkpoint step, checkpoint folder) for every stage, from the run's own recipe."""
-    from trainers.config import load_recipe
-    from trainers.objectives.progressive import plan_stages
-
-    recipe = load_recipe(run / "recipe.yaml", [])
-    stages = plan_stages(recipe.objective.progressive, recipe.train.max_steps)
-    length = recipe.train.max_steps // len(stages)
-    found = []
-    for k, (_, steps) in enumerate(stages):
-        ckpt = run / "checkpoints" / f"step-{(k + 1) * length}"
-        if not (ckpt / "state.json").is_file():
-            sys.exit(f"error: {ckpt} is missing: keep a checkpoint at every stage's end (every_steps={length}, "
-                     f"keep_last>={len(stages)})")
-        found.append((steps, (k + 1) * length, ckpt))
-    return found
+from launch.export import export_stage_students  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -54,15 +36,12 @@ def main(argv=None) -> int:
     common = dict(guidance=args.guidance, prompts=args.prompts, images_per_prompt=args.images_per_prompt,
                   exclude={"colour": ["purple"]}, device="cpu")
     rows = []
-    students = stage_students(args.run)
+    students = export_stage_students(args.run)
     teacher_steps = sorted({steps for steps, _, _ in students} | {args.reference})
     teacher = evaluate(args.teacher, teacher_steps, scheduler="ddim", timestep_spacing="trailing", **common)
     write_results(teacher, args.out / "teacher_ddim")
     rows += [("teacher, DDIM", run) for run in teacher["runs"]]
-    for steps, at, ckpt in students:
-        export = args.run / "exports" / ckpt.name
-        if not (export / "scheduler").is_dir():
-            export_checkpoint([str(ckpt), "--out", str(export)])
+    for steps, at, export in students:
         result = evaluate(args.teacher, [steps], student=export, scheduler=None, **common)
         write_results(result, args.out / f"student_{steps}")
         rows += [(f"student after step {at}", run) for run in result["runs"]]

@@ -8,6 +8,9 @@
    ones, the teacher's adherence against its number of sampling steps, the LCM-LoRA student's, and the
    ControlNet's from edge maps alone (empty prompts) against the teacher's from empty prompts.
 6. demo_out/report.md: metric tables, sample grids, the loss curve and the adherence-against-steps plot.
+7. With `--full` and a world-v2 teacher (assets/demo_teacher_v2): the distillation chain on benchmark world v2
+   (launch/demo_distill.py: LCM-LoRA, full LCM and progressive students against the teacher at 1-25 steps), whose
+   table and quality-vs-steps plot join the report.
 
 By default the chain is shortened to fit 8 minutes on 2 CPU cores (FAST: fewer steps and images, the same
 recipes); `--full` (`make demo FULL=1`) runs the committed recipes in full. Each keeps its runs in
@@ -29,6 +32,7 @@ from launch.cli import run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "assets" / "demo_teacher"
+TEACHER_V2 = ROOT / "assets" / "demo_teacher_v2"
 RECIPE = ROOT / "recipes" / "demo" / "shapes_concept_lora_tiny.yaml"
 LCM_RECIPE = ROOT / "recipes" / "demo" / "sd15_lcm_lora_tiny.yaml"
 CONTROLNET_RECIPE = ROOT / "recipes" / "demo" / "sd15_controlnet_tiny.yaml"
@@ -53,11 +57,12 @@ class Plan:
     lcm: tuple[str, ...]
     controlnet: tuple[str, ...]
     seconds: dict[str, float] = field(default_factory=dict)
+    distill_v2: bool = False  # the world-v2 distillation chain (launch/demo_distill.py), when a v2 teacher exists
 
 
 FULL = Plan("full", images=512, edge_images=4096, prompts=20, images_per_prompt=4, steps="1,2,4,8,25", lora=(),
             lcm=(), controlnet=(), seconds={"data": 2, "lora": 200, "lcm": 430, "edges": 5, "controlnet": 290,
-                                            "evaluate": 250, "report": 2})
+                                            "evaluate": 250, "distill_v2": 2700, "report": 2}, distill_v2=True)
 FAST = Plan("fast", images=512, edge_images=1024, prompts=10, images_per_prompt=4, steps="1,2,4,25",
             lora=("train.max_steps=400", "checkpoint.every_steps=400", "validation.every_steps=200"),
             lcm=("train.max_steps=120", "train.batch_size=16", "checkpoint.every_steps=120",
@@ -71,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=Path("demo_out"), type=Path)
     parser.add_argument("--teacher", default=TEACHER, type=Path, help="the demo teacher pipeline folder")
+    parser.add_argument("--teacher-v2", default=None, type=Path,
+                        help="the world-v2 teacher the full chain distils (default assets/demo_teacher_v2)")
     parser.add_argument("--full", action="store_true",
                         help="the committed recipes' full step counts and evaluations (about 20 min on 2 cores) "
                              "instead of the shortened chain (under 8 min)")
@@ -150,12 +157,28 @@ def main(argv=None) -> int:
                                 plan.prompts, plan.images_per_prompt)
     evaluations |= evaluate_controlnet(args.teacher, controlnet_final, max(steps), plan.prompts, plan.images_per_prompt)
     stages.finished("evaluate", f"{len(evaluations)} evaluations")
+    sections = distill_v2(args.teacher_v2 or TEACHER_V2, out / "distill_v2", plan, stages)
     from launch.demo_report import write_report
 
-    report = write_report(out, run, evaluations, CONCEPT, plan_note(plan))
+    report = write_report(out, run, evaluations, CONCEPT, plan_note(plan), sections)
     stages.finished("report", "report written")
     print(f"demo done in {stages.elapsed():.0f} s: LoRA in {final}, report in {report}")
     return 0
+
+
+def distill_v2(teacher: Path, out: Path, plan: Plan, stages: Stages) -> list[str]:
+    """The world-v2 distillation chain's report section: run when the plan asks and a v2 teacher exists."""
+    if not plan.distill_v2:
+        return []
+    if not (teacher / "model_index.json").is_file():
+        stages.finished("distill_v2", f"world-v2 distillation skipped: no v2 teacher at {teacher}")
+        return ["## Distillation on world v2", "", f"Skipped: no world-v2 teacher at `{teacher}` (`python "
+                "launch/demo_teacher.py --world v2` builds one; `--teacher-v2` names another).", ""]
+    from launch.demo_distill import IMAGES, IMAGES_PER_PROMPT, PROMPTS, run_chain
+
+    lines = run_chain(teacher, out, IMAGES, PROMPTS, IMAGES_PER_PROMPT)
+    stages.finished("distill_v2", "world-v2 students distilled and scored")
+    return [line.replace("](quality_vs_steps.png)", f"]({out.name}/quality_vs_steps.png)") for line in lines]
 
 
 def plan_note(plan: Plan) -> str:

@@ -10,8 +10,10 @@ FACTORS = ("colour", "shape", "size", "position", "all", "all_but_position")
 CONTROL_PROMPTS = ("empty", "full")  # evaluations of the ControlNet stage: "<model>/<captions>"
 
 
-def write_report(out: Path, run: Path, evaluations: dict, concept: dict, note: str = "") -> Path:
-    """Write every evaluation's results folder, the plots and report.md; returns the report's path."""
+def write_report(out: Path, run: Path, evaluations: dict, concept: dict, note: str = "",
+                 sections: list[str] = ()) -> Path:
+    """Write every evaluation's results folder, the plots and report.md (`sections`: Markdown lines of further
+    chains, after the tables); returns the report's path."""
     from launch.evaluate import write_results
 
     folders = {name: write_results(results, out / "eval" / name.replace("/", "-")) for name, results in evaluations.items()}
@@ -40,6 +42,7 @@ def write_report(out: Path, run: Path, evaluations: dict, concept: dict, note: s
     lines += ["", f"![loss]({loss_png.relative_to(out)})", "", f"![adherence vs steps]({steps_png.relative_to(out)})", ""]
     if control:
         lines += controlnet_section(control)
+    lines += list(sections)
     for name, folder in folders.items():
         results = evaluations[name]
         last = results["runs"][-1]["steps"]

@@ -25,6 +25,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
+def progressive_stages(run: Path) -> list[tuple[int, int, Path]]:
+    """(student steps, checkpoint step, checkpoint folder) of every stage's end of a progressive run, from the
+    run's own recipe; the run must have kept them (checkpoint.every_steps = the stage length, keep_last >= the
+    number of stages)."""
+    from trainers.config import load_recipe
+    from trainers.objectives.progressive import plan_stages
+
+    recipe = load_recipe(run / "recipe.yaml", [])
+    stages = plan_stages(recipe.objective.progressive, recipe.train.max_steps)
+    length = recipe.train.max_steps // len(stages)
+    found = []
+    for k, (_, steps) in enumerate(stages):
+        ckpt = run / "checkpoints" / f"step-{(k + 1) * length}"
+        if not (ckpt / "state.json").is_file():
+            raise UserError(f"{ckpt} is missing: keep a checkpoint at every stage's end (checkpoint.every_steps="
+                            f"{length}, checkpoint.keep_last>={len(stages)})")
+        found.append((steps, (k + 1) * length, ckpt))
+    return found
+
+
+def export_stage_students(run: Path) -> list[tuple[int, int, Path]]:
+    """Each stage's student exported once under RUN/exports/step-N: (student steps, step, export folder)."""
+    exported = []
+    for steps, at, ckpt in progressive_stages(run):
+        out = run / "exports" / ckpt.name
+        if not (out / "scheduler").is_dir():
+            main([str(ckpt), "--out", str(out)])
+        exported.append((steps, at, out))
+    return exported
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     ckpt = args.checkpoint.resolve()

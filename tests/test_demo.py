@@ -97,7 +97,8 @@ def test_the_default_demo_is_the_shortened_chain_and_full_is_the_committed_recip
     # what the command line names comes after the preset, so it wins
     mine = plan_from(parse_args(["--prompts", "3", "--lcm", "train.max_steps=7", "train.max_steps=9"]))
     assert mine.prompts == 3 and mine.lcm[-1] == "train.max_steps=7" and mine.lora[-1] == "train.max_steps=9"
-    assert set(fast.seconds) == set(full.seconds)  # both estimate the same stages
+    assert set(fast.seconds) | {"distill_v2"} == set(full.seconds)  # both estimate the stages they run
+    assert full.distill_v2 and not fast.distill_v2  # the world-v2 students only in the full chain
 
 
 def test_each_stage_line_says_its_time_and_what_remains(capsys, monkeypatch):
@@ -112,3 +113,13 @@ def test_each_stage_line_says_its_time_and_what_remains(capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "[demo 1/3] first: 10 s; 10 s so far, about 160 s left"
     assert lines[1] == "[demo 2/3] second: 60 s; 70 s so far, about 35 s left"
+
+
+def test_the_full_chain_says_so_when_there_is_no_world_v2_teacher_to_distil(tmp_path, capsys):
+    from launch import demo
+
+    stages = demo.Stages(demo.FULL)
+    lines = demo.distill_v2(tmp_path / "none", tmp_path / "distill_v2", demo.FULL, stages)
+    assert lines[0] == "## Distillation on world v2" and f"no world-v2 teacher at `{tmp_path / 'none'}`" in lines[2]
+    assert "world-v2 distillation skipped" in capsys.readouterr().out
+    assert demo.distill_v2(tmp_path / "none", tmp_path / "distill_v2", demo.FAST, stages) == []
