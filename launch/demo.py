@@ -223,10 +223,10 @@ def train_lora(teacher: Path, data: dict[str, Path], run: Path, overrides: list[
 
 
 def train(recipe_path: Path, overrides: list[str]) -> Path:
+    from launch.cli import fit_stage
     from trainers.config import load_recipe
-    from trainers.engine import Trainer
 
-    return Trainer(load_recipe(recipe_path, overrides)).fit().final_dir  # a finished run resumes and re-exports
+    return fit_stage(load_recipe(recipe_path, overrides)).final_dir  # a finished run resumes and re-exports
 
 
 def evaluate_all(teacher: Path, lora: Path, steps: list[int], prompts: int, per_prompt: int) -> dict:

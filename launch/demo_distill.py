@@ -64,14 +64,13 @@ def write_data(where: Path, n: int) -> Path:
 
 def train_students(teacher: Path, data: Path, runs: Path, overrides: dict[str, list[str]]) -> dict[str, Path]:
     """Each student's run folder (trained, or resumed and re-exported if it already finished)."""
+    from launch.cli import fit_stage
     from trainers.config import load_recipe
-    from trainers.engine import Trainer
 
     done = {}
     for name, student in STUDENTS.items():
-        recipe = load_recipe(student.recipe, [f"model.pretrained={teacher}", f"data.source={data}",
-                                              f"output_dir={runs / name}", *overrides.get(name, [])])
-        Trainer(recipe).fit()
+        fit_stage(load_recipe(student.recipe, [f"model.pretrained={teacher}", f"data.source={data}",
+                                               f"output_dir={runs / name}", *overrides.get(name, [])]))
         done[name] = runs / name
     return done
 

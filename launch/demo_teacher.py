@@ -228,11 +228,10 @@ def assemble_checkpoint(start: Path, checkpoint: Path, out: Path, world: str = "
 
 
 def train_stage(recipe: Path, overrides: list[str]) -> Path:
+    from launch.cli import fit_stage
     from trainers.config import load_recipe
-    from trainers.engine import Trainer
 
-    result = Trainer(load_recipe(recipe, overrides)).fit()
-    return result.final_dir
+    return fit_stage(load_recipe(recipe, overrides)).final_dir
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from launch.cli import run_cli  # noqa: E402
+from launch.cli import finish_line, run_cli  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,17 +58,6 @@ def mark_stopped(result) -> None:
         with open(tmp, "w") as f:
             f.write(f"{step_dir(result.output_dir, result.step)}\n")
         os.replace(tmp, marker)
-
-
-def finish_line(result) -> str:
-    """The run's last line: where its artefacts are, or, stopped early, the checkpoint a resume starts from."""
-    from trainers.checkpoint import step_dir
-
-    if result.final_dir is not None:
-        return f"done: step {result.step}, final artefacts in {result.final_dir}"
-    how = "stopped by a signal" if result.stopped else "stopped"
-    return (f"{how}: step {result.step} checkpointed in {step_dir(result.output_dir, result.step)}; "
-            "the same command resumes it (resume: auto)")
 
 
 def dry_run_report(trainer) -> str:

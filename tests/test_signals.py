@@ -90,3 +90,29 @@ def test_a_stopped_run_marks_itself_for_the_batch_script_and_a_finished_one_does
         assert not marker.exists()
     finally:
         del os.environ["DIFFTUNE_STOP_MARKER"]
+
+
+def test_a_chain_stopped_in_a_stage_ends_there_with_its_checkpoint_named(tmp_path):
+    """launch/demo_teacher.py (like the demo and the distillation chain) runs stages in turn: a stop during one
+    must end the chain with exit 0 and the checkpoint named, not hand the next stage a run that did not finish."""
+    work, out = tmp_path / "work", tmp_path / "teacher"
+    proc = subprocess.Popen([sys.executable, "launch/demo_teacher.py", "--world", "v2", "--work", str(work),
+                             "--out", str(out), "--images", "64", "--vae-steps", "2", "--unet-steps", "100000",
+                             "train.batch_size=2", "train.log_every=1", "train.report_to=none",
+                             "validation.every_steps=0", "checkpoint.every_steps=0", "data.num_workers=1"],
+                            cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = work / "runs" / "unet" / "logs" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    step = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert stdout.splitlines()[-1] == (f"stopped by a signal: step {step} of demo_teacher2_unet checkpointed in "
+                                       f"{work / 'runs' / 'unet' / 'checkpoints' / f'step-{step}'}; the same "
+                                       "command resumes the chain")
+    assert not out.exists()  # no teacher assembled from a stage that did not finish
