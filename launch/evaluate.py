@@ -82,10 +82,27 @@ def scheduler_name(name: str | None) -> str | None:
     return name
 
 
-def make_scheduler(config, name: str, timestep_spacing: str | None = None):
-    """A sampler named by the CLI, built from the pipeline's scheduler config (betas, prediction type, spacing)."""
+def make_scheduler(current, name: str | None, timestep_spacing: str | None = None):
+    """A sampler named by the CLI (None: the pipeline's own), built from the pipeline's scheduler config (betas,
+    prediction type, spacing). A model trained by rectified flow keeps sampling flow: euler is the flow Euler
+    sampler, dpmpp DPM-Solver++ on flow sigmas; the others have no flow form."""
     import diffusers
 
+    from trainers.schedulers import for_vp_pipeline, is_flow, set_scheduler
+
+    if is_flow(current):
+        flow_names = {"euler": "euler", "dpmpp": "dpmsolver"}
+        if name is None:
+            return for_vp_pipeline(current)  # SD's pipeline asks any scheduler for both
+        if name not in flow_names:
+            raise UserError(f"--scheduler {name} has no rectified-flow form; this pipeline samples flow: use "
+                            f"{' or '.join(flow_names)} (or default)")
+        holder = type("Holder", (), {"scheduler": current})()
+        set_scheduler(holder, flow_names[name])
+        return holder.scheduler
+    if name is None:
+        return current
+    config = current.config
     class_name, options = SCHEDULERS[name]
     if timestep_spacing is not None:
         options = {**options, "timestep_spacing": timestep_spacing}
@@ -105,7 +122,8 @@ def load_pipeline(folder: Path, lora: Path | None, device: str, student: Path | 
     if controlnet is not None and not (Path(controlnet) / "config.json").is_file():
         raise UserError(f"ControlNet folder has no config.json: {controlnet}")
     from trainers.backbones import coord_unet, uvit_pipeline  # noqa: F401  (importing registers our classes)
-    from launch.sample import load_lora, load_pipeline as load_any, resolve_device, with_trained_controlnet
+    from launch.sample import (load_lora, load_pipeline as load_any, resolve_device, use_exported_scheduler,
+                               with_trained_controlnet)
 
     try:
         pipe = load_any(Path(folder), resolve_device(device), "float32")
@@ -131,16 +149,6 @@ def use_exported_denoiser(pipe, folder: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserError(f"cannot load the student's {name} from {folder}: {error}") from None
     pipe.register_modules(**{name: module.to(base.device)})
-
-
-def use_exported_scheduler(pipe, lora: Path) -> None:
-    """An export's own sampler settings (an LCM-LoRA's scheduler/: its grid and timestep scaling) replace the base's."""
-    config_file = lora / "scheduler" / "scheduler_config.json"
-    if lora.is_dir() and config_file.is_file():
-        import diffusers
-
-        config = json.loads(config_file.read_text())
-        pipe.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
 
 
 def denoiser(pipe):
@@ -311,9 +319,8 @@ def evaluate(pipe_or_dir, steps: list[int], *, lora=None, student=None, schedule
         load_lora(pipe, Path(lora))
     pipe.set_progress_bar_config(disable=True)
     check_resolution(pipe, resolution)
-    own, scheduler = pipe.scheduler, scheduler_name(scheduler)
-    if scheduler is not None:
-        pipe.scheduler = make_scheduler(own.config, scheduler, timestep_spacing)
+    own = pipe.scheduler
+    pipe.scheduler = make_scheduler(own, scheduler_name(scheduler), timestep_spacing)
     texts = results["prompts"] if captions == "full" else [""] * len(results["prompts"])
     edges = [outline(factors, resolution, render_seed) for factors, render_seed in drawn] if controlnet else None
     try:

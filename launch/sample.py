@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from trainers.errors import UserError
-from trainers.schedulers import SCHEDULERS, set_scheduler
+from trainers.schedulers import SCHEDULERS, for_vp_pipeline, set_scheduler
 from trainers.versions import check_versions
 
 
@@ -138,16 +138,30 @@ def sample(args: argparse.Namespace) -> Path:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserError(f"cannot load a pipeline from {args.pipeline}: {str(error).splitlines()[0]}") from None
     check_size(pipe, args)
-    if args.scheduler != "default":
-        set_scheduler(pipe, args.scheduler)
     if args.lora is not None:
         load_lora(pipe, args.lora)
+        use_exported_scheduler(pipe, args.lora)  # then --scheduler picks among what samples it (flow stays flow)
+    if args.scheduler != "default":
+        set_scheduler(pipe, args.scheduler)
     if args.controlnet is not None:
         pipe = with_trained_controlnet(pipe, args.controlnet, args.dtype)
     grid = make_grid(generate(pipe, args), rows=len(args.prompt), cols=args.images_per_prompt)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(args.out)
     return args.out
+
+
+def use_exported_scheduler(pipe, lora: Path) -> None:
+    """An export's own sampler (an LCM-LoRA's scheduler/: its grid and timestep scaling; a LoRA trained by rectified
+    flow: its flow scheduler) replaces the base's."""
+    config_file = lora / "scheduler" / "scheduler_config.json"
+    if lora.is_dir() and config_file.is_file():
+        import json
+
+        import diffusers
+
+        config = json.loads(config_file.read_text())
+        pipe.scheduler = for_vp_pipeline(getattr(diffusers, config["_class_name"]).from_config(config))
 
 
 def with_trained_controlnet(pipe, folder: Path, dtype: str):

@@ -492,3 +492,42 @@ def test_model_card_names_the_family_its_tags_and_files(family, tag, lora_runs):
     front = yaml.safe_load(card.split("---")[1])
     assert tag in front["tags"] and "lora" in front["tags"] and front["license"] == "other"
     assert f"({family})" in card and "lora_kohya.safetensors" in card and "load_lora_weights" in card
+
+
+def test_an_sd_unet_trained_by_rectified_flow_is_sampled_by_flow_in_validation_and_evaluation(recipe_for, tiny_sd15,
+                                                                                             tmp_path, monkeypatch):
+    """objective.schedule: flow on SD-1.5: its validation scheduler (built in memory, so its config names no class)
+    must stay a flow sampler, and StableDiffusionPipeline must be able to run it; launch/evaluate.py and
+    launch/sample.py (which must take the LoRA's shipped flow scheduler) the same."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    from launch.evaluate import make_scheduler
+    from trainers.engine import Trainer
+    from trainers.errors import UserError
+    from trainers.schedulers import set_scheduler
+
+    trainer = Trainer(recipe_for("objective.schedule=flow"))
+    pipe = trainer.objective.validation_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    set_scheduler(pipe, "euler")
+    assert type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler  # was a VP EulerDiscreteScheduler
+    size = trainer.recipe.data.resolution
+    assert pipe("a digit", num_inference_steps=2, height=size, width=size, output_type="np").images.shape[-1] == 3
+    set_scheduler(pipe, "dpmsolver")
+    assert pipe.scheduler.config.use_flow_sigmas and pipe.scheduler.config.prediction_type == "flow_prediction"
+    own = trainer.objective.schedule.sampling_scheduler()
+    assert type(make_scheduler(own, "euler")) is FlowMatchEulerDiscreteScheduler
+    dpm = make_scheduler(own, "dpmpp")
+    assert isinstance(dpm, DPMSolverMultistepScheduler) and dpm.config.use_flow_sigmas
+    assert make_scheduler(own, None).init_noise_sigma == 1.0
+    with pytest.raises(UserError, match="--scheduler ddim has no rectified-flow form"):
+        make_scheduler(own, "ddim")
+    from launch import sample
+
+    final = Trainer(recipe_for("objective.schedule=flow", "train.max_steps=1")).fit().final_dir
+    used = []
+    real_generate = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda pipe, args: used.append(pipe.scheduler) or real_generate(pipe, args))
+    assert sample.main(["--pipeline", str(tiny_sd15), "--lora", str(final), "--steps", "2", "--prompt", "a digit",
+                        "--out", str(tmp_path / "grid.png")]) == 0
+    assert type(used[0]) is FlowMatchEulerDiscreteScheduler and (tmp_path / "grid.png").is_file()

@@ -12,9 +12,11 @@ SCHEDULERS = {
 FLOW_SCHEDULERS = ("dpmsolver", "euler")  # what samples a rectified-flow model (a velocity on sigma in [0, 1])
 
 
-def is_flow(config) -> bool:
-    """A FlowMatch* scheduler's config, or one already swapped to sample flow (DPM-Solver on flow sigmas)."""
-    return str(config.get("_class_name", "")).startswith("FlowMatch") or bool(config.get("use_flow_sigmas"))
+def is_flow(scheduler) -> bool:
+    """A FlowMatch* scheduler, or one already swapped to sample flow (DPM-Solver on flow sigmas). The class, not
+    the config's `_class_name`: a scheduler built in memory (`from_config`) has none until it is saved."""
+    config = scheduler.config
+    return type(scheduler).__name__.startswith("FlowMatch") or bool(config.get("use_flow_sigmas"))
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -26,11 +28,12 @@ def set_scheduler(pipe, name: str) -> None:
     import diffusers
 
     config = dict(pipe.scheduler.config)
-    if not is_flow(config):
+    if not is_flow(pipe.scheduler):
         pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(config)
     elif name == "euler":
         if type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
             pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+        for_vp_pipeline(pipe.scheduler)  # a VP model's pipeline (SD, SDXL) trained by rectified flow calls both
     elif name == "dpmsolver":
         pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
             config, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=config.get("shift", 1.0))
