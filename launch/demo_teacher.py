@@ -9,6 +9,9 @@ U-Net a CoordUNet2DConditionModel: SD's U-Net plus two coordinate input channels
     python launch/demo_teacher.py --work teacher_work --out assets/demo_teacher [--vae-steps N] [--unet-steps N]
     python launch/demo_teacher.py --world v2 --work teacher2_work --out assets/demo_teacher_v2   # benchmark v2
 
+--world v2 --flow then fine-tunes that teacher by rectified flow (recipes/demo/teacher2_flow.yaml) into a flow
+teacher of the same size (OUT_flow, e.g. assets/demo_teacher_v2_flow), sampled with the flow Euler scheduler.
+
 --world v2 trains the same layout on world v2 (datasets_prep/synth_world2.py: one to three shapes, captions that
 leave factors open) with its own tokenizer (longer captions) and recipe (recipes/demo/teacher2_unet.yaml); the
 VAE sees v2 images too (stripes and patterned backgrounds).
@@ -34,11 +37,13 @@ from dataclasses import dataclass  # noqa: E402
 
 from launch.cli import run_cli  # noqa: E402
 from launch.clip_bpe import write_bpe_files  # noqa: E402
+from launch.sample import use_exported_scheduler  # noqa: E402
 from trainers.errors import UserError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VAE_RECIPE = ROOT / "recipes" / "demo" / "teacher_vae.yaml"
 UNET_RECIPE = ROOT / "recipes" / "demo" / "teacher_unet.yaml"
+FLOW_RECIPE = ROOT / "recipes" / "demo" / "teacher2_flow.yaml"
 HELD_OUT = {"colour": "purple"}  # never in the teacher's data: the concept the demo LoRA teaches
 RESOLUTION = 32
 MAX_TOKENS = 24  # the longest caption is 15 tokens with BOS and EOS
@@ -189,10 +194,11 @@ def assemble(start: Path, unet_final: Path, out: Path, world: str = "v1") -> Pat
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(start, tmp)
-    for name in ("unet", "text_encoder", "scheduler"):
+    for name in ("unet", "text_encoder"):
         shutil.rmtree(tmp / name)
         shutil.copytree(unet_final / name, tmp / name)
     pipe = StableDiffusionPipeline.from_pretrained(tmp)
+    use_exported_scheduler(pipe, unet_final)  # the trained run's: DDPM, or flow after the flow stage
     shutil.rmtree(tmp)
     pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
     write_bpe_files(tmp / "tokenizer", caption_corpus(world))
@@ -202,7 +208,8 @@ def assemble(start: Path, unet_final: Path, out: Path, world: str = "v1") -> Pat
 
 
 def assemble_checkpoint(start: Path, checkpoint: Path, out: Path, world: str = "v1") -> Path:
-    """The teacher from a stage-2 checkpoint: its EMA weights where it kept an EMA, else its trained weights."""
+    """The teacher from a U-Net stage's checkpoint (stage 2, or the flow stage): its EMA weights where it kept an
+    EMA, else its trained weights; a flow stage's checkpoint samples with the flow scheduler."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
@@ -211,6 +218,16 @@ def assemble_checkpoint(start: Path, checkpoint: Path, out: Path, world: str = "
     tensors = load_file(checkpoint / "weights.safetensors")
     prefix = "ema." if any(k.startswith("ema.") for k in tensors) else "model."
     pipe = StableDiffusionPipeline.from_pretrained(start)
+    run_recipe = checkpoint.parent.parent / "recipe.yaml"
+    if run_recipe.is_file():
+        from trainers.config import load_recipe
+
+        objective = load_recipe(run_recipe, []).objective
+        if objective.schedule == "flow":  # what the flow stage's export ships (trainers/objectives/base.py)
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler(
+                num_train_timesteps=pipe.scheduler.config.num_train_timesteps, shift=objective.flow.shift or 1.0)
     for name in ("unet", "text_encoder"):
         module = getattr(pipe, name)
         state = {k[len(prefix) + len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{prefix}{name}.")}
@@ -245,6 +262,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--from-checkpoint", type=Path, default=None,
                         help="assemble the teacher from this U-Net checkpoint (its EMA weights) without training")
+    parser.add_argument("--flow", action="store_true",
+                        help="then fine-tune the teacher by rectified flow into OUT_flow (the flow teacher)")
+    parser.add_argument("--flow-steps", type=int, default=None, help="override the flow recipe's train.max_steps")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for the U-Net recipe")
     return parser.parse_args(argv)
 
@@ -276,6 +296,12 @@ def main(argv=None) -> int:
                                            f"data.source={data}", *seed, *unet_steps, *args.overrides])
     teacher = assemble(start, unet_final, out, world.name)
     print(f"demo teacher in {teacher} after {(time.perf_counter() - began) / 60:.1f} min")
+    if args.flow:
+        flow_steps = [f"train.max_steps={args.flow_steps}"] if args.flow_steps else []
+        flow_final = train_stage(FLOW_RECIPE, [f"model.pretrained={teacher}", f"output_dir={work / 'runs' / 'flow'}",
+                                               f"data.source={data}", *seed, *flow_steps, *args.overrides])
+        flow = assemble(start, flow_final, out.with_name(out.name + "_flow"), world.name)
+        print(f"flow teacher in {flow} after {(time.perf_counter() - began) / 60:.1f} min")
     return 0
 
 

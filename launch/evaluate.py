@@ -244,6 +244,9 @@ def world2_benchmark(prompts: int, per_prompt: int, seed: int, resolution: int) 
     """world v2's `benchmark`: settings and the real row (renders against other renders of the same captions)."""
     if resolution not in synth_world2.SIZES:
         raise UserError(f"--world v2 renders at {' or '.join(map(str, synth_world2.SIZES))} px, not {resolution}")
+    if prompts * per_prompt < 2:
+        raise UserError("--world v2 needs at least two images (--prompts x --images-per-prompt) for its Fréchet "
+                        "distance")
     specs = held_out_specs(prompts, seed)
     reference = world2_images(specs, per_prompt, resolution)
     images = world2_images(specs, per_prompt, resolution, variant=1)

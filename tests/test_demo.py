@@ -32,15 +32,28 @@ def test_demo_teacher_recipes_regenerate_a_teacher(tmp_path):
 
 
 def test_the_world_v2_teacher_trains_on_v2_data_with_its_own_tokenizer(tmp_path):
-    """--world v2: v2 data for both stages, a tokenizer whose every v2 word is one token, longer captions."""
-    from diffusers import StableDiffusionPipeline
+    """--world v2: v2 data for both stages, a tokenizer whose every v2 word is one token, longer captions; --flow:
+    a flow teacher fine-tuned from it, sampled with the flow Euler scheduler, also from a checkpoint."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
 
     from datasets_prep.synth_world2 import OBJECT_FACTORS
     from launch.demo_teacher import main
+    from launch.evaluate import evaluate
 
     work, out = tmp_path / "work", tmp_path / "teacher2"
     assert main(["--world", "v2", "--work", str(work), "--out", str(out), "--images", "64", "--vae-steps", "2",
-                 "--unet-steps", "2", "train.batch_size=8", "ema.enabled=false", *FAST]) == 0
+                 "--unet-steps", "2", "--flow", "--flow-steps", "2", "train.batch_size=8", "ema.enabled=false",
+                 *FAST[:2], "checkpoint.every_steps=2", *FAST[3:]]) == 0
+    flow = tmp_path / "teacher2_flow"
+    assert type(StableDiffusionPipeline.from_pretrained(out).scheduler).__name__ == "DDPMScheduler"
+    assert type(StableDiffusionPipeline.from_pretrained(flow).scheduler) is FlowMatchEulerDiscreteScheduler
+    assert "schedule: flow" in (work / "runs" / "flow" / "recipe.yaml").read_text()
+    result = evaluate(flow, [1], scheduler="euler", guidance=3, prompts=1, images_per_prompt=2, world="v2")
+    assert result["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    again = tmp_path / "from_checkpoint"
+    assert main(["--world", "v2", "--work", str(work), "--out", str(again), "--from-checkpoint",
+                 str(work / "runs" / "flow" / "checkpoints" / "step-2")]) == 0
+    assert type(StableDiffusionPipeline.from_pretrained(again).scheduler) is FlowMatchEulerDiscreteScheduler
     first = json.loads((work / "data" / "shapes" / "metadata.jsonl").read_text().splitlines()[0])
     assert "spec" in first and json.loads((work / "data" / "shapes" / "world.json").read_text())["world"] == "v2"
     pipe = StableDiffusionPipeline.from_pretrained(out)

@@ -187,6 +187,8 @@ def test_evaluate_a_loaded_coord_unet_pipeline_without_guidance(coord_pipeline):
     (["--pipeline", "{missing}", "--world", "v2", "--only", "colour=red"], "restrict world v1's factors"),
     (["--pipeline", "{missing}", "--world", "v2", "--resolution", "48"], "--world v2 renders at 32 or 64 px"),
     (["--pipeline", "{tiny}", "--world", "v2", "--controlnet", "{tiny}"], "--controlnet is scored on world v1"),
+    (["--pipeline", "{missing}", "--world", "v2", "--prompts", "1", "--images-per-prompt", "1"],
+     "needs at least two images"),
 ])
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys, tiny_sd15, args, message):
     argv = [a.format(missing=tmp_path / "nothing", tiny=tiny_sd15) for a in args] + ["--out", str(tmp_path / "out")]
