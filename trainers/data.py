@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -372,10 +373,24 @@ def collate(items: list[dict]) -> dict:
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     """A stop signal sent to every process (`kill -- -PGID`, Slurm or systemd signalling a whole step) would
-    otherwise kill the workers, and the trainer would die of its loader instead of checkpointing. Workers still
-    end with the loader, or with the trainer (torch's watchdog)."""
+    otherwise kill the workers, and the trainer would die of its loader instead of checkpointing. So workers ignore
+    SIGINT and SIGUSR1, and obey SIGTERM only from their parent: the loader's and multiprocessing's own shutdown
+    terminate() workers that way (a worker deaf to it hangs the trainer's exit). Workers also end with the trainer
+    (torch's watchdog)."""
     for s in SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+        if s != signal.SIGTERM:
+            signal.signal(s, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # no sender to tell apart (macOS): torch's own handling stays
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the mask
+
+    def obey_the_parent_only() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=obey_the_parent_only, name="sigterm-from-parent", daemon=True).start()
 
 
 def make_loader(dataset: CaptionedImages, sampler: StepSampler, num_workers: int) -> torch.utils.data.DataLoader:
