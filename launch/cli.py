@@ -30,9 +30,8 @@ class Stopped(Exception):
 def fit_stage(recipe):
     """Train one stage of a chain (demo, demo teacher, distillation) and return its TrainResult; a stop signal
     raises Stopped with the run's last line, so the chain ends and the same command resumes it."""
-    from trainers.engine import Trainer
-
     from trainers.checkpoint import step_dir
+    from trainers.engine import Trainer
 
     result = Trainer(recipe).fit()
     if result.stopped:

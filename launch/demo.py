@@ -32,7 +32,6 @@ from launch.cli import run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "assets" / "demo_teacher"
-TEACHER_V2 = ROOT / "assets" / "demo_teacher_v2"
 RECIPE = ROOT / "recipes" / "demo" / "shapes_concept_lora_tiny.yaml"
 LCM_RECIPE = ROOT / "recipes" / "demo" / "sd15_lcm_lora_tiny.yaml"
 CONTROLNET_RECIPE = ROOT / "recipes" / "demo" / "sd15_controlnet_tiny.yaml"
@@ -157,7 +156,7 @@ def main(argv=None) -> int:
                                 plan.prompts, plan.images_per_prompt)
     evaluations |= evaluate_controlnet(args.teacher, controlnet_final, max(steps), plan.prompts, plan.images_per_prompt)
     stages.finished("evaluate", f"{len(evaluations)} evaluations")
-    sections = distill_v2(args.teacher_v2 or TEACHER_V2, out / "distill_v2", plan, stages)
+    sections = distill_v2(args.teacher_v2, out / "distill_v2", plan, stages)
     from launch.demo_report import write_report
 
     report = write_report(out, run, evaluations, CONCEPT, plan_note(plan), sections)
@@ -166,16 +165,18 @@ def main(argv=None) -> int:
     return 0
 
 
-def distill_v2(teacher: Path, out: Path, plan: Plan, stages: Stages) -> list[str]:
-    """The world-v2 distillation chain's report section: run when the plan asks and a v2 teacher exists."""
+def distill_v2(teacher: Path | None, out: Path, plan: Plan, stages: Stages) -> list[str]:
+    """The world-v2 distillation chain's report section: run when the plan asks and a v2 teacher exists (None:
+    the committed one)."""
     if not plan.distill_v2:
         return []
+    from launch.demo_distill import IMAGES, IMAGES_PER_PROMPT, PROMPTS, TEACHER_V2, run_chain
+
+    teacher = teacher or TEACHER_V2
     if not (teacher / "model_index.json").is_file():
         stages.finished("distill_v2", f"world-v2 distillation skipped: no v2 teacher at {teacher}")
         return ["## Distillation on world v2", "", f"Skipped: no world-v2 teacher at `{teacher}` (`python "
                 "launch/demo_teacher.py --world v2` builds one; `--teacher-v2` names another).", ""]
-    from launch.demo_distill import IMAGES, IMAGES_PER_PROMPT, PROMPTS, run_chain
-
     lines = run_chain(teacher, out, IMAGES, PROMPTS, IMAGES_PER_PROMPT)
     stages.finished("distill_v2", "world-v2 students distilled and scored")
     return [line.replace("](quality_vs_steps.png)", f"]({out.name}/quality_vs_steps.png)") for line in lines]

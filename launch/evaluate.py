@@ -88,7 +88,7 @@ def make_scheduler(current, name: str | None, timestep_spacing: str | None = Non
     sampler, dpmpp DPM-Solver++ on flow sigmas; the others have no flow form."""
     import diffusers
 
-    from trainers.schedulers import for_vp_pipeline, is_flow, set_scheduler
+    from trainers.schedulers import for_vp_pipeline, is_flow, swapped
 
     if is_flow(current):
         flow_names = {"euler": "euler", "dpmpp": "dpmsolver"}
@@ -97,9 +97,7 @@ def make_scheduler(current, name: str | None, timestep_spacing: str | None = Non
         if name not in flow_names:
             raise UserError(f"--scheduler {name} has no rectified-flow form; this pipeline samples flow: use "
                             f"{' or '.join(flow_names)} (or default)")
-        holder = type("Holder", (), {"scheduler": current})()
-        set_scheduler(holder, flow_names[name])
-        return holder.scheduler
+        return swapped(current, flow_names[name])
     if name is None:
         return current
     config = current.config

@@ -20,26 +20,30 @@ def is_flow(scheduler) -> bool:
 
 
 def set_scheduler(pipe, name: str) -> None:
-    """Swap the scheduler, keeping the trained noise schedule from the current one's config.
+    """Swap the pipeline's scheduler for `name` (see `swapped`)."""
+    pipe.scheduler = swapped(pipe.scheduler, name)
+
+
+def swapped(scheduler, name: str):
+    """The sampler `name`, keeping the trained noise schedule from the current scheduler's config.
 
     A flow-matching model keeps flow sampling: euler is FlowMatchEulerDiscreteScheduler, dpmsolver is DPM-Solver++
     on flow sigmas with the model's shift (as diffusers samples SANA); ddim and lcm have no flow form.
     """
     import diffusers
 
-    config = dict(pipe.scheduler.config)
-    if not is_flow(pipe.scheduler):
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(config)
-    elif name == "euler":
-        if type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
-            pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
-        for_vp_pipeline(pipe.scheduler)  # a VP model's pipeline (SD, SDXL) trained by rectified flow calls both
-    elif name == "dpmsolver":
-        pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
+    config = dict(scheduler.config)
+    if not is_flow(scheduler):
+        return getattr(diffusers, SCHEDULERS[name]).from_config(config)
+    if name == "euler":
+        if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
+            scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+        return for_vp_pipeline(scheduler)  # a VP model's pipeline (SD, SDXL) trained by rectified flow calls both
+    if name == "dpmsolver":
+        return diffusers.DPMSolverMultistepScheduler.from_config(
             config, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=config.get("shift", 1.0))
-    else:
-        raise UserError(f"scheduler {name!r} has no flow-matching form; a rectified-flow model samples with "
-                        f"{' or '.join(FLOW_SCHEDULERS)}")
+    raise UserError(f"scheduler {name!r} has no flow-matching form; a rectified-flow model samples with "
+                    f"{' or '.join(FLOW_SCHEDULERS)}")
 
 
 def for_vp_pipeline(scheduler):
