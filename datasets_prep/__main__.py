@@ -169,9 +169,12 @@ def run_synth(args: argparse.Namespace) -> int:
 
     if args.world == "v2" and (args.only or args.exclude):
         raise UserError("synth: --only/--exclude restrict world v1's factors; world v2 draws every value")
+    if args.world == "v1" and (args.objects or args.always_name):
+        raise UserError("synth: --objects/--always-name are world v2's; world v1 has one object and names every factor")
     try:
         if args.world == "v2":
-            count = write_world2_dataset(args.out, n=args.n, size=args.size, seed=args.seed, edges=args.edges)
+            count = write_world2_dataset(args.out, n=args.n, size=args.size, seed=args.seed, edges=args.edges,
+                                         counts=tuple(args.objects or (1, 2, 3)), always=tuple(args.always_name or ()))
         else:
             count = write_synth_dataset(args.out, n=args.n, size=args.size, seed=args.seed, edges=args.edges,
                                         only=parse_rules(args.only), exclude=parse_rules(args.exclude))
@@ -193,6 +196,10 @@ def add_synth(commands) -> None:
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed for factors, jitter and texture")
     parser.add_argument("--edges", action="store_true",
                         help="also write ControlNet outlines (white on black) under conditioning/")
+    parser.add_argument("--objects", type=int, action="append", metavar="N",
+                        help="v2: only scenes of N objects (repeatable; default 1, 2 and 3)")
+    parser.add_argument("--always-name", action="append", metavar="ATTRIBUTE",
+                        help="v2: name this attribute on every described object, e.g. fill (repeatable): a curriculum")
     parser.add_argument("--only", action="append", metavar="FACTOR=V[,V]",
                         help="draw only these values of a factor, e.g. colour=purple (repeatable)")
     parser.add_argument("--exclude", action="append", metavar="FACTOR=V[,V]",

@@ -132,12 +132,13 @@ def pick(rng: np.random.Generator, values):
     return values[int(rng.integers(len(values)))]
 
 
-def draw_spec(rng: np.random.Generator) -> dict:
+def draw_spec(rng: np.random.Generator, counts: tuple[int, ...] = COUNTS, always: tuple[str, ...] = ()) -> dict:
     """What one caption fixes: the count, a form, each described object's named attributes, maybe the background.
 
-    Named positions are distinct cells; a relation names no position (it constrains them instead).
+    Named positions are distinct cells; a relation names no position (it constrains them instead). `counts` and
+    `always` (attributes every described object names) draw a curriculum from the same world (`write_world2_dataset`).
     """
-    count = pick(rng, COUNTS)
+    count = pick(rng, counts)
     forms = FORMS[count]
     form = str(rng.choice(list(forms), p=list(forms.values())))
     objects: list[dict] = [{} for _ in range(count)]
@@ -147,7 +148,7 @@ def draw_spec(rng: np.random.Generator) -> dict:
             for name in ATTRIBUTES:
                 if name == "position" and form == "relation":
                     continue
-                if rng.random() < FIXED_PROBABILITY:
+                if rng.random() < FIXED_PROBABILITY or name in always:
                     obj[name] = OBJECT_FACTORS[name][cells[i]] if name == "position" else pick(rng, OBJECT_FACTORS[name])
     spec = {"count": count, "form": form, "objects": objects,
             "relation": pick(rng, RELATIONS) if form == "relation" else None,
@@ -182,10 +183,11 @@ def draw_scene(spec: dict, rng: np.random.Generator) -> dict:
     return {"count": spec["count"], "objects": objects, "background": spec["background"] or pick(rng, BACKGROUNDS)}
 
 
-def draw_record(seed: int, index: int) -> tuple[dict, dict]:
+def draw_record(seed: int, index: int, counts: tuple[int, ...] = COUNTS,
+                always: tuple[str, ...] = ()) -> tuple[dict, dict]:
     """(spec, scene) of one record from a per-index stream, so a smaller `n` is a prefix of a larger run."""
     rng = np.random.default_rng([seed, index, 2])
-    spec = draw_spec(rng)
+    spec = draw_spec(rng, counts, always)
     return spec, draw_scene(spec, rng)
 
 
@@ -195,19 +197,31 @@ def scenes_for(spec: dict, count: int, seed: int) -> list[dict]:
     return [draw_scene(spec, rng) for _ in range(count)]
 
 
-def write_world2_dataset(out, n: int, size: int = 32, seed: int = 0, edges: bool = False) -> int:
+def write_world2_dataset(out, n: int, size: int = 32, seed: int = 0, edges: bool = False,
+                         counts: tuple[int, ...] = COUNTS, always: tuple[str, ...] = ()) -> int:
     """Write an imagefolder: images/*.png, metadata.jsonl (file_name, text, count, background, and the scene and
-    spec as JSON strings), world.json; edges adds ControlNet outlines under conditioning/."""
+    spec as JSON strings), world.json; edges adds ControlNet outlines under conditioning/.
+
+    `counts` keeps scenes of those object counts and `always` names those attributes on every described object:
+    a curriculum for a factor the model learns too slowly from the world's own captions (the v2 teacher's fill,
+    whose latent signal is a tenth of a colour's). Every such caption is still one the world can draw.
+    """
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size}")
+    if not counts or any(c not in COUNTS for c in counts):
+        raise ValueError(f"object counts must be among {COUNTS}, got {counts}")
+    unknown = [name for name in always if name not in ATTRIBUTES]
+    if unknown:
+        raise ValueError(f"cannot always name {', '.join(unknown)}: attributes are {', '.join(ATTRIBUTES)}")
 
     def records():
         for i in range(n):
-            spec, scene = draw_record(seed, i)
+            spec, scene = draw_record(seed, i, counts, always)
             row = {"text": caption(spec), "count": scene["count"], "background": scene["background"],
                    "scene": json.dumps(scene), "spec": json.dumps(spec)}
             yield row, render(scene, size), lambda s=scene: outline(s, size)
 
     summary = {"world": "v2", "object_factors": OBJECT_FACTORS, "backgrounds": BACKGROUNDS, "counts": COUNTS,
-               "relations": RELATIONS, "colours": COLOURS, "size": size, "seed": seed, "n": n}
+               "relations": RELATIONS, "colours": COLOURS, "size": size, "seed": seed, "n": n,
+               "object_counts": list(counts), "always_named": list(always)}
     return write_imagefolder(out, records(), edges, "world.json", summary)

@@ -14,7 +14,9 @@ teacher of the same size (OUT_flow, e.g. assets/demo_teacher_v2_flow), sampled w
 
 --world v2 trains the same layout on world v2 (datasets_prep/synth_world2.py: one to three shapes, captions that
 leave factors open) with its own tokenizer (longer captions) and recipe (recipes/demo/teacher2_unet.yaml); the
-VAE sees v2 images too (stripes and patterned backgrounds).
+VAE sees v2 images too (stripes and patterned backgrounds). A third stage (recipes/demo/teacher2_fill.yaml) goes
+on with one-object scenes that always name their fill mixed in: from the world's own captions alone the U-Net
+never learned what "striped" means (bench/README.md, session 14).
 
 Choices a CPU-only trial taught (issue #10): v-prediction on DDPM's linear schedule (beta_end 0.02), since
 with SD's weaker schedule the last timestep of a 16x16 latent still shows the layout and the model learns to
@@ -57,13 +59,14 @@ class World:
     unet_recipe: Path
     out: Path
     work: Path
+    curriculum: Path | None = None  # a last stage on data that names what the U-Net was slow to learn
 
 
 WORLDS = {
     "v1": World("v1", MAX_TOKENS, UNET_RECIPE, ROOT / "assets" / "demo_teacher", Path("teacher_work")),
     # the longest v2 caption (three objects, every attribute named, and a background) is about 40 tokens
     "v2": World("v2", 48, ROOT / "recipes" / "demo" / "teacher2_unet.yaml", ROOT / "assets" / "demo_teacher_v2",
-                Path("teacher2_work")),
+                Path("teacher2_work"), ROOT / "recipes" / "demo" / "teacher2_fill.yaml"),
 }
 
 
@@ -81,6 +84,14 @@ def caption_corpus(world: str = "v1") -> str:
     words = {w for values in FACTORS.values() for v in values for w in v.split()}
     example = caption({name: values[0] for name, values in FACTORS.items()})
     return "\n".join([example, *sorted(words | set(example.split()))])
+
+
+def write_curriculum(folder: Path, n: int, seed: int) -> None:
+    """World v2's fill curriculum: one-object scenes whose captions always name the fill."""
+    from datasets_prep.synth_world2 import write_world2_dataset
+
+    if not (folder / "metadata.jsonl").is_file():
+        write_world2_dataset(folder, n=n, size=RESOLUTION, seed=seed, counts=(1,), always=("fill",))
 
 
 def write_data(world: str, folder: Path, n: int, seed: int, every_colour: bool) -> None:
@@ -262,6 +273,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--from-checkpoint", type=Path, default=None,
                         help="assemble the teacher from this U-Net checkpoint (its EMA weights) without training")
+    parser.add_argument("--fill-steps", type=int, default=None,
+                        help="v2: override the fill curriculum recipe's train.max_steps")
     parser.add_argument("--flow", action="store_true",
                         help="then fine-tune the teacher by rectified flow into OUT_flow (the flow teacher)")
     parser.add_argument("--flow-steps", type=int, default=None, help="override the flow recipe's train.max_steps")
@@ -294,7 +307,16 @@ def main(argv=None) -> int:
     unet_steps = [f"train.max_steps={args.unet_steps}"] if args.unet_steps else []
     unet_final = train_stage(world.unet_recipe, [f"model.pretrained={start}", f"output_dir={work / 'runs' / 'unet'}",
                                            f"data.source={data}", *seed, *unet_steps, *args.overrides])
-    teacher = assemble(start, unet_final, out, world.name)
+    if world.curriculum is None:
+        teacher = assemble(start, unet_final, out, world.name)
+    else:  # stage 3 goes on from stage 2's teacher (float16, EMA weights) on data that names the fill
+        stage2, fill = assemble(start, unet_final, work / "stage2", world.name), work / "data" / "fill"
+        write_curriculum(fill, args.images * 2 // 5, args.seed + 2)
+        fill_steps = [f"train.max_steps={args.fill_steps}"] if args.fill_steps else []
+        fill_final = train_stage(world.curriculum, [
+            f"model.pretrained={stage2}", f"output_dir={work / 'runs' / 'fill'}", f"data.source={data}",
+            f"data.extra_sources=[{{source: {fill}, repeats: 2}}]", *seed, *fill_steps, *args.overrides])
+        teacher = assemble(start, fill_final, out, world.name)
     print(f"demo teacher in {teacher} after {(time.perf_counter() - began) / 60:.1f} min")
     if args.flow:
         flow_steps = [f"train.max_steps={args.flow_steps}"] if args.flow_steps else []

@@ -32,7 +32,8 @@ def test_demo_teacher_recipes_regenerate_a_teacher(tmp_path):
 
 
 def test_the_world_v2_teacher_trains_on_v2_data_with_its_own_tokenizer(tmp_path):
-    """--world v2: v2 data for both stages, a tokenizer whose every v2 word is one token, longer captions; --flow:
+    """--world v2: v2 data for every stage, a tokenizer whose every v2 word is one token, longer captions, a fill
+    curriculum stage on one-object scenes that name their fill; --flow:
     a flow teacher fine-tuned from it, sampled with the flow Euler scheduler, also from a checkpoint."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
 
@@ -42,7 +43,8 @@ def test_the_world_v2_teacher_trains_on_v2_data_with_its_own_tokenizer(tmp_path)
 
     work, out = tmp_path / "work", tmp_path / "teacher2"
     assert main(["--world", "v2", "--work", str(work), "--out", str(out), "--images", "64", "--vae-steps", "2",
-                 "--unet-steps", "2", "--flow", "--flow-steps", "2", "train.batch_size=8", "ema.enabled=false",
+                 "--unet-steps", "2", "--fill-steps", "2", "--flow", "--flow-steps", "2", "train.batch_size=8",
+                 "ema.enabled=false",
                  *FAST[:2], "checkpoint.every_steps=2", *FAST[3:]]) == 0
     flow = tmp_path / "teacher2_flow"
     assert type(StableDiffusionPipeline.from_pretrained(out).scheduler).__name__ == "DDPMScheduler"
@@ -54,6 +56,11 @@ def test_the_world_v2_teacher_trains_on_v2_data_with_its_own_tokenizer(tmp_path)
     assert main(["--world", "v2", "--work", str(work), "--out", str(again), "--from-checkpoint",
                  str(work / "runs" / "flow" / "checkpoints" / "step-2")]) == 0
     assert type(StableDiffusionPipeline.from_pretrained(again).scheduler) is FlowMatchEulerDiscreteScheduler
+    fill_rows = [json.loads(line) for line in (work / "data" / "fill" / "metadata.jsonl").read_text().splitlines()]
+    assert len(fill_rows) == 25 and all(json.loads(r["spec"])["count"] == 1 for r in fill_rows)
+    assert all(("striped" in r["text"]) != ("plain" in r["text"]) for r in fill_rows)  # the curriculum names fill
+    assert str(work / "data" / "fill") in (work / "runs" / "fill" / "recipe.yaml").read_text()
+    assert (work / "stage2" / "model_index.json").is_file()  # stage 3 went on from stage 2's teacher
     first = json.loads((work / "data" / "shapes" / "metadata.jsonl").read_text().splitlines()[0])
     assert "spec" in first and json.loads((work / "data" / "shapes" / "world.json").read_text())["world"] == "v2"
     pipe = StableDiffusionPipeline.from_pretrained(out)

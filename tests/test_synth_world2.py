@@ -105,6 +105,30 @@ def test_cli_writes_world_v2_and_it_loads_for_training_and_v1_options_are_refuse
     assert not (out / "world.json").exists() and (out / "factors.json").exists()
 
 
+def test_a_curriculum_keeps_its_object_counts_and_always_names_its_attributes(tmp_path, capsys):
+    """`--objects 1 --always-name fill` (the v2 teacher's fill curriculum): every scene one object whose caption
+    names its fill (or says nothing of any object, never the other fill), other attributes still left open; the
+    world's default stream is untouched, so every earlier v2 figure reproduces."""
+    out = tmp_path / "fill"
+    assert main(["synth", "--world", "v2", "--out", str(out), "--n", "60", "--objects", "1", "--always-name", "fill",
+                 "--seed", "3"]) == 0
+    records = rows(out)
+    specs, scenes = [json.loads(r["spec"]) for r in records], [json.loads(r["scene"]) for r in records]
+    assert all(s["count"] == 1 == len(sc["objects"]) for s, sc in zip(specs, scenes))
+    assert all(s["objects"][0]["fill"] == sc["objects"][0]["fill"] and sc["objects"][0]["fill"] in r["text"]
+               for s, sc, r in zip(specs, scenes, records))
+    assert 10 < sum("colour" in s["objects"][0] for s in specs) < 50  # the rest stay open as often as before
+    assert json.loads((out / "world.json").read_text())["always_named"] == ["fill"]
+    assert [draw_record(3, i) for i in range(20)] == [draw_record(3, i, (1, 2, 3), ()) for i in range(20)]
+    capsys.readouterr()
+    assert main(["synth", "--world", "v2", "--out", str(out), "--n", "2", "--always-name", "mood"]) == 2
+    assert "cannot always name mood" in capsys.readouterr().err
+    assert main(["synth", "--world", "v2", "--out", str(out), "--n", "2", "--objects", "4"]) == 2
+    assert "object counts must be among (1, 2, 3), got (4,)" in capsys.readouterr().err
+    assert main(["synth", "--out", str(out), "--n", "2", "--objects", "1"]) == 2  # world v1 has no such option
+    assert "world v2's" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def judged():
     specs, made = baselines(30, K)
