@@ -262,6 +262,22 @@ def train_stage(recipe: Path, overrides: list[str]) -> Path:
     return fit_stage(load_recipe(recipe, overrides)).final_dir
 
 
+def shortened(recipe: Path, steps: int | None) -> list[str]:
+    """Overrides that run a recipe for `steps` optimizer steps; a wsd decay keeps its share of the run (and the
+    warmup yields to it), so a short trial of a stage still ends on its decay."""
+    if steps is None:
+        return []
+    from trainers.config import load_recipe
+
+    r = load_recipe(recipe, [])
+    overrides = [f"train.max_steps={steps}"]
+    if r.lr_schedule.name == "wsd":
+        decay = max(1, steps * r.lr_schedule.decay_steps // r.train.max_steps)
+        warmup = min(r.lr_schedule.warmup_steps, steps - decay)
+        overrides += [f"lr_schedule.decay_steps={decay}", f"lr_schedule.warmup_steps={warmup}"]
+    return overrides
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", choices=tuple(WORLDS), default="v1", help="the benchmark world it learns")
@@ -312,7 +328,7 @@ def main(argv=None) -> int:
     else:  # stage 3 goes on from stage 2's teacher (float16, EMA weights) on data that names the fill
         stage2, fill = assemble(start, unet_final, work / "stage2", world.name), work / "data" / "fill"
         write_curriculum(fill, args.images * 2 // 5, args.seed + 2)
-        fill_steps = [f"train.max_steps={args.fill_steps}"] if args.fill_steps else []
+        fill_steps = shortened(world.curriculum, args.fill_steps)
         fill_final = train_stage(world.curriculum, [
             f"model.pretrained={stage2}", f"output_dir={work / 'runs' / 'fill'}", f"data.source={data}",
             f"data.extra_sources=[{{source: {fill}, repeats: 2}}]", *seed, *fill_steps, *args.overrides])

@@ -24,6 +24,10 @@ def metrics(run) -> list[dict]:
     (("optimizer.name=prodigy", "optimizer.lr=1e-4"), "optimizer.lr"),  # a hand-tuned step where 1.0 belongs
     (("optimizer.name=prodigy", "optimizer.lr=1.0", "optimizer.text_encoder_lr=5e-5"), "optimizer.text_encoder_lr"),
     (("optimizer.name=adamw_schedulefree", "lr_schedule.name=cosine"), "lr_schedule.name"),
+    (("lr_schedule.name=wsd",), "lr_schedule.decay_steps"),  # wsd without its decay
+    (("lr_schedule.name=wsd", "train.max_steps=10", "lr_schedule.warmup_steps=4", "lr_schedule.decay_steps=7"),
+     "lr_schedule.decay_steps"),  # a decay longer than what follows the warmup
+    (("lr_schedule.name=cosine", "lr_schedule.decay_steps=5"), "lr_schedule.decay_steps"),
     (("optimizer.name=adamw_schedulefree", "lr_schedule.name=constant", "ema.enabled=true"), "ema.enabled"),
     (("optimizer.name=adamw_schedulefree", "lr_schedule.name=constant", "objective.name=progressive"),
      "optimizer.name"),
@@ -35,6 +39,15 @@ def test_combinations_an_optimizer_cannot_honour_name_the_key(recipe_for, tmp_pa
     with pytest.raises(ConfigError, match=f"'{key}'"):
         Trainer(recipe)
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_wsd_is_constant_until_its_decay_and_lengthening_a_stable_run_changes_nothing_before_it():
+    """Warmup-stable-decay: the factor a run saw before its decay began is the same whatever max_steps it ends
+    at, so a run resumed with a larger train.max_steps follows the exact path a longer run would have."""
+    short, long = optimizers.lr_factor("wsd", 4, 100, 20), optimizers.lr_factor("wsd", 4, 300, 20)
+    assert [short(s) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]  # warmup as every schedule's
+    assert [short(s) for s in range(4, 81)] == [long(s) for s in range(4, 81)] == [1.0] * 77
+    assert [short(s) for s in (80, 90, 99)] == [1.0, 0.5, 0.05] and long(290) == 0.5
 
 
 def test_prodigy_adapts_its_step_size_logs_it_and_resume_keeps_it(recipe_for, tmp_path):

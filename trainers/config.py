@@ -166,8 +166,11 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class LRScheduleConfig:
-    name: Literal["constant", "linear", "cosine"] = "constant"
+    # wsd (warmup-stable-decay; Hu et al. 2024, Hagele et al. 2024): constant, then a linear decay to 0 over the
+    # last decay_steps; a run can be lengthened while it is still stable, by raising train.max_steps on resume
+    name: Literal["constant", "linear", "cosine", "wsd"] = "constant"
     warmup_steps: int = _f(0, min=0)    # linear warmup from 0, then the schedule
+    decay_steps: int = _f(0, min=0)     # wsd: the length of its final decay (required, >= 1)
 
 
 @dataclass(frozen=True)

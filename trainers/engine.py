@@ -221,7 +221,8 @@ class Trainer:
         wrapped, self.optimizer = self.strategy.prepare(modules, optimizer)
         self.objective.use_wrapped(dict(zip(names, wrapped)))
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        self.lr_factor = optimizers.lr_factor(r.lr_schedule.name, r.lr_schedule.warmup_steps, r.train.max_steps)
+        self.lr_factor = optimizers.lr_factor(r.lr_schedule.name, r.lr_schedule.warmup_steps, r.train.max_steps,
+                                              r.lr_schedule.decay_steps)
         if self.is_main:
             (self.out / "logs").mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.yaml").write_text(dump_recipe(r))

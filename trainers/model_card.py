@@ -95,8 +95,9 @@ def summary_table(recipe: Recipe, num_processes: int = 1, trained: str | None = 
                           + (", + text encoder" if ad.text_encoder else "") if ad.low_rank else "full fine-tune")
     batch = (f"{t.batch_size} x {t.grad_accum} accumulation x {num_processes} "
              f"process{'es' if num_processes != 1 else ''} = {t.batch_size * t.grad_accum * num_processes}")
-    schedule = r.lr_schedule.name + (f", {r.lr_schedule.warmup_steps} warmup steps" if r.lr_schedule.warmup_steps
-                                     else "")
+    ls = r.lr_schedule
+    schedule = (ls.name + (f", {ls.warmup_steps} warmup steps" if ls.warmup_steps else "")
+                + (f", {ls.decay_steps} decay steps" if ls.decay_steps else ""))
     rows = [("Base model", f"`{r.model.pretrained}`" + (f" ({family})" if family else "")),
             ("Objective", objective), ("Trained", adapter),
             ("Steps", str(t.max_steps)), ("Batch", batch),

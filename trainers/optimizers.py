@@ -36,7 +36,14 @@ def optimizer_state_bytes(name: str) -> int:
 
 def check(recipe: Recipe) -> None:
     """Recipe combinations an optimizer cannot honour, refused before any model loads."""
-    opt = recipe.optimizer
+    opt, schedule = recipe.optimizer, recipe.lr_schedule
+    if schedule.name == "wsd" and not 1 <= schedule.decay_steps <= recipe.train.max_steps - schedule.warmup_steps:
+        raise ConfigError(f"'lr_schedule.decay_steps': wsd decays over the last decay_steps, which must be 1 to "
+                          f"train.max_steps - warmup_steps ({recipe.train.max_steps - schedule.warmup_steps}); "
+                          f"got {schedule.decay_steps}")
+    if schedule.name != "wsd" and schedule.decay_steps:
+        raise ConfigError(f"'lr_schedule.decay_steps' belongs to the wsd schedule; lr_schedule.name is "
+                          f"{schedule.name}: remove it")
     if opt.name != "prodigy":
         for key in PRODIGY_KEYS:
             if getattr(opt, key) is not None:
@@ -143,12 +150,14 @@ def logs(optimizer) -> dict[str, float]:
     return {"prodigy_d": float(group["d"])} if "d" in group and "d0" in group else {}
 
 
-def lr_factor(name: str, warmup_steps: int, max_steps: int):
+def lr_factor(name: str, warmup_steps: int, max_steps: int, decay_steps: int = 0):
     """The LR multiplier as a pure function of the optimizer step, so resuming needs only the step."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
+        if name == "wsd":
+            return min(1.0, (max_steps - step) / decay_steps)
         progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
         if name == "linear":
             return max(0.0, 1.0 - progress)
