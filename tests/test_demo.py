@@ -61,6 +61,10 @@ def test_the_world_v2_teacher_trains_on_v2_data_with_its_own_tokenizer(tmp_path)
     assert all(("striped" in r["text"]) != ("plain" in r["text"]) for r in fill_rows)  # the curriculum names fill
     assert str(work / "data" / "fill") in (work / "runs" / "fill" / "recipe.yaml").read_text()
     assert (work / "stage2" / "model_index.json").is_file()  # stage 3 went on from stage 2's teacher
+    committed = ROOT / "assets" / "demo_teacher_v2" / "unet" / "config.json"
+    if committed.is_file():  # the committed v2 teacher has the layout its recipes produce
+        unset = {"_diffusers_version": None, "_name_or_path": None}
+        assert json.loads(committed.read_text()) | unset == json.loads((out / "unet" / "config.json").read_text()) | unset
     fill_recipe = (work / "runs" / "fill" / "recipe.yaml").read_text()  # --fill-steps 2 keeps a decay, as wsd needs
     assert "name: wsd" in fill_recipe and "decay_steps: 1" in fill_recipe and "warmup_steps: 1" in fill_recipe
     first = json.loads((work / "data" / "shapes" / "metadata.jsonl").read_text().splitlines()[0])
