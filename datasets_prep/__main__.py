@@ -165,7 +165,7 @@ def add_cache(commands) -> None:
 def run_synth(args: argparse.Namespace) -> int:
     """Write the procedural shapes benchmark; numpy and PIL only."""
     from datasets_prep.synth import parse_rules, write_synth_dataset
-    from datasets_prep.synth_world2 import write_world2_dataset
+    from datasets_prep.synth_world2 import COUNTS, write_world2_dataset
 
     if args.world == "v2" and (args.only or args.exclude):
         raise UserError("synth: --only/--exclude restrict world v1's factors; world v2 draws every value")
@@ -174,7 +174,7 @@ def run_synth(args: argparse.Namespace) -> int:
     try:
         if args.world == "v2":
             count = write_world2_dataset(args.out, n=args.n, size=args.size, seed=args.seed, edges=args.edges,
-                                         counts=tuple(args.objects or (1, 2, 3)), always=tuple(args.always_name or ()))
+                                         counts=tuple(args.objects or COUNTS), always=tuple(args.always_name or ()))
         else:
             count = write_synth_dataset(args.out, n=args.n, size=args.size, seed=args.seed, edges=args.edges,
                                         only=parse_rules(args.only), exclude=parse_rules(args.exclude))

@@ -316,11 +316,11 @@ def main(argv=None) -> int:
     if not (initial / "model_index.json").is_file():
         build_initial(initial, args.seed, world.name)
     seed = [f"train.seed={args.seed}"]
-    vae_steps = [f"train.max_steps={args.vae_steps}"] if args.vae_steps else []
+    vae_steps = shortened(VAE_RECIPE, args.vae_steps)
     vae_final = train_stage(VAE_RECIPE, [f"model.pretrained={initial}", f"output_dir={work / 'runs' / 'vae'}",
                                          f"data.source={every_colour}", *seed, *vae_steps])
     with_component(initial, "vae", vae_final / "vae", start)
-    unet_steps = [f"train.max_steps={args.unet_steps}"] if args.unet_steps else []
+    unet_steps = shortened(world.unet_recipe, args.unet_steps)
     unet_final = train_stage(world.unet_recipe, [f"model.pretrained={start}", f"output_dir={work / 'runs' / 'unet'}",
                                            f"data.source={data}", *seed, *unet_steps, *args.overrides])
     if world.curriculum is None:
@@ -335,7 +335,7 @@ def main(argv=None) -> int:
         teacher = assemble(start, fill_final, out, world.name)
     print(f"demo teacher in {teacher} after {(time.perf_counter() - began) / 60:.1f} min")
     if args.flow:
-        flow_steps = [f"train.max_steps={args.flow_steps}"] if args.flow_steps else []
+        flow_steps = shortened(FLOW_RECIPE, args.flow_steps)
         flow_final = train_stage(FLOW_RECIPE, [f"model.pretrained={teacher}", f"output_dir={work / 'runs' / 'flow'}",
                                                f"data.source={data}", *seed, *flow_steps, *args.overrides])
         flow = assemble(start, flow_final, out.with_name(out.name + "_flow"), world.name)
