@@ -10,7 +10,8 @@ U-Net a CoordUNet2DConditionModel: SD's U-Net plus two coordinate input channels
     python launch/demo_teacher.py --world v2 --work teacher2_work --out assets/demo_teacher_v2   # benchmark v2
 
 --world v2 --flow then fine-tunes that teacher by rectified flow (recipes/demo/teacher2_flow.yaml) into a flow
-teacher of the same size (OUT_flow, e.g. assets/demo_teacher_v2_flow), sampled with the flow Euler scheduler.
+teacher of the same size (OUT_flow, e.g. assets/demo_teacher_v2_flow), sampled with the flow Euler scheduler;
+`--world v2 --flow-from assets/demo_teacher_v2` runs that stage alone on a teacher built before.
 
 --world v2 trains the same layout on world v2 (datasets_prep/synth_world2.py: one to three shapes, captions that
 leave factors open) with its own tokenizer (longer captions) and recipe (recipes/demo/teacher2_unet.yaml); the
@@ -278,6 +279,21 @@ def shortened(recipe: Path, steps: int | None) -> list[str]:
     return overrides
 
 
+def flow_stage(teacher: Path, start: Path, work: Path, data: Path, out: Path, world: str,
+               args: argparse.Namespace, began: float) -> Path:
+    """Stage 4: the teacher fine-tuned by rectified flow, on the same data (v2: with the fill curriculum mixed in
+    as stage 3 had it, so the flow teacher keeps the binding stage 3 taught)."""
+    overrides = [f"model.pretrained={teacher}", f"output_dir={work / 'runs' / 'flow'}", f"data.source={data}",
+                 f"train.seed={args.seed}", *shortened(FLOW_RECIPE, args.flow_steps)]
+    if WORLDS[world].curriculum is not None:
+        fill = work / "data" / "fill"
+        write_curriculum(fill, args.images * 2 // 5, args.seed + 2)
+        overrides.append(f"data.extra_sources=[{{source: {fill}, repeats: 2}}]")
+    flow = assemble(start, train_stage(FLOW_RECIPE, [*overrides, *args.overrides]), out, world)
+    print(f"flow teacher in {flow} after {(time.perf_counter() - began) / 60:.1f} min")
+    return flow
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", choices=tuple(WORLDS), default="v1", help="the benchmark world it learns")
@@ -293,6 +309,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="v2: override the fill curriculum recipe's train.max_steps")
     parser.add_argument("--flow", action="store_true",
                         help="then fine-tune the teacher by rectified flow into OUT_flow (the flow teacher)")
+    parser.add_argument("--flow-from", type=Path, default=None, metavar="TEACHER",
+                        help="only the flow stage, fine-tuning this teacher (e.g. the committed one) into OUT "
+                             "(default TEACHER_flow)")
     parser.add_argument("--flow-steps", type=int, default=None, help="override the flow recipe's train.max_steps")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for the U-Net recipe")
     return parser.parse_args(argv)
@@ -309,6 +328,10 @@ def main(argv=None) -> int:
         return 0
     data, every_colour = work / "data" / "shapes", work / "data" / "all_colours"
     write_data(world.name, data, args.images, args.seed, every_colour=False)
+    if args.flow_from is not None:  # stage 4 alone, on a teacher built before (its own VAE and tokenizer)
+        flow_out = args.out or args.flow_from.with_name(args.flow_from.name + "_flow")
+        flow_stage(args.flow_from, args.flow_from, work, data, flow_out, world.name, args, began)
+        return 0
     # the VAE is the model's image codec: it must be able to draw the held-out colour, which only the
     # text-to-image stage never sees (a VAE without purple drew it green)
     write_data(world.name, every_colour, args.images // 2, args.seed + 1, every_colour=True)
@@ -335,11 +358,7 @@ def main(argv=None) -> int:
         teacher = assemble(start, fill_final, out, world.name)
     print(f"demo teacher in {teacher} after {(time.perf_counter() - began) / 60:.1f} min")
     if args.flow:
-        flow_steps = shortened(FLOW_RECIPE, args.flow_steps)
-        flow_final = train_stage(FLOW_RECIPE, [f"model.pretrained={teacher}", f"output_dir={work / 'runs' / 'flow'}",
-                                               f"data.source={data}", *seed, *flow_steps, *args.overrides])
-        flow = assemble(start, flow_final, out.with_name(out.name + "_flow"), world.name)
-        print(f"flow teacher in {flow} after {(time.perf_counter() - began) / 60:.1f} min")
+        flow_stage(teacher, start, work, data, out.with_name(out.name + "_flow"), world.name, args, began)
     return 0
 
 

@@ -73,6 +73,24 @@ def test_the_world_v2_teacher_trains_on_v2_data_with_its_own_tokenizer(tmp_path)
     assert pipe.tokenizer.model_max_length == 48 == pipe.text_encoder.config.max_position_embeddings
     words = [w for values in OBJECT_FACTORS.values() for v in values for w in v.split()] + ["checkered", "banded"]
     assert all(len(pipe.tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in words)
+    flow_recipe = (work / "runs" / "flow" / "recipe.yaml").read_text()  # the flow stage keeps stage 3's curriculum
+    assert str(work / "data" / "fill") in flow_recipe and "name: wsd" in flow_recipe
+
+
+def test_the_flow_stage_alone_fine_tunes_a_teacher_built_before(tmp_path):
+    """--flow-from: stage 4 alone on an existing teacher (the committed one's layout), which gives its VAE and
+    tokenizer; nothing of stages 1-3 is trained."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
+
+    from launch.demo_teacher import build_initial, main
+
+    teacher, work = build_initial(tmp_path / "teacher", world="v2"), tmp_path / "work"
+    assert main(["--world", "v2", "--work", str(work), "--images", "32", "--flow-from", str(teacher),
+                 "--flow-steps", "2", "train.batch_size=8", "ema.enabled=false", *FAST]) == 0
+    flow = StableDiffusionPipeline.from_pretrained(tmp_path / "teacher_flow")
+    assert type(flow.scheduler) is FlowMatchEulerDiscreteScheduler
+    assert sorted(p.name for p in (work / "runs").iterdir()) == ["flow"]  # no VAE, U-Net or fill stage ran
+    assert flow.tokenizer.model_max_length == 48
 
 
 @pytest.mark.skipif(not (TEACHER / "model_index.json").is_file(), reason="no committed demo teacher")
