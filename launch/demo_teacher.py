@@ -15,9 +15,10 @@ teacher of the same size (OUT_flow, e.g. assets/demo_teacher_v2_flow), sampled w
 
 --world v2 trains the same layout on world v2 (datasets_prep/synth_world2.py: one to three shapes, captions that
 leave factors open) with its own tokenizer (longer captions) and recipe (recipes/demo/teacher2_unet.yaml); the
-VAE sees v2 images too (stripes and patterned backgrounds). A third stage (recipes/demo/teacher2_fill.yaml) goes
-on with one-object scenes that always name their fill mixed in: from the world's own captions alone the U-Net
-never learned what "striped" means (bench/README.md, session 14).
+VAE sees v2 images too (stripes and patterned backgrounds). Two curriculum stages go on from it: one-object
+scenes that always name their fill mixed in (recipes/demo/teacher2_fill.yaml; from the world's own captions alone
+the U-Net never learned what "striped" means, bench/README.md session 14), then two- and three-object scenes
+that name every object's fill, at a lower rate (recipes/demo/teacher2_scenes.yaml; session 15).
 
 Choices a CPU-only trial taught (issue #10): v-prediction on DDPM's linear schedule (beta_end 0.02), since
 with SD's weaker schedule the last timestep of a 16x16 latent still shows the layout and the model learns to
@@ -53,6 +54,15 @@ MAX_TOKENS = 24  # the longest caption is 15 tokens with BOS and EOS
 
 
 @dataclass(frozen=True)
+class Curriculum:
+    """A stage after the U-Net's, on the world's images mixed with scenes whose captions always name the fill,
+    which the world's own captions did not teach (bench/README.md, sessions 14-15)."""
+    name: str  # its run folder and its --NAME-steps option
+    recipe: Path
+    mix: tuple[tuple[str, tuple[int, ...], int, int], ...]  # (data folder, object counts, seed offset, repeats)
+
+
+@dataclass(frozen=True)
 class World:
     """What differs between the teachers of the two benchmark worlds."""
     name: str
@@ -60,14 +70,18 @@ class World:
     unet_recipe: Path
     out: Path
     work: Path
-    curriculum: Path | None = None  # a last stage on data that names what the U-Net was slow to learn
+    curriculum: tuple[Curriculum, ...] = ()
 
 
+ONE_OBJECT, SCENES = ("fill", (1,), 2), ("fill_multi", (2, 3), 3)
 WORLDS = {
     "v1": World("v1", MAX_TOKENS, UNET_RECIPE, ROOT / "assets" / "demo_teacher", Path("teacher_work")),
     # the longest v2 caption (three objects, every attribute named, and a background) is about 40 tokens
     "v2": World("v2", 48, ROOT / "recipes" / "demo" / "teacher2_unet.yaml", ROOT / "assets" / "demo_teacher_v2",
-                Path("teacher2_work"), ROOT / "recipes" / "demo" / "teacher2_fill.yaml"),
+                Path("teacher2_work"), (
+                    Curriculum("fill", ROOT / "recipes" / "demo" / "teacher2_fill.yaml", ((*ONE_OBJECT, 2),)),
+                    Curriculum("scenes", ROOT / "recipes" / "demo" / "teacher2_scenes.yaml",
+                               ((*ONE_OBJECT, 1), (*SCENES, 2))))),
 }
 
 
@@ -87,12 +101,21 @@ def caption_corpus(world: str = "v1") -> str:
     return "\n".join([example, *sorted(words | set(example.split()))])
 
 
-def write_curriculum(folder: Path, n: int, seed: int) -> None:
-    """World v2's fill curriculum: one-object scenes whose captions always name the fill."""
+def write_curriculum(folder: Path, n: int, seed: int, counts: tuple[int, ...] = (1,)) -> None:
+    """World v2's fill curriculum: scenes of `counts` objects whose captions always name the fill."""
     from datasets_prep.synth_world2 import write_world2_dataset
 
     if not (folder / "metadata.jsonl").is_file():
-        write_world2_dataset(folder, n=n, size=RESOLUTION, seed=seed, counts=(1,), always=("fill",))
+        write_world2_dataset(folder, n=n, size=RESOLUTION, seed=seed, counts=counts, always=("fill",))
+
+
+def curriculum_sources(mix, work: Path, images: int, seed: int) -> str:
+    """The data.extra_sources override of a curriculum's mix, its data written first (2/5 of the world's size)."""
+    sources = []
+    for folder, counts, offset, repeats in mix:
+        write_curriculum(work / "data" / folder, images * 2 // 5, seed + offset, counts)
+        sources.append(f"{{source: {work / 'data' / folder}, repeats: {repeats}}}")
+    return f"data.extra_sources=[{', '.join(sources)}]"
 
 
 def write_data(world: str, folder: Path, n: int, seed: int, every_colour: bool) -> None:
@@ -281,14 +304,12 @@ def shortened(recipe: Path, steps: int | None) -> list[str]:
 
 def flow_stage(teacher: Path, start: Path, work: Path, data: Path, out: Path, world: str,
                args: argparse.Namespace, began: float) -> Path:
-    """Stage 4: the teacher fine-tuned by rectified flow, on the same data (v2: with the fill curriculum mixed in
-    as stage 3 had it, so the flow teacher keeps the binding stage 3 taught)."""
+    """The last stage: the teacher fine-tuned by rectified flow, on the same data (v2: with the last curriculum
+    stage's mix, so the flow teacher keeps the fill binding the curriculum taught)."""
     overrides = [f"model.pretrained={teacher}", f"output_dir={work / 'runs' / 'flow'}", f"data.source={data}",
                  f"train.seed={args.seed}", *shortened(FLOW_RECIPE, args.flow_steps)]
-    if WORLDS[world].curriculum is not None:
-        fill = work / "data" / "fill"
-        write_curriculum(fill, args.images * 2 // 5, args.seed + 2)
-        overrides.append(f"data.extra_sources=[{{source: {fill}, repeats: 2}}]")
+    if WORLDS[world].curriculum:
+        overrides.append(curriculum_sources(WORLDS[world].curriculum[-1].mix, work, args.images, args.seed))
     flow = assemble(start, train_stage(FLOW_RECIPE, [*overrides, *args.overrides]), out, world)
     print(f"flow teacher in {flow} after {(time.perf_counter() - began) / 60:.1f} min")
     return flow
@@ -307,6 +328,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="assemble the teacher from this U-Net checkpoint (its EMA weights) without training")
     parser.add_argument("--fill-steps", type=int, default=None,
                         help="v2: override the fill curriculum recipe's train.max_steps")
+    parser.add_argument("--scenes-steps", type=int, default=None,
+                        help="v2: override the multi-object curriculum recipe's train.max_steps")
     parser.add_argument("--flow", action="store_true",
                         help="then fine-tune the teacher by rectified flow into OUT_flow (the flow teacher)")
     parser.add_argument("--flow-from", type=Path, default=None, metavar="TEACHER",
@@ -328,7 +351,7 @@ def main(argv=None) -> int:
         return 0
     data, every_colour = work / "data" / "shapes", work / "data" / "all_colours"
     write_data(world.name, data, args.images, args.seed, every_colour=False)
-    if args.flow_from is not None:  # stage 4 alone, on a teacher built before (its own VAE and tokenizer)
+    if args.flow_from is not None:  # the flow stage alone, on a teacher built before (its own VAE and tokenizer)
         flow_out = args.out or args.flow_from.with_name(args.flow_from.name + "_flow")
         flow_stage(args.flow_from, args.flow_from, work, data, flow_out, world.name, args, began)
         return 0
@@ -346,16 +369,14 @@ def main(argv=None) -> int:
     unet_steps = shortened(world.unet_recipe, args.unet_steps)
     unet_final = train_stage(world.unet_recipe, [f"model.pretrained={start}", f"output_dir={work / 'runs' / 'unet'}",
                                            f"data.source={data}", *seed, *unet_steps, *args.overrides])
-    if world.curriculum is None:
-        teacher = assemble(start, unet_final, out, world.name)
-    else:  # stage 3 goes on from stage 2's teacher (float16, EMA weights) on data that names the fill
-        stage2, fill = assemble(start, unet_final, work / "stage2", world.name), work / "data" / "fill"
-        write_curriculum(fill, args.images * 2 // 5, args.seed + 2)
-        fill_steps = shortened(world.curriculum, args.fill_steps)
-        fill_final = train_stage(world.curriculum, [
-            f"model.pretrained={stage2}", f"output_dir={work / 'runs' / 'fill'}", f"data.source={data}",
-            f"data.extra_sources=[{{source: {fill}, repeats: 2}}]", *seed, *fill_steps, *args.overrides])
-        teacher = assemble(start, fill_final, out, world.name)
+    trained = unet_final
+    for number, stage in enumerate(world.curriculum, start=2):  # each goes on from the last one's teacher
+        previous = assemble(start, trained, work / f"stage{number}", world.name)  # float16, EMA weights
+        trained = train_stage(stage.recipe, [
+            f"model.pretrained={previous}", f"output_dir={work / 'runs' / stage.name}", f"data.source={data}",
+            curriculum_sources(stage.mix, work, args.images, args.seed), *seed,
+            *shortened(stage.recipe, getattr(args, f"{stage.name}_steps")), *args.overrides])
+    teacher = assemble(start, trained, out, world.name)
     print(f"demo teacher in {teacher} after {(time.perf_counter() - began) / 60:.1f} min")
     if args.flow:
         flow_stage(teacher, start, work, data, out.with_name(out.name + "_flow"), world.name, args, began)

@@ -33,7 +33,7 @@ def test_demo_teacher_recipes_regenerate_a_teacher(tmp_path):
 
 def test_the_world_v2_teacher_trains_on_v2_data_with_its_own_tokenizer(tmp_path):
     """--world v2: v2 data for every stage, a tokenizer whose every v2 word is one token, longer captions, a fill
-    curriculum stage on one-object scenes that name their fill; --flow:
+    curriculum stage on one-object scenes that name their fill, then one on two- and three-object scenes; --flow:
     a flow teacher fine-tuned from it, sampled with the flow Euler scheduler, also from a checkpoint."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
 
@@ -43,7 +43,7 @@ def test_the_world_v2_teacher_trains_on_v2_data_with_its_own_tokenizer(tmp_path)
 
     work, out = tmp_path / "work", tmp_path / "teacher2"
     assert main(["--world", "v2", "--work", str(work), "--out", str(out), "--images", "64", "--vae-steps", "2",
-                 "--unet-steps", "2", "--fill-steps", "2", "--flow", "--flow-steps", "2", "train.batch_size=8",
+                 "--unet-steps", "2", "--fill-steps", "2", "--scenes-steps", "2", "--flow", "--flow-steps", "2", "train.batch_size=8",
                  "ema.enabled=false",
                  *FAST[:2], "checkpoint.every_steps=2", *FAST[3:]]) == 0
     flow = tmp_path / "teacher2_flow"
@@ -61,6 +61,15 @@ def test_the_world_v2_teacher_trains_on_v2_data_with_its_own_tokenizer(tmp_path)
     assert all(("striped" in r["text"]) != ("plain" in r["text"]) for r in fill_rows)  # the curriculum names fill
     assert str(work / "data" / "fill") in (work / "runs" / "fill" / "recipe.yaml").read_text()
     assert (work / "stage2" / "model_index.json").is_file()  # stage 3 went on from stage 2's teacher
+    assert (work / "stage3" / "model_index.json").is_file()  # and stage 4 from stage 3's
+    scene_rows = [json.loads(r) for r in (work / "data" / "fill_multi" / "metadata.jsonl").read_text().splitlines()]
+    assert {json.loads(r["spec"])["count"] for r in scene_rows} == {2, 3}
+    described = [(r["text"], [o for o in json.loads(r["spec"])["objects"] if o]) for r in scene_rows]
+    assert all(all("fill" in o for o in objects) and text.count("striped") + text.count("plain") == len(objects)
+               for text, objects in described)  # every described object's fill is named ("three shapes" names none)
+    scenes_recipe = (work / "runs" / "scenes" / "recipe.yaml").read_text()
+    assert str(work / "data" / "fill_multi") in scenes_recipe and "model.pretrained" not in scenes_recipe
+    assert f"pretrained: {work / 'stage3'}" in scenes_recipe
     committed = ROOT / "assets" / "demo_teacher_v2" / "unet" / "config.json"
     if committed.is_file():  # the committed v2 teacher has the layout its recipes produce
         unset = {"_diffusers_version": None, "_name_or_path": None}
@@ -74,7 +83,7 @@ def test_the_world_v2_teacher_trains_on_v2_data_with_its_own_tokenizer(tmp_path)
     words = [w for values in OBJECT_FACTORS.values() for v in values for w in v.split()] + ["checkered", "banded"]
     assert all(len(pipe.tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in words)
     flow_recipe = (work / "runs" / "flow" / "recipe.yaml").read_text()  # the flow stage keeps stage 3's curriculum
-    assert str(work / "data" / "fill") in flow_recipe and "name: wsd" in flow_recipe
+    assert str(work / "data" / "fill_multi") in flow_recipe and "name: wsd" in flow_recipe
 
 
 def test_the_flow_stage_alone_fine_tunes_a_teacher_built_before(tmp_path):
