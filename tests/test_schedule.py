@@ -172,3 +172,22 @@ def test_a_model_whose_scheduler_names_no_process_is_one_line(tiny_sd15, digits_
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "beta_schedule" in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_flow_euler_in_a_vp_pipeline_takes_n_real_steps():
+    """diffusers' default flow grid ends on sigma 0.001, so 2 steps sampled like 1; for_vp_pipeline gives Flux's
+    grid (1, (N-1)/N, ..., 1/N, then 0, shifted as the scheduler says) and keeps sigmas a caller passes."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from trainers.schedulers import for_vp_pipeline
+
+    plain = for_vp_pipeline(for_vp_pipeline(FlowMatchEulerDiscreteScheduler(shift=1.0)))  # wrapped once only
+    plain.set_timesteps(2)
+    assert plain.sigmas.tolist() == [1.0, 0.5, 0.0] and plain.timesteps.tolist() == [1000.0, 500.0]
+    plain.set_timesteps(4)
+    assert torch.allclose(plain.sigmas, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    shifted = for_vp_pipeline(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    shifted.set_timesteps(2)
+    assert torch.allclose(shifted.sigmas, torch.tensor([1.0, 0.75, 0.0]))  # 3 * 0.5 / (1 + 2 * 0.5)
+    shifted.set_timesteps(2, sigmas=[1.0, 0.3])
+    assert torch.allclose(shifted.sigmas, torch.tensor([1.0, 3 * 0.3 / (1 + 2 * 0.3), 0.0]))

@@ -49,9 +49,26 @@ def swapped(scheduler, name: str):
 def for_vp_pipeline(scheduler):
     """A flow scheduler made callable by pipelines written for VP schedulers, which scale the initial noise by
     `init_noise_sigma` and the model input by `scale_model_input`: FlowMatch schedulers need neither (1 and the
-    identity), so lack both. Other schedulers come back as they are."""
+    identity), so lack both. Other schedulers come back as they are.
+
+    The flow Euler sampler also gets Flux's grid of N steps, sigma = 1, (N-1)/N, ..., 1/N (before the shift):
+    diffusers' default ends on sigma 0.001, so its last step (0.001 -> 0) does nothing and 2 steps sample like 1
+    (bench/README.md, session 15). Sigmas a caller passes are kept."""
     if not hasattr(scheduler, "init_noise_sigma"):
         scheduler.init_noise_sigma = 1.0
     if not hasattr(scheduler, "scale_model_input"):
         scheduler.scale_model_input = lambda sample, *args, **kwargs: sample
+    if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and "set_timesteps" not in vars(scheduler):
+        scheduler.set_timesteps = _with_trailing_sigmas(scheduler.set_timesteps)
     return scheduler
+
+
+def _with_trailing_sigmas(set_timesteps):
+    import numpy as np
+
+    def trailing(num_inference_steps=None, device=None, sigmas=None, **kwargs):
+        if sigmas is None and kwargs.get("timesteps") is None and num_inference_steps:
+            sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
+        return set_timesteps(num_inference_steps, device, sigmas=sigmas, **kwargs)
+
+    return trailing
