@@ -1,4 +1,5 @@
-"""The denoising loss that fine-tuning and ControlNet share (Ho et al. 2020), on any Schedule.
+"""The denoising loss that fine-tuning and ControlNet share (Ho et al. 2020), on any Schedule; and the losses of
+distribution-matching distillation (DMD2): the matching gradient as a loss, and the GAN head's two losses.
 
 Per sample: a seeded timestep and noise (with the recipe's offset), x_t from the schedule, and the MSE of the
 model's output against the schedule's target (eps, v or velocity), weighted as the schedule says (min-SNR-gamma
@@ -51,3 +52,34 @@ def latent_mask(mask: torch.Tensor, size: tuple[int, int], floor: float = 0.0) -
     latent element gets the mean of the pixels it covers (area averaging), mapped so that background (0) weighs
     `floor` and the subject (1) weighs 1."""
     return floor + (1.0 - floor) * area_downsample(mask, size)
+
+
+def distribution_matching_gradient(x0: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
+    """DMD's gradient on generated samples (Yin et al. 2024): the fake score's denoised estimate minus the real
+    score's, at the same re-noised x_t, each sample divided by its mean |x0 - real_x0| so that the step size does
+    not depend on how far off the sample is (the normaliser of DMD's public code). The gradient of KL(fake || real)
+    with respect to x0, up to a positive weight per timestep; a sample the two scores agree on gets none, and so
+    does one that already equals the real score's estimate (where the public code's nan_to_num gave 3e38)."""
+    dims = tuple(range(1, x0.dim()))
+    scale = (x0 - real_x0).abs().mean(dim=dims, keepdim=True)
+    return torch.where(scale > 0, (fake_x0 - real_x0) / scale.clamp_min(torch.finfo(scale.dtype).tiny), 0.0)
+
+
+def distribution_matching_loss(x0: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
+    """A scalar whose gradient with respect to x0 is the distribution-matching gradient divided by x0.numel():
+    0.5 * mean((x0 - stop_grad(x0 - g))^2). The scores get no gradient through it."""
+    with torch.no_grad():
+        g = distribution_matching_gradient(x0.float(), real_x0.float(), fake_x0.float())
+        target = x0.float() - g
+    return 0.5 * (x0.float() - target).pow(2).mean()
+
+
+def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating GAN loss of the generator: -log sigmoid(D(fake))."""
+    return torch.nn.functional.softplus(-fake_logits.float()).mean()
+
+
+def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """The discriminator's logistic loss: -log sigmoid(D(real)) - log(1 - sigmoid(D(fake)))."""
+    return (torch.nn.functional.softplus(-real_logits.float()).mean()
+            + torch.nn.functional.softplus(fake_logits.float()).mean())
