@@ -54,12 +54,22 @@ MAX_TOKENS = 24  # the longest caption is 15 tokens with BOS and EOS
 
 
 @dataclass(frozen=True)
+class Scenes:
+    """Curriculum data: scenes of `counts` objects whose captions name every described object's fill, written to
+    work/data/FOLDER with seed + seed_offset, and mixed in `repeats` times per epoch."""
+    folder: str
+    counts: tuple[int, ...]
+    seed_offset: int
+    repeats: int
+
+
+@dataclass(frozen=True)
 class Curriculum:
     """A stage after the U-Net's, on the world's images mixed with scenes whose captions always name the fill,
     which the world's own captions did not teach (bench/README.md, sessions 14-15)."""
     name: str  # its run folder and its --NAME-steps option
     recipe: Path
-    mix: tuple[tuple[str, tuple[int, ...], int, int], ...]  # (data folder, object counts, seed offset, repeats)
+    mix: tuple[Scenes, ...]
 
 
 @dataclass(frozen=True)
@@ -73,15 +83,15 @@ class World:
     curriculum: tuple[Curriculum, ...] = ()
 
 
-ONE_OBJECT, SCENES = ("fill", (1,), 2), ("fill_multi", (2, 3), 3)
 WORLDS = {
     "v1": World("v1", MAX_TOKENS, UNET_RECIPE, ROOT / "assets" / "demo_teacher", Path("teacher_work")),
     # the longest v2 caption (three objects, every attribute named, and a background) is about 40 tokens
     "v2": World("v2", 48, ROOT / "recipes" / "demo" / "teacher2_unet.yaml", ROOT / "assets" / "demo_teacher_v2",
                 Path("teacher2_work"), (
-                    Curriculum("fill", ROOT / "recipes" / "demo" / "teacher2_fill.yaml", ((*ONE_OBJECT, 2),)),
+                    Curriculum("fill", ROOT / "recipes" / "demo" / "teacher2_fill.yaml",
+                               (Scenes("fill", (1,), 2, repeats=2),)),
                     Curriculum("scenes", ROOT / "recipes" / "demo" / "teacher2_scenes.yaml",
-                               ((*ONE_OBJECT, 1), (*SCENES, 2))))),
+                               (Scenes("fill", (1,), 2, repeats=1), Scenes("fill_multi", (2, 3), 3, repeats=2))))),
 }
 
 
@@ -109,12 +119,13 @@ def write_curriculum(folder: Path, n: int, seed: int, counts: tuple[int, ...] = 
         write_world2_dataset(folder, n=n, size=RESOLUTION, seed=seed, counts=counts, always=("fill",))
 
 
-def curriculum_sources(mix, work: Path, images: int, seed: int) -> str:
+def curriculum_sources(mix: tuple[Scenes, ...], work: Path, images: int, seed: int) -> str:
     """The data.extra_sources override of a curriculum's mix, its data written first (2/5 of the world's size)."""
     sources = []
-    for folder, counts, offset, repeats in mix:
-        write_curriculum(work / "data" / folder, images * 2 // 5, seed + offset, counts)
-        sources.append(f"{{source: {work / 'data' / folder}, repeats: {repeats}}}")
+    for scenes in mix:
+        folder = work / "data" / scenes.folder
+        write_curriculum(folder, images * 2 // 5, seed + scenes.seed_offset, scenes.counts)
+        sources.append(f"{{source: {folder}, repeats: {scenes.repeats}}}")
     return f"data.extra_sources=[{', '.join(sources)}]"
 
 

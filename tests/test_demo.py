@@ -82,13 +82,13 @@ def test_the_world_v2_teacher_trains_on_v2_data_with_its_own_tokenizer(tmp_path)
     assert pipe.tokenizer.model_max_length == 48 == pipe.text_encoder.config.max_position_embeddings
     words = [w for values in OBJECT_FACTORS.values() for v in values for w in v.split()] + ["checkered", "banded"]
     assert all(len(pipe.tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in words)
-    flow_recipe = (work / "runs" / "flow" / "recipe.yaml").read_text()  # the flow stage keeps stage 3's curriculum
+    flow_recipe = (work / "runs" / "flow" / "recipe.yaml").read_text()  # the flow stage keeps stage 4's mix
     assert str(work / "data" / "fill_multi") in flow_recipe and "name: wsd" in flow_recipe
 
 
 def test_the_flow_stage_alone_fine_tunes_a_teacher_built_before(tmp_path):
-    """--flow-from: stage 4 alone on an existing teacher (the committed one's layout), which gives its VAE and
-    tokenizer; nothing of stages 1-3 is trained."""
+    """--flow-from: the flow stage alone on an existing teacher (the committed one's layout), which gives its VAE
+    and tokenizer; nothing of stages 1-4 is trained."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
 
     from launch.demo_teacher import build_initial, main

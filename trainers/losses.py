@@ -68,10 +68,10 @@ def distribution_matching_gradient(x0: torch.Tensor, real_x0: torch.Tensor, fake
 def distribution_matching_loss(x0: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
     """A scalar whose gradient with respect to x0 is the distribution-matching gradient divided by x0.numel():
     0.5 * mean((x0 - stop_grad(x0 - g))^2). The scores get no gradient through it."""
+    x0 = x0.float()
     with torch.no_grad():
-        g = distribution_matching_gradient(x0.float(), real_x0.float(), fake_x0.float())
-        target = x0.float() - g
-    return 0.5 * (x0.float() - target).pow(2).mean()
+        target = x0 - distribution_matching_gradient(x0, real_x0.float(), fake_x0.float())
+    return 0.5 * (x0 - target).pow(2).mean()
 
 
 def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,9 @@ def for_vp_pipeline(scheduler):
 
     The flow Euler sampler also gets Flux's grid of N steps, sigma = 1, (N-1)/N, ..., 1/N (before the shift):
     diffusers' default ends on sigma 0.001, so its last step (0.001 -> 0) does nothing and 2 steps sample like 1
-    (bench/README.md, session 15). Sigmas a caller passes are kept."""
+    (bench/README.md, session 15). Every flow Euler sampler our tools make passes here (`swapped`, so validation
+    and `--scheduler euler` for any family, SD3's included; the U-ViT and DiT pipelines); sigmas a caller passes
+    (FluxPipeline passes this same grid) are kept."""
     if not hasattr(scheduler, "init_noise_sigma"):
         scheduler.init_noise_sigma = 1.0
     if not hasattr(scheduler, "scale_model_input"):
