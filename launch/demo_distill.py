@@ -1,5 +1,5 @@
-"""The distillation chain on benchmark world v2 (#24): an LCM-LoRA, a full LCM and a guided progressive student of
-the v2 teacher, each scored at 1, 2 and 4 steps against the teacher at the same steps and at 25 on what world v2
+"""The distillation chain on benchmark world v2 (#24, #25): an LCM-LoRA, a full LCM, a guided progressive and a
+DMD2 LoRA student of the v2 teacher, each scored at 1, 2 and 4 steps against the teacher at the same steps and at 25 on what world v2
 measures: adherence to what a caption fixes, coverage of what it leaves open, Fréchet distance to renders.
 
     python launch/demo_distill.py --teacher assets/demo_teacher_v2 --out demo_out/distill_v2
@@ -46,10 +46,11 @@ STUDENTS = {
     "lcm-lora": Student(RECIPES / "lcm_lora_v2.yaml", True, "lcm", 1.0, "dpmpp"),
     "lcm": Student(RECIPES / "lcm_full_v2.yaml", False, None, GUIDANCE, "dpmpp"),
     "progressive": Student(RECIPES / "progressive_v2.yaml", False, None, GUIDANCE, "ddim"),
+    "dmd2": Student(RECIPES / "dmd2_lora_v2.yaml", True, None, 1.0, "dpmpp"),
 }
 TEACHER_SAMPLERS = {"dpmpp": {"scheduler": "dpmpp"}, "ddim": {"scheduler": "ddim", "timestep_spacing": "trailing"}}
 LABELS = {"teacher/dpmpp": "teacher, DPM-Solver++", "teacher/ddim": "teacher, DDIM", "lcm-lora": "LCM-LoRA",
-          "lcm": "full LCM", "progressive": "progressive (guided)"}
+          "lcm": "full LCM", "progressive": "progressive (guided)", "dmd2": "DMD2 LoRA"}
 
 
 def write_data(where: Path, n: int) -> Path:
@@ -135,6 +136,8 @@ def verdicts(results: dict[str, dict]) -> list[str]:
             lines.append(f"- LCM-LoRA at 4 steps within 10% of the teacher at {REFERENCE}: all-factor "
                          f"{mine['all']:.2f} against {ref['all']:.2f} ({'met' if ok_all else 'not met'}), coverage "
                          f"{mine['coverage']:.3f} against {ref['coverage']:.3f} ({'met' if ok_cov else 'not met'})")
+    if "dmd2" in results:
+        lines += dmd2_verdicts(results)
     for name in ("progressive", "lcm"):
         if name not in results:
             continue
@@ -150,6 +153,30 @@ def verdicts(results: dict[str, dict]) -> list[str]:
                          + (f"closes {closed:.0%} of the gap" if gap > 0 else "no gap to close")
                          + f", {'met' if met else 'not met'})")
         lines.append(f"- {LABELS[name]} at 2 steps closes half the gap: " + "; ".join(parts))
+    return lines
+
+
+def dmd2_verdicts(results: dict[str, dict]) -> list[str]:
+    """#25's acceptance: DMD2 at 1 step better than the LCM-LoRA at 1 step and the teacher at 1 and 2 steps, on
+    all-factor adherence (higher) and coverage distance (lower); at 4 steps within 10% of the teacher at 25."""
+    one, four = at_steps(results["dmd2"], 1), at_steps(results["dmd2"], 4)
+    teacher = results[f"teacher/{STUDENTS['dmd2'].against}"]
+    lines = []
+    rivals = [(f"teacher at {n}", at_steps(teacher, n)) for n in (1, 2)]
+    if "lcm-lora" in results:
+        rivals.insert(0, ("LCM-LoRA at 1", at_steps(results["lcm-lora"], 1)))
+    if one:
+        parts = [f"{label}: all {one['all']:.2f} vs {other['all']:.2f}, coverage {one['coverage']:.3f} vs "
+                 f"{other['coverage']:.3f} ({'met' if one['all'] > other['all'] and one['coverage'] < other['coverage'] else 'not met'})"
+                 for label, other in rivals if other]
+        lines.append("- DMD2 at 1 step beats " + "; ".join(parts))
+    ref = at_steps(teacher, REFERENCE)
+    if four and ref:
+        ok_all = four["all"] >= 0.9 * ref["all"] - 1e-9
+        ok_cov = four["coverage"] <= ref["coverage"] + 0.1 * abs(ref["coverage"]) + 1e-9
+        lines.append(f"- DMD2 at 4 steps within 10% of the teacher at {REFERENCE}: all-factor {four['all']:.2f} against "
+                     f"{ref['all']:.2f} ({'met' if ok_all else 'not met'}), coverage {four['coverage']:.3f} against "
+                     f"{ref['coverage']:.3f} ({'met' if ok_cov else 'not met'})")
     return lines
 
 

@@ -31,12 +31,12 @@ COMMON = ("train.report_to=none", "data.num_workers=0", "validation.every_steps=
 TOL = 1e-6  # measured: 0.0; a gradient twice too large moves the step-4 weights by ~1e-3
 
 
-def launch(config, tiny_sd15, digits_data, out, *overrides, extra_args=(), timeout=240, expect=0):
+def launch(config, tiny_sd15, digits_data, out, *overrides, extra_args=(), timeout=240, expect=0, recipe=RECIPE):
     """`accelerate launch --config_file accelerate_configs/CONFIG launch/train.py RECIPE ...`, from the repo root."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "DEEPSPEED_"))}
     env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config), *extra_args,
-           "launch/train.py", RECIPE, f"model.pretrained={tiny_sd15}", f"data.source={digits_data}",
+           "launch/train.py", recipe, f"model.pretrained={tiny_sd15}", f"data.source={digits_data}",
            f"output_dir={out}", *COMMON, *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == expect if expect is not None else proc.returncode != 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -103,6 +103,28 @@ def test_prodigy_and_schedule_free_under_ddp_match_one_process(optimizer, recipe
     assert max_diff(weights(tmp_path / "ddp", 3), weights(tmp_path / "one", 3)) < 1e-5
     finals = [load_file(tmp_path / run / "final" / "pytorch_lora_weights.safetensors") for run in ("ddp", "one")]
     assert max_diff(*finals) < 1e-5
+
+
+def test_two_optimizers_under_ddp_match_one_process(tiny_sd15, digits_data, tmp_path):
+    """DMD2's generator and fake score (two LoRAs on one DDP-wrapped U-Net, each update leaving the other's weights
+    without a gradient) under 2 processes train what 1 process x accumulation 2 does."""
+    from trainers.config import load_recipe
+
+    recipe = "recipes/demo/sd15_dmd2_lora_tiny.yaml"
+    args = ("train.max_steps=5", "checkpoint.every_steps=5", "data.resolution=64", "optimizer.lr=1e-2",
+            "objective.dmd2.fake_optimizer.lr=1e-2")
+    launch("cpu_ddp.yaml", tiny_sd15, digits_data, tmp_path / "ddp", *args, recipe=recipe)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(load_recipe(recipe, [f"model.pretrained={tiny_sd15}", f"data.source={digits_data}",
+                                     f"output_dir={tmp_path / 'one'}", *COMMON, *args, "train.grad_accum=2"])).fit()
+    finally:
+        torch.set_num_threads(threads)
+    a, b = weights(tmp_path / "ddp", 5), weights(tmp_path / "one", 5)
+    assert any(".fake." in k for k in a) and any(".default." in k for k in a)
+    assert max_diff(a, b) < 1e-5
+    assert [m["step"] for m in metrics(tmp_path / "ddp") if "dm_loss" in m] == [5]
 
 
 def test_ddp_with_accumulation_is_the_same_run(ddp_run, tiny_sd15, digits_data, tmp_path):

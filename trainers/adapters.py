@@ -163,6 +163,25 @@ def adapters_off(layers: list):
             layer._disable_adapters = False
 
 
+def set_active(layers: list, name: str) -> None:
+    """Make adapter `name` the one peft's layers run, leaving every adapter's requires_grad as it is (peft's
+    set_adapter would freeze the others, and two trained adapters share one model in DMD2)."""
+    for layer in layers:
+        layer._active_adapter = name
+
+
+@contextlib.contextmanager
+def active(layers: list, name: str):
+    """Run with adapter `name` in place of the active one."""
+    saved = [layer._active_adapter for layer in layers]
+    set_active(layers, name)
+    try:
+        yield
+    finally:
+        for layer, before in zip(layers, saved):
+            layer._active_adapter = before
+
+
 def student_from(teacher: torch.nn.Module, embedding_dim: int, key: str = "guidance_embedding_dim") -> torch.nn.Module:
     """A float32 copy of a teacher denoiser; with embedding_dim, a U-Net with a guidance (omega) embedding that
     starts at zero, so the student begins as the teacher (full LCM, guided progressive distillation)."""

@@ -1,7 +1,10 @@
 """The one training loop. Every recipe runs through `Trainer.fit`; objectives only say what the loss is.
 
-The engine owns the accelerator, optimizer and LR schedule, gradient accumulation, precision, clipping, EMA,
-checkpoints and resume, the progress bar, trackers and validation cadence.
+The engine owns the accelerator, optimizers and LR schedules, gradient accumulation, precision, clipping, EMA,
+checkpoints and resume, the progress bar, trackers and validation cadence. An objective's update groups
+(`Objective.update_groups`: usually one) each have an optimizer; at engine step s every group whose period
+divides s takes one update, in the order declared, on the same micro-batches. Which groups step is a pure function
+of s, so a run resumes exactly between any two steps of an alternation.
 """
 from __future__ import annotations
 
@@ -59,8 +62,9 @@ class Trainer:
             raise UserError("FSDP (accelerate_configs/fsdp.yaml) needs GPUs; without one use "
                             "accelerate_configs/cpu_ddp.yaml or cpu_zero2.yaml")
         trackers.check(recipe)
+        objective_cls = get_objective(recipe.objective.name)
         self.accelerator = Accelerator(
-            cpu=_cpu_processes(), kwargs_handlers=_process_group_kwargs(),
+            cpu=_cpu_processes(), kwargs_handlers=_process_group_kwargs(objective_cls.ddp_find_unused_parameters),
             gradient_accumulation_steps=recipe.train.grad_accum,
             mixed_precision=recipe.precision,
             log_with=trackers.log_with(recipe),
@@ -76,7 +80,6 @@ class Trainer:
         preflight.check_output_dir(self.out)
         checkpoint.check_fresh_start(recipe.resume, self.out)
         preflight.check_model_folder(recipe)
-        objective_cls = get_objective(recipe.objective.name)
         self.dataset = build_dataset(recipe.data, recipe.model,  # bad data fails before the models load
                                      conditioning=objective_cls.needs_conditioning_images)
         self.heldout = heldout_dataset(recipe)
@@ -94,9 +97,14 @@ class Trainer:
         self.strategy.check(self.objective.trained_modules())
         self.objective.to(torch.device("meta") if dry_run else self.device, DTYPES[recipe.precision],
                           inputs_cached=getattr(self.dataset, "cache", None) is not None)
-        memory.configure(self.objective.memory_modules(), self.backbone.denoiser_key, recipe.memory)
+        memory.configure(self.objective.memory_modules(), self.backbone.denoiser_key, recipe.memory,
+                         self.objective.recompute_context)
         self.params = self.objective.trainable_named_parameters()
-        self.ema = EMA(self.params, recipe.ema.decay) if recipe.ema.enabled else None
+        self.groups = self.objective.update_groups()
+        self._check_groups()
+        first = {id(p) for g in self.groups[:1] for pg in g.param_groups for p in pg["params"]}
+        self.ema = EMA({k: p for k, p in self.params.items() if id(p) in first}, recipe.ema.decay) \
+            if recipe.ema.enabled else None
         self.nonfinite = NonFiniteGuard(self.device, recipe.train.max_nonfinite_steps)
         trainable = self.parameter_counts()[0]
         try:
@@ -110,6 +118,20 @@ class Trainer:
         self.disk_warning = warning
         if warning and self.is_main and not dry_run:
             tqdm.write(warning)
+
+    def _check_groups(self) -> None:
+        """Several optimizers: what the backends cannot split between them is refused by name."""
+        if len(self.groups) == 1:
+            return
+        names = ", ".join(g.name for g in self.groups)
+        if self.strategy.sharded:
+            raise UserError(f"objective.name: {self.recipe.objective.name} trains {len(self.groups)} parameter groups "
+                            f"with their own optimizers ({names}); DeepSpeed ZeRO shards one: use "
+                            "accelerate_configs/multi_gpu.yaml (DDP) instead")
+        for group in self.groups:
+            if group.optimizer.name in optimizers.AVERAGING:
+                raise UserError(f"the {group.name} optimizer: {group.optimizer.name} averages the weights it exports, "
+                                f"which a run of several optimizers ({names}) cannot keep apart; use adamw")
 
     def _frozen_parameters(self) -> list[torch.nn.Parameter]:
         trained = {id(p) for p in self.params.values()}
@@ -182,25 +204,38 @@ class Trainer:
         return TrainResult(self.out, final, step, last_loss, stopped)
 
     def _optimizer_step(self, batches, step: int, sums: dict) -> None:
-        """One optimizer step over grad_accum micro-batches; metrics accumulate on the device, unsynced."""
-        r, acc = self.recipe, self.accelerator
-        self._set_lr(step - 1)
-        for _ in range(r.train.grad_accum):
-            batch = next(batches)
+        """Engine step `step`: each due update group steps once over the step's grad_accum micro-batches."""
+        micro = [next(batches) for _ in range(self.recipe.train.grad_accum)]
+        for i, (group, optimizer) in enumerate(zip(self.groups, self.optimizers)):
+            if step % group.every == 0:
+                self._update(i, group, optimizer, micro, step, sums)
+
+    def _update(self, index: int, group, optimizer, micro: list, step: int, sums: dict) -> None:
+        """One optimizer update; metrics accumulate on the device, unsynced."""
+        acc = self.accelerator
+        factor = self.lr_factors[index](step - 1)
+        for g, base in zip(optimizer.param_groups, self.base_lrs[index]):
+            g["lr"] = base * factor
+        loss_fn = group.loss or self.objective.loss
+        for batch in micro:
             # accumulate(): gradients are all-reduced (DDP) and DeepSpeed steps only on the last micro-batch;
             # backward() divides the loss by grad_accum (DeepSpeed by its own, equal, gradient_accumulation_steps)
             with acc.accumulate(*self.objective.wrapped.values()):
-                loss, logs = self.objective.loss(batch, step)
+                loss, logs = loss_fn(batch, step)
                 acc.backward(loss)
             for k, v in logs.items():
-                sums[k] = sums.get(k, 0) + v / r.train.grad_accum
-        finite = torch.isfinite(self.strategy.grad_norm(list(self.params.values())))
+                total, count = sums.get(k, (0, 0))
+                sums[k] = (total + v / len(micro), count + (batch is micro[0]))
+        params = [p for g in group.param_groups for p in g["params"]]
+        finite = torch.isfinite(self.strategy.grad_norm(params, group.optimizer.max_grad_norm))
         self.nonfinite.record(finite, step)
-        self.strategy.step(self.optimizer, finite, self.nonfinite)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.objective.after_step(finite)
-        if self.ema:
-            self.ema.update(keep=finite)
+        self.strategy.step(optimizer, finite, self.nonfinite)
+        for each in self.optimizers:  # another group's gradients from this loss (through a shared module) go too
+            each.zero_grad(set_to_none=True)
+        if index == 0:
+            self.objective.after_step(finite)
+            if self.ema:
+                self.ema.update(keep=finite)
 
     def _stop_agreed(self, requested: bool, log_step: bool) -> bool:
         """One process stops at once; several agree at log steps, the loop's only sync points."""
@@ -217,30 +252,29 @@ class Trainer:
         names, modules = zip(*self.objective.trained_modules().items())
         for m in modules:
             m.train()
-        optimizer = optimizers.make_optimizer(self.objective.param_groups(), r.optimizer)
-        wrapped, self.optimizer = self.strategy.prepare(modules, optimizer)
+        made = [optimizers.make_optimizer(g.param_groups, g.optimizer) for g in self.groups]
+        wrapped, self.optimizer = self.strategy.prepare(modules, made[0])
+        self.optimizers = [self.optimizer, *(acc.prepare(o) for o in made[1:])]  # DeepSpeed: one (_check_groups)
         self.objective.use_wrapped(dict(zip(names, wrapped)))
-        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        self.lr_factor = optimizers.lr_factor(r.lr_schedule.name, r.lr_schedule.warmup_steps, r.train.max_steps,
-                                              r.lr_schedule.decay_steps)
+        self.base_lrs = [[g["lr"] for g in o.param_groups] for o in self.optimizers]
+        self.lr_factors = [optimizers.lr_factor(g.lr_schedule.name, g.lr_schedule.warmup_steps, r.train.max_steps,
+                                                g.lr_schedule.decay_steps) for g in self.groups]
         if self.is_main:
             (self.out / "logs").mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.yaml").write_text(dump_recipe(r))
             trackers.start(acc, r, self.out)
 
-    def _set_lr(self, step: int) -> None:
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * self.lr_factor(step)
-
     def _log(self, step: int, sums: dict, interval: int, seconds: float, bar) -> float:
         """Reduce the interval's mean metrics across processes: the only host sync of the loop."""
-        means = {k: self.accelerator.reduce(torch.as_tensor(v, device=self.device) / interval, "mean").item()
-                 for k, v in sums.items()}
+        means = {k: self.accelerator.reduce(torch.as_tensor(total, device=self.device) / count, "mean").item()
+                 for k, (total, count) in sums.items()}  # a group's figures over the steps it updated in
+        means |= {f"lr_{g.name}": o.param_groups[0]["lr"] for g, o in zip(self.groups[1:], self.optimizers[1:])}
         means |= {"lr": self.optimizer.param_groups[0]["lr"], "steps_per_s": interval / max(seconds, 1e-9),
                   "skipped_steps": self.nonfinite.check(step), **optimizers.logs(self.optimizer)}
         self.accelerator.log(means, step=step)
         if self.is_main:
-            bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", lr=f"{means['lr']:.2e}")
+            if "loss" in means:  # a step where only another update group stepped has none
+                bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr']:.2e}")
             with open(self.out / "logs" / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **means}) + "\n")
         return means.get("loss")
@@ -256,6 +290,8 @@ class Trainer:
         acc.wait_for_everyone()
         state = self.strategy.save_optimizer(self.optimizer, self.out, step, self.is_main)
         if self.is_main:
+            for group, optimizer in zip(self.groups[1:], self.optimizers[1:]):
+                state[f"optimizer.{group.name}"] = optimizer.state_dict()
             if acc.scaler is not None:
                 state["scaler"] = acc.scaler.state_dict()
             checkpoint.save(self.out, step, self.checkpoint_tensors(), state, {"name": self.recipe.name},
@@ -304,6 +340,11 @@ class Trainer:
             return 0
         state, meta = self._load_weights(path)
         self.strategy.load_optimizer(self.optimizer, path, state)
+        for group, optimizer in zip(self.groups[1:], self.optimizers[1:]):
+            if f"optimizer.{group.name}" not in state:
+                raise UserError(f"resume: {path} holds no optimizer state of the {group.name!r} update group (another "
+                                "objective wrote it): use a new output_dir or resume: none")
+            optimizer.load_state_dict(state[f"optimizer.{group.name}"])
         if "scaler" in state and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         if self.is_main:
@@ -456,18 +497,22 @@ def _cpu_processes() -> bool:
     return _launched_processes() > 1 and not _has_device() and not _launched_deepspeed()
 
 
-def _process_group_kwargs() -> list:
+def _process_group_kwargs(find_unused_parameters: bool = False) -> list:
     """DeepSpeed on several CPU processes: name gloo, or accelerate finds no backend and reports 1 process.
 
     (accelerate(cpu=True) would drop DeepSpeed altogether.) Without a backend accelerate calls every rank the main
     process of 1 while DeepSpeed joins all of them, and fills train_batch_size for 1 process, which DeepSpeed
     rejects. With gloo named, both agree: ranks 0..n-1 of n.
-    """
-    from accelerate.utils import InitProcessGroupKwargs
 
+    find_unused_parameters: an objective whose update groups share a DDP-wrapped module leaves one group's weights
+    without a gradient in the other's updates; DDP must look for them or it waits for their all-reduce forever.
+    """
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
     if _launched_processes() > 1 and not _has_device() and _launched_deepspeed():
-        return [InitProcessGroupKwargs(backend="gloo")]
-    return []
+        return [*kwargs, InitProcessGroupKwargs(backend="gloo")]
+    return kwargs
 
 
 def train(recipe: Recipe) -> TrainResult:

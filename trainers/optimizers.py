@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from trainers.config import OptimizerConfig, Recipe
+from trainers.config import LRScheduleConfig, OptimizerConfig, Recipe
 from trainers.errors import ConfigError, UserError
 
 BNB_OPTIMIZERS = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit", "lion8bit": "Lion8bit"}
@@ -36,24 +36,8 @@ def optimizer_state_bytes(name: str) -> int:
 
 def check(recipe: Recipe) -> None:
     """Recipe combinations an optimizer cannot honour, refused before any model loads."""
-    opt, schedule = recipe.optimizer, recipe.lr_schedule
-    if schedule.name == "wsd" and not 1 <= schedule.decay_steps <= recipe.train.max_steps - schedule.warmup_steps:
-        raise ConfigError(f"'lr_schedule.decay_steps': wsd decays over the last decay_steps, which must be 1 to "
-                          f"train.max_steps - warmup_steps ({recipe.train.max_steps - schedule.warmup_steps}); "
-                          f"got {schedule.decay_steps}")
-    if schedule.name != "wsd" and schedule.decay_steps:
-        raise ConfigError(f"'lr_schedule.decay_steps' belongs to the wsd schedule; lr_schedule.name is "
-                          f"{schedule.name}: remove it")
-    if opt.name != "prodigy":
-        for key in PRODIGY_KEYS:
-            if getattr(opt, key) is not None:
-                raise ConfigError(f"'optimizer.{key}' is a Prodigy option; optimizer.name is {opt.name}: remove it")
-    else:
-        for key in ("lr", "text_encoder_lr"):
-            value = getattr(opt, key)
-            if value is not None and value < 0.1:
-                raise ConfigError(f"'optimizer.{key}': Prodigy estimates the step size itself and multiplies it by "
-                                  f"this; use 1.0 (its convention), not a hand-tuned step like {value:g}")
+    opt = recipe.optimizer
+    check_group(opt, recipe.lr_schedule, recipe.train.max_steps)
     if opt.name == "adamw_schedulefree":
         if recipe.lr_schedule.name != "constant":
             raise ConfigError(f"'lr_schedule.name': schedule-free AdamW replaces the schedule ({recipe.lr_schedule.name}"
@@ -64,6 +48,28 @@ def check(recipe: Recipe) -> None:
         if recipe.objective.name == "progressive":
             raise ConfigError("'optimizer.name': adamw_schedulefree cannot serve progressive distillation: each "
                               "stage's teacher would be the training point, not the averaged weights; use adamw")
+
+
+def check_group(opt: OptimizerConfig, schedule: LRScheduleConfig, max_steps: int, key: str = "optimizer",
+                schedule_key: str = "lr_schedule") -> None:
+    """One optimizer and its LR schedule (the recipe's, or another update group's under its own keys)."""
+    if schedule.name == "wsd" and not 1 <= schedule.decay_steps <= max_steps - schedule.warmup_steps:
+        raise ConfigError(f"'{schedule_key}.decay_steps': wsd decays over the last decay_steps, which must be 1 to "
+                          f"train.max_steps - warmup_steps ({max_steps - schedule.warmup_steps}); "
+                          f"got {schedule.decay_steps}")
+    if schedule.name != "wsd" and schedule.decay_steps:
+        raise ConfigError(f"'{schedule_key}.decay_steps' belongs to the wsd schedule; {schedule_key}.name is "
+                          f"{schedule.name}: remove it")
+    if opt.name != "prodigy":
+        for name in PRODIGY_KEYS:
+            if getattr(opt, name) is not None:
+                raise ConfigError(f"'{key}.{name}' is a Prodigy option; {key}.name is {opt.name}: remove it")
+    else:
+        for name in ("lr", "text_encoder_lr"):
+            value = getattr(opt, name)
+            if value is not None and value < 0.1:
+                raise ConfigError(f"'{key}.{name}': Prodigy estimates the step size itself and multiplies it by "
+                                  f"this; use 1.0 (its convention), not a hand-tuned step like {value:g}")
 
 
 def make_optimizer(groups: list[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:

@@ -32,9 +32,10 @@ class Accelerated:
         wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
         return wrapped, self.acc.prepare(optimizer)
 
-    def grad_norm(self, params: list) -> torch.Tensor:
-        """The gradients' norm before clipping (clipped to optimizer.max_grad_norm when that is > 0); on the device."""
-        max_norm = self.recipe.optimizer.max_grad_norm
+    def grad_norm(self, params: list, max_norm: float | None = None) -> torch.Tensor:
+        """The gradients' norm before clipping (clipped to max_norm, default optimizer.max_grad_norm, when that is
+        > 0); on the device."""
+        max_norm = self.recipe.optimizer.max_grad_norm if max_norm is None else max_norm
         if max_norm > 0:
             return self.acc.clip_grad_norm_(params, max_norm)
         grads = [p.grad for p in params if p.grad is not None]
@@ -93,7 +94,7 @@ class DeepSpeedZero(Accelerated):
         self.engine, optimizer = self.acc.prepare(module, optimizer)  # the engine saves its ZeRO shard
         return (self.engine,), optimizer
 
-    def grad_norm(self, params: list) -> torch.Tensor:
+    def grad_norm(self, params: list, max_norm: float | None = None) -> torch.Tensor:
         # clipped, stepped and zeroed in the last backward(); DeepSpeed reports a non-finite norm as inf
         return torch.tensor(self.acc.clip_grad_norm_(params, self.recipe.optimizer.max_grad_norm) or 0.0)
 

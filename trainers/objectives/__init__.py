@@ -13,7 +13,8 @@ OBJECTIVES = {"finetune": "trainers.objectives.finetune:FineTune",
               "autoencoder": "trainers.objectives.autoencoder:Autoencoder",
               "consistency": "trainers.objectives.consistency:Consistency",
               "progressive": "trainers.objectives.progressive:Progressive",
-              "controlnet": "trainers.objectives.controlnet:ControlNet"}
+              "controlnet": "trainers.objectives.controlnet:ControlNet",
+              "dmd2": "trainers.objectives.dmd2:DMD2"}
 
 
 def get_objective(name: str):

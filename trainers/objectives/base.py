@@ -5,23 +5,42 @@ Objectives never call backward, save checkpoints or log: they return a loss and 
 from __future__ import annotations
 
 import abc
-
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
 from trainers.backbones import Backbone
-from trainers.config import FlowConfig, Recipe
+from trainers.config import FlowConfig, LRScheduleConfig, OptimizerConfig, Recipe
 from trainers.diffusion import FlowMatchSchedule, Schedule, VPSchedule
 from trainers.devices import cast
 from trainers.errors import ConfigError
 from trainers.schedulers import FLOW_SCHEDULERS
 
 
+@dataclass
+class UpdateGroup:
+    """Parameters that one optimizer steps on their own loss, at every engine step divisible by `every`.
+
+    Most objectives train one group; one that trains two networks against each other (DMD2's generator and fake
+    score) declares two, each with its own optimizer, schedule and clipping. The first group is the model the run
+    exports: EMA and `Objective.after_step` follow its updates.
+    """
+    name: str
+    param_groups: list[dict]
+    optimizer: OptimizerConfig
+    lr_schedule: LRScheduleConfig
+    every: int = 1
+    loss: Optional[Callable] = None  # (batch, step) -> (loss, logs); None: the objective's `loss`
+
+
 class Objective(abc.ABC):
     name = ""
     card_tags: tuple[str, ...] = ()
+    # some trained parameters get no gradient in some updates (another group's): DDP must look for unused ones
+    ddp_find_unused_parameters = False
 
     def __init__(self, recipe: Recipe, backbone: Backbone):
         self.recipe, self.backbone = recipe, backbone
@@ -76,6 +95,10 @@ class Objective(abc.ABC):
         """What `loss` calls: the engine's wrapped modules once prepared, the plain ones before (tests, dry runs)."""
         return getattr(self, "_wrapped", None) or self.trained_modules()
 
+    # with gradient checkpointing: a callable returning the context a block is recomputed in during backward,
+    # captured as it runs forward (None: the model's state does not change between forward and backward)
+    recompute_context = None
+
     def memory_modules(self) -> dict[str, torch.nn.Module]:
         """Modules the recipe's memory options (attention, gradient checkpointing) apply to: those that run forward
         with gradients."""
@@ -126,6 +149,11 @@ class Objective(abc.ABC):
         return [{"params": [p for p in m.parameters() if p.requires_grad], "lr": self.recipe.optimizer.lr}
                 for m in self.trained_modules().values()]
 
+    def update_groups(self) -> list[UpdateGroup]:
+        """What the engine's optimizers step: by default one group, `param_groups` under the recipe's optimizer."""
+        r = self.recipe
+        return [UpdateGroup("main", self.param_groups(), r.optimizer, r.lr_schedule)]
+
     @abc.abstractmethod
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of one micro-batch and detached tensors to log (reduced by the engine at log steps)."""
@@ -144,7 +172,7 @@ class Objective(abc.ABC):
         return type(self).heldout_loss is not Objective.heldout_loss
 
     def after_step(self, finite: torch.Tensor) -> None:
-        """Called after each optimizer step (finite: 0-dim bool, False when the step was skipped), e.g. to
+        """Called after each optimizer step of the first update group (finite: 0-dim bool, False when the step was skipped), e.g. to
         move an EMA target; on the device, without a host sync."""
 
     def state_for_checkpoint(self) -> dict[str, torch.Tensor]:

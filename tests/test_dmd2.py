@@ -1,0 +1,220 @@
+"""DMD2 (#25) through the engine: two update groups with their own optimizers, the generator stepping every
+`fake_updates` engine steps; exact resume inside an alternation; the LoRA export in stock diffusers."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from trainers import adapters
+from trainers.config import load_recipe
+from trainers.engine import Trainer
+from trainers.errors import ConfigError
+from trainers.objectives.dmd2 import generator_timesteps
+
+RECIPE = "recipes/demo/sd15_dmd2_lora_tiny.yaml"
+
+
+@pytest.fixture
+def dmd_recipe(tiny_sd15, digits_data, tmp_path):
+    def build(*overrides, out=None):
+        base = [f"model.pretrained={tiny_sd15}", f"data.source={digits_data}", "data.resolution=64",
+                f"output_dir={out or tmp_path / 'run'}", "train.report_to=none", "validation.every_steps=0",
+                "checkpoint.every_steps=0", "train.batch_size=2", "train.log_every=1", "objective.dmd2.fake_updates=5",
+                "optimizer.lr=1e-2", "objective.dmd2.fake_optimizer.lr=1e-2"]
+        return load_recipe(RECIPE, base + list(overrides))
+    return build
+
+
+def generator_tensors(tensors: dict) -> dict:
+    return {k: v for k, v in tensors.items() if ".default." in k}
+
+
+def fake_tensors(tensors: dict) -> dict:
+    return {k: v for k, v in tensors.items() if ".fake." in k or k.startswith("model.gan_head.")}
+
+
+def test_the_generator_steps_every_fake_updates_steps_and_never_in_between(dmd_recipe, tmp_path):
+    from safetensors.torch import load_file
+
+    trainer = Trainer(dmd_recipe("train.max_steps=10", "checkpoint.every_steps=1", "checkpoint.keep_last=20"))
+    trainer.fit()
+    gen, fake = trainer.optimizers
+    state = lambda opt: {int(s["step"]) for s in opt.optimizer.state.values()}  # noqa: E731
+    assert state(gen) == {2} and state(fake) == {10}  # updates: the generator at steps 5 and 10, the fake at all
+    weights = {s: load_file(tmp_path / "run" / "checkpoints" / f"step-{s}" / "weights.safetensors")
+               for s in range(1, 11)}
+    changed = lambda pick, a, b: any(not torch.equal(pick(weights[a])[k], pick(weights[b])[k])  # noqa: E731
+                                     for k in pick(weights[a]))
+    for s in range(2, 11):
+        assert changed(generator_tensors, s - 1, s) == (s in (5, 10)), s
+        assert changed(fake_tensors, s - 1, s), s
+    assert generator_tensors(weights[1]) and fake_tensors(weights[1])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "dm_loss" in r] == [5, 10]
+    assert all("fake_loss" in r and "gan_d_loss" in r for r in rows)
+
+
+def test_resume_inside_an_alternation_is_exact(dmd_recipe, tmp_path):
+    args = ("train.max_steps=7", "checkpoint.every_steps=3")
+    straight = Trainer(dmd_recipe(*args, out=tmp_path / "straight"))
+    straight.fit()
+    Trainer(dmd_recipe(*args, out=tmp_path / "split")).fit(until=3)  # the generator's first update is at step 5
+    resumed = Trainer(dmd_recipe(*args, out=tmp_path / "split"))
+    assert resumed.fit().step == 7
+    assert max((straight.params[k] - resumed.params[k]).abs().max().item() for k in straight.params) < 1e-7
+    read = lambda d: [json.loads(line) for line in (d / "logs" / "metrics.jsonl").read_text().splitlines()]  # noqa
+    a, b = read(tmp_path / "straight"), read(tmp_path / "split")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 8))
+    for x, y in zip(a, b):
+        losses = [k for k in x if k.endswith("loss")]
+        assert losses and [k for k in y if k.endswith("loss")] == losses
+        assert all(abs(x[k] - y[k]) <= 1e-7 * max(1.0, abs(x[k])) for k in losses), (x, y)
+    for opt_a, opt_b in zip(straight.optimizers, resumed.optimizers):
+        for s_a, s_b in zip(opt_a.optimizer.state.values(), opt_b.optimizer.state.values()):
+            assert torch.equal(s_a["step"], s_b["step"]) and torch.allclose(s_a["exp_avg"], s_b["exp_avg"], atol=1e-9)
+
+
+def test_the_teacher_is_the_base_and_both_students_start_as_it(dmd_recipe, tiny_sd15, digits_data):
+    from diffusers import UNet2DConditionModel
+
+    trainer = Trainer(dmd_recipe("train.max_steps=5"))
+    obj = trainer.objective
+    stock = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+    z, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([999, 400])
+    cond = {"encoder_hidden_states": torch.randn(2, 77, stock.config.cross_attention_dim,
+                                                 generator=torch.Generator().manual_seed(1))}
+
+    def outputs():
+        with torch.no_grad():
+            with adapters.adapters_off(obj.layers):
+                teacher = obj.base(z, t, **cond).sample
+            generator = obj.generator(z, t, **cond).sample
+            with obj.fake_active():
+                fake = obj.fake_module(z, t, **cond).sample
+        return teacher, generator, fake
+
+    with torch.no_grad():
+        expected = stock(z, t, **cond).sample
+    teacher, generator, fake = outputs()
+    assert torch.allclose(teacher, expected, atol=1e-6)
+    assert torch.allclose(generator, expected, atol=1e-6) and torch.allclose(fake, expected, atol=1e-6)
+    trainer.fit()
+    teacher, generator, fake = outputs()
+    assert torch.allclose(teacher, expected, atol=1e-6)  # still the base model, two trained adapters beside it
+    assert not torch.allclose(generator, expected, atol=1e-4) and not torch.allclose(fake, expected, atol=1e-4)
+    assert not torch.allclose(generator, fake, atol=1e-4)
+
+
+LOAD_AND_SAMPLE = textwrap.dedent("""
+    import sys, numpy as np, torch
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+    base, final, out = sys.argv[1:4]
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(final)
+    pipe.scheduler = LCMScheduler.from_pretrained(final, subfolder="scheduler")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.timesteps.tolist() == [999, 749, 499, 249], pipe.scheduler.timesteps
+    images = pipe(["a digit 3", "a digit 8"], num_inference_steps=4, guidance_scale=1.0,
+                  generator=torch.Generator("cpu").manual_seed(0), output_type="np").images
+    np.save(out, images)
+""")
+
+
+def test_the_exported_lora_samples_the_same_in_stock_diffusers_at_the_cards_timesteps(dmd_recipe, tiny_sd15, tmp_path):
+    trainer = Trainer(dmd_recipe("train.max_steps=5"))
+    final = trainer.fit().final_dir
+    assert {p.name for p in final.iterdir()} >= {"pytorch_lora_weights.safetensors", "lora_kohya.safetensors",
+                                                 "scheduler", "README.md"}
+    card = (final / "README.md").read_text()
+    assert "[999, 749, 499, 249]" in card and "guidance_scale=1.0" in card and "dmd2" in card
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_AND_SAMPLE)
+    proc = subprocess.run([sys.executable, str(script), str(tiny_sd15), str(final), str(tmp_path / "x.npy")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pipe = trainer.objective.validation_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        mine = pipe(["a digit 3", "a digit 8"], num_inference_steps=4, guidance_scale=1.0,
+                    generator=torch.Generator("cpu").manual_seed(0), output_type="np").images
+    np.testing.assert_allclose(np.load(tmp_path / "x.npy"), mine, atol=2e-4)
+    with torch.no_grad(), adapters.adapters_off(trainer.objective.layers):  # the LoRA did change the samples
+        base = pipe(["a digit 3", "a digit 8"], num_inference_steps=4, guidance_scale=1.0,
+                    generator=torch.Generator("cpu").manual_seed(0), output_type="np").images
+    assert np.abs(base - mine).max() > 1e-3
+
+
+def test_the_generator_timesteps_are_what_lcm_scheduler_visits():
+    from diffusers import LCMScheduler
+
+    assert generator_timesteps(4, 1000).tolist() == [999, 749, 499, 249]
+    assert generator_timesteps(1, 1000).tolist() == [999]
+    for k in (1, 2, 4):
+        scheduler = LCMScheduler(original_inference_steps=k)
+        scheduler.set_timesteps(k)
+        assert scheduler.timesteps.tolist() == generator_timesteps(k, 1000).tolist()
+
+
+@pytest.mark.parametrize("override, names", [
+    ("objective.caption_dropout=0.1", "objective.caption_dropout"),
+    ("adapter.kind=loha", "adapter.kind"),
+    ("adapter.text_encoder=true", "adapter.text_encoder"),
+    ("objective.dmd2.match_t_min=0.99", "match_t_min"),
+    ("validation.scheduler=ddim", "validation.scheduler"),
+    ("validation.steps=8", "validation.steps"),
+    ("objective.dmd2.fake_lr_schedule.decay_steps=5", "objective.dmd2.fake_lr_schedule.decay_steps"),
+])
+def test_options_that_do_not_apply_are_named(dmd_recipe, override, names):
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+        Trainer(dmd_recipe("validation.every_steps=5", override))
+
+
+def test_a_full_generator_and_full_fake_score_train_and_export_a_unet(dmd_recipe, tmp_path):
+    trainer = Trainer(dmd_recipe("adapter.kind=full", "objective.dmd2.fake_score=full", "train.max_steps=5",
+                                 "optimizer.lr=1e-4", "objective.dmd2.fake_optimizer.lr=1e-4"))
+    assert set(trainer.objective.trained_modules()) == {"unet", "fake_unet", "gan_head"}
+    final = trainer.fit().final_dir
+    assert (final / "unet" / "config.json").is_file() and (final / "scheduler").is_dir()
+    assert "UNet2DConditionModel.from_pretrained" in (final / "README.md").read_text()
+
+
+def test_the_sdxl_recipe_distils_with_gradient_accumulation_and_exports(tiny_sdxl, digits_data, tmp_path):
+    recipe = load_recipe("recipes/sdxl_dmd2_lora.yaml", [
+        f"model.pretrained={tiny_sdxl}", f"data.source={digits_data}", "data.resolution=64", f"output_dir={tmp_path}",
+        "train.max_steps=5", "train.batch_size=1", "train.grad_accum=2", "train.report_to=none",
+        "validation.every_steps=0", "checkpoint.every_steps=0", "precision='no'", "adapter.rank=4",
+        "data.num_workers=0", "train.log_every=5"])
+    result = Trainer(recipe).fit()
+    assert np.isfinite(result.last_loss)  # step 5 is the generator's
+    assert (result.final_dir / "pytorch_lora_weights.safetensors").is_file()
+    assert (result.final_dir / "scheduler" / "scheduler_config.json").is_file()
+
+
+def test_a_uvit_generator_trains_without_the_gan_head_which_needs_a_unet(tiny_uvit, digits_data, tmp_path):
+    args = [f"model.pretrained={tiny_uvit}", f"data.source={digits_data}", "data.resolution=64",
+            f"output_dir={tmp_path}", "train.max_steps=5", "train.batch_size=2", "train.report_to=none",
+            "validation.every_steps=0", "checkpoint.every_steps=0", "adapter.target_modules=null", "train.log_every=5"]
+    with pytest.raises(ConfigError, match="gan_generator_weight"):
+        Trainer(load_recipe(RECIPE, args))
+    no_gan = ["objective.dmd2.gan_generator_weight=0", "objective.dmd2.gan_discriminator_weight=0"]
+    result = Trainer(load_recipe(RECIPE, args + no_gan)).fit()
+    assert np.isfinite(result.last_loss) and (result.final_dir / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_gradient_checkpointing_recomputes_each_block_with_the_adapter_it_ran_with(dmd_recipe, tmp_path):
+    """Both adapters share one U-Net and switch between forwards; a block recomputed in backward must use the one
+    it ran forward with (and the GAN pass's frozen fake weights): the run matches one without checkpointing."""
+    runs = {}
+    for flag in ("true", "false"):
+        trainer = Trainer(dmd_recipe("train.max_steps=5", f"memory.gradient_checkpointing={flag}",
+                                     out=tmp_path / flag))
+        trainer.fit()
+        runs[flag] = trainer.params
+    assert max((runs["true"][k] - runs["false"][k]).abs().max().item() for k in runs["true"]) < 1e-6
