@@ -218,3 +218,10 @@ def test_gradient_checkpointing_recomputes_each_block_with_the_adapter_it_ran_wi
         trainer.fit()
         runs[flag] = trainer.params
     assert max((runs["true"][k] - runs["false"][k]).abs().max().item() for k in runs["true"]) < 1e-6
+
+
+def test_the_fake_score_adapter_takes_its_own_rank(dmd_recipe):
+    layers = Trainer(dmd_recipe("objective.dmd2.fake_rank=2")).objective.layers
+    lora = [layer for layer in layers if hasattr(layer, "r")]
+    assert lora and all(layer.r["default"] == 16 and layer.r["fake"] == 2 for layer in lora)
+    assert all(layer.scaling["fake"] == 1.0 for layer in lora)  # alpha = rank

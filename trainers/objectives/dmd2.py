@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,10 +82,8 @@ class DMD2(Objective):
             adapters.add_lora(self.base, recipe.adapter, targets)
             self.generator = self.base
         if self.fake is None:
-            fake_cfg = copy.copy(recipe.adapter)
-            if cfg.fake_rank:
-                object.__setattr__(fake_cfg, "rank", cfg.fake_rank)
-                object.__setattr__(fake_cfg, "alpha", float(cfg.fake_rank))
+            fake_cfg = recipe.adapter if not cfg.fake_rank else \
+                dataclasses.replace(recipe.adapter, rank=cfg.fake_rank, alpha=float(cfg.fake_rank))
             self.base.requires_grad_(False)
             with warnings.catch_warnings():  # peft warns of a second adapter: two are the point here
                 warnings.simplefilter("ignore", UserWarning)
