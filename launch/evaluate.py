@@ -322,6 +322,14 @@ def evaluate(pipe_or_dir, steps: list[int], *, lora=None, student=None, schedule
     check_resolution(pipe, resolution)
     own = pipe.scheduler
     pipe.scheduler = make_scheduler(own, scheduler_name(scheduler), timestep_spacing)
+    from trainers.schedulers import check_steps
+
+    try:
+        for n in steps:
+            check_steps(pipe.scheduler, int(n))
+    except UserError:
+        pipe.scheduler = own
+        raise
     texts = results["prompts"] if captions == "full" else [""] * len(results["prompts"])
     edges = [outline(factors, resolution, render_seed) for factors, render_seed in drawn] if controlnet else None
     try:

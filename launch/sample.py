@@ -114,6 +114,9 @@ def generate(pipe, args: argparse.Namespace) -> list:
     """Run the pipeline once for all prompts; images come back prompt by prompt."""
     import torch
 
+    from trainers.schedulers import check_steps
+
+    check_steps(pipe.scheduler, args.steps)
     sizes = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
     if args.image:
         sizes["image"] = conditioning_images(args.image, len(args.prompt))

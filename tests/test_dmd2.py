@@ -225,3 +225,15 @@ def test_the_fake_score_adapter_takes_its_own_rank(dmd_recipe):
     lora = [layer for layer in layers if hasattr(layer, "r")]
     assert lora and all(layer.r["default"] == 16 and layer.r["fake"] == 2 for layer in lora)
     assert all(layer.scaling["fake"] == 1.0 for layer in lora)  # alpha = rank
+
+
+def test_sampling_a_student_past_its_grid_is_one_line_naming_the_limit():
+    from diffusers import LCMScheduler
+
+    from trainers.errors import UserError
+    from trainers.schedulers import check_steps
+
+    one_step = LCMScheduler(original_inference_steps=1)
+    check_steps(one_step, 1)
+    with pytest.raises(UserError, match="at most 1 steps"):
+        check_steps(one_step, 2)  # diffusers' own ValueError would escape as a traceback

@@ -12,6 +12,15 @@ SCHEDULERS = {
 FLOW_SCHEDULERS = ("dpmsolver", "euler")  # what samples a rectified-flow model (a velocity on sigma in [0, 1])
 
 
+def check_steps(scheduler, steps: int) -> None:
+    """LCMScheduler samples at most original_inference_steps steps: a distilled student's own grid (a 1-step DMD2
+    generator's is one step). Name the limit rather than let diffusers' ValueError escape."""
+    most = scheduler.config.get("original_inference_steps") if type(scheduler).__name__ == "LCMScheduler" else None
+    if most is not None and steps > most:
+        raise UserError(f"this model's LCMScheduler samples at most {most} steps (original_inference_steps: the grid "
+                        f"it was distilled on), not {steps}")
+
+
 def is_flow(scheduler) -> bool:
     """A FlowMatch* scheduler, or one already swapped to sample flow (DPM-Solver on flow sigmas). The class, not
     the config's `_class_name`: a scheduler built in memory (`from_config`) has none until it is saved."""
