@@ -225,11 +225,14 @@ def test_dry_run_under_every_cpu_config(config, tiny_sd15, digits_data, tmp_path
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("case", ["text_encoder", "bnb_optimizer", "prodigy", "json_optimizer"])
+@pytest.mark.parametrize("case", ["text_encoder", "bnb_optimizer", "prodigy", "json_optimizer", "two_optimizers"])
 def test_deepspeed_refusals_before_training(case, tiny_sd15, digits_data, tmp_path):
     """What one DeepSpeed engine cannot run stops a dry run already, with the cause named (exit code 2)."""
-    config, overrides = "deepspeed_zero2.yaml", ()
-    if case == "text_encoder":
+    config, overrides, recipe = "deepspeed_zero2.yaml", (), RECIPE
+    if case == "two_optimizers":  # DMD2's generator and fake score: one engine holds one optimizer
+        overrides, message = ("data.resolution=64",), "objective.name: dmd2 trains 2 parameter groups with their own"
+        recipe = "recipes/demo/sd15_dmd2_lora_tiny.yaml"
+    elif case == "text_encoder":
         overrides, message = ("adapter.text_encoder=true",), "DeepSpeed trains one module, this recipe trains"
     elif case == "bnb_optimizer":
         overrides, message = ("optimizer.name=adamw8bit",), "optimizer.name: adamw8bit (bitsandbytes) cannot be"
@@ -243,7 +246,7 @@ def test_deepspeed_refusals_before_training(case, tiny_sd15, digits_data, tmp_pa
         config.write_text((CONFIGS / "deepspeed_zero2.yaml").read_text().replace(
             "accelerate_configs/deepspeed_zero2.json", str(tmp_path / "ds.json")))
         message = "the DeepSpeed JSON has an 'optimizer' block"
-    proc = launch(config, tiny_sd15, digits_data, tmp_path / "run", "--dry-run", *overrides,
+    proc = launch(config, tiny_sd15, digits_data, tmp_path / "run", "--dry-run", *overrides, recipe=recipe,
                   extra_args=("--num_processes", "1"), timeout=DS_TIMEOUT, expect=None)  # torchrun: exit 1
     # the training process printed the cause on one line and exited 2 (no traceback of ours)
     assert f"error: {message}" in proc.stderr and "UserError" not in proc.stderr, proc.stderr[-3000:]

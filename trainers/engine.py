@@ -94,14 +94,14 @@ class Trainer:
         self.objective = objective_cls(recipe, self.backbone)
         if self.heldout is not None and not self.objective.has_heldout_loss:
             raise UserError(f"validation.loss_source: the {recipe.objective.name} objective has no held-out loss")
+        self.groups = self.objective.update_groups()
+        self._check_groups()  # before the backend's own checks: their advice assumes one optimizer
         self.strategy.check(self.objective.trained_modules())
         self.objective.to(torch.device("meta") if dry_run else self.device, DTYPES[recipe.precision],
                           inputs_cached=getattr(self.dataset, "cache", None) is not None)
         memory.configure(self.objective.memory_modules(), self.backbone.denoiser_key, recipe.memory,
                          self.objective.recompute_context)
         self.params = self.objective.trainable_named_parameters()
-        self.groups = self.objective.update_groups()
-        self._check_groups()
         first = {id(p) for g in self.groups[:1] for pg in g.param_groups for p in pg["params"]}
         self.ema = EMA({k: p for k, p in self.params.items() if id(p) in first}, recipe.ema.decay) \
             if recipe.ema.enabled else None
