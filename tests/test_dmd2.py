@@ -237,3 +237,11 @@ def test_sampling_a_student_past_its_grid_is_one_line_naming_the_limit():
     check_steps(one_step, 1)
     with pytest.raises(UserError, match="at most 1 steps"):
         check_steps(one_step, 2)  # diffusers' own ValueError would escape as a traceback
+
+
+def test_bf16_mixed_precision_trains_both_groups_in_float32_weights(dmd_recipe):
+    trainer = Trainer(dmd_recipe("precision=bf16", "train.max_steps=5"))
+    result = trainer.fit()
+    assert np.isfinite(result.last_loss)
+    assert all(p.dtype == torch.float32 for p in trainer.params.values())  # LoRAs and head; the base is bf16
+    assert next(p for n, p in trainer.objective.base.named_parameters() if "lora_" not in n).dtype == torch.bfloat16
