@@ -206,3 +206,16 @@ class Objective(abc.ABC):
         """Trainable parameters by stable name, for checkpoints and EMA."""
         return {f"{prefix}.{n}": p for prefix, m in self.trained_modules().items()
                 for n, p in m.named_parameters() if p.requires_grad}
+
+
+def refuse_denoising_options(recipe: Recipe, why: str) -> None:
+    """A distillation objective refuses, by name, the options of the data's denoising loss it would ignore;
+    `why` says what it trains instead."""
+    obj = recipe.objective
+    set_ = {"snr_gamma": obj.snr_gamma is not None, "noise_offset": obj.noise_offset != 0,
+            "zero_terminal_snr": obj.zero_terminal_snr, "caption_dropout": obj.caption_dropout != 0,
+            "mask_floor": obj.mask_floor != 0}
+    for key, is_set in set_.items():
+        if is_set:
+            raise ConfigError(f"'objective.{key}' does not apply to objective.name: {obj.name} ({why}, not the data's "
+                              "denoising loss); remove it")

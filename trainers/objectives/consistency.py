@@ -26,7 +26,7 @@ from trainers.ema import EMA
 from trainers.config import ranged
 from trainers.errors import ConfigError
 from trainers.objectives import inputs
-from trainers.objectives.base import Objective
+from trainers.objectives.base import Objective, refuse_denoising_options
 
 LCM_SCHEDULER = "LCMScheduler"
 
@@ -247,19 +247,13 @@ def consistency_fn(x0_hat, z, t, cfg) -> torch.Tensor:
 
 def check_recipe(recipe) -> None:
     """Options that mean nothing to consistency distillation are refused, not ignored."""
-    cfg, obj = recipe.objective.consistency, recipe.objective
+    cfg = recipe.objective.consistency
     if cfg.omega_min > cfg.omega_max:
         raise ConfigError(f"'objective.consistency.omega_min' ({cfg.omega_min}) is above omega_max ({cfg.omega_max})")
     if cfg.skip >= cfg.num_teacher_timesteps:
         raise ConfigError(f"'objective.consistency.skip' must be below num_teacher_timesteps "
                           f"({cfg.num_teacher_timesteps}), got {cfg.skip}")
-    ignored = {"snr_gamma": obj.snr_gamma is not None, "noise_offset": obj.noise_offset != 0,
-               "zero_terminal_snr": obj.zero_terminal_snr, "caption_dropout": obj.caption_dropout != 0,
-               "mask_floor": obj.mask_floor != 0}
-    for key, set_ in ignored.items():
-        if set_:
-            raise ConfigError(f"'objective.{key}' does not apply to objective.name: consistency (the student learns "
-                              "the teacher's guided ODE, not the data's denoising loss); remove it")
+    refuse_denoising_options(recipe, "the student learns the teacher's guided ODE")
     if recipe.adapter.text_encoder:
         raise ConfigError("'adapter.text_encoder': consistency distillation trains the denoiser only; set it false")
     if recipe.adapter.lycoris:

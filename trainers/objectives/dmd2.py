@@ -31,7 +31,7 @@ from trainers.config import LRScheduleConfig, OptimizerConfig, ranged
 from trainers.errors import ConfigError
 from trainers.losses import distribution_matching_loss, gan_discriminator_loss, gan_generator_loss
 from trainers.objectives import inputs
-from trainers.objectives.base import Objective, UpdateGroup
+from trainers.objectives.base import Objective, UpdateGroup, refuse_denoising_options
 
 FAKE = "fake"  # the fake score's peft adapter (the generator's is peft's 'default')
 # purposes of this objective's draws, beyond seeding's own
@@ -386,19 +386,13 @@ def generator_timesteps(steps: int, num_train_timesteps: int) -> torch.Tensor:
 
 def check_recipe(recipe) -> None:
     """Options that mean nothing to DMD2 are refused, not ignored."""
-    cfg, obj = recipe.objective.dmd2, recipe.objective
+    cfg = recipe.objective.dmd2
     optimizers.check_group(cfg.fake_optimizer, cfg.fake_lr_schedule, recipe.train.max_steps,
                            "objective.dmd2.fake_optimizer", "objective.dmd2.fake_lr_schedule")
     if cfg.match_t_min >= cfg.match_t_max:
         raise ConfigError(f"'objective.dmd2.match_t_min' ({cfg.match_t_min}) must be below match_t_max "
                           f"({cfg.match_t_max})")
-    ignored = {"snr_gamma": obj.snr_gamma is not None, "noise_offset": obj.noise_offset != 0,
-               "zero_terminal_snr": obj.zero_terminal_snr, "caption_dropout": obj.caption_dropout != 0,
-               "mask_floor": obj.mask_floor != 0}
-    for key, set_ in ignored.items():
-        if set_:
-            raise ConfigError(f"'objective.{key}' does not apply to objective.name: dmd2 (the generator matches the "
-                              "teacher's distribution, it is not trained on the data's denoising loss); remove it")
+    refuse_denoising_options(recipe, "the generator matches the teacher's distribution")
     ad = recipe.adapter
     if ad.text_encoder:
         raise ConfigError("'adapter.text_encoder': DMD2 trains the denoiser only; set it false")
