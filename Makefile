@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) launch/demo.py --out demo_out $(if $(FULL),--full)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(JOBS)
+	$(PY) -m pytest -q -n $(JOBS) --dist worksteal  # idle workers take queued tests: no long tail on one
 
 # root only: installs Debian's slurm-wlm and munge, runs slurmctld + two slurmd here (tests/slurm/cluster.sh)
 test-slurm: $(STAMP)

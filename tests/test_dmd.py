@@ -163,7 +163,7 @@ def test_matching_recovers_every_mode_where_regression_blurs_them():
     error = (means - MEANS).norm(dim=1) / STD
     assert (error < 0.1).all(), error
 
-    regressed = train_regression(steps=300)
+    regressed = train_regression(steps=100)
     with torch.no_grad():
         r_weights, _, r_between = modes(regressed(torch.randn(20000, 2, generator=torch.Generator().manual_seed(9))))
     assert r_between > 0.3 or (r_weights / r_weights.sum().clamp_min(1e-9) - WEIGHTS).abs().max() > 0.1, \
