@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,8 +140,9 @@ class DMD2(Objective):
         return {k: p for k, p in named.items()
                 if k.startswith(("gan_head.", f"fake_{key}.")) or (k.startswith(f"{key}.") and f".{FAKE}." in k)}
 
-    @property
+    @functools.cached_property
     def fake_params(self) -> list[torch.nn.Parameter]:
+        """Once: every generator step (and, under checkpointing, every recomputed block) freezes these."""
         return list(self._named("fake_score").values())
 
     def update_groups(self):
@@ -148,7 +150,7 @@ class DMD2(Objective):
         return [UpdateGroup("generator", [{"params": list(self._named("generator").values()),
                                            "lr": r.optimizer.lr}],
                             r.optimizer, r.lr_schedule, every=cfg.fake_updates, loss=self.generator_loss),
-                UpdateGroup("fake_score", [{"params": list(self._named("fake_score").values()),
+                UpdateGroup("fake_score", [{"params": self.fake_params,
                                             "lr": cfg.fake_optimizer.lr}],
                             cfg.fake_optimizer, cfg.fake_lr_schedule, loss=self.fake_score_loss)]
 
