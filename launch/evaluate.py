@@ -184,9 +184,12 @@ def generate(pipe, captions: list[str], per_prompt: int, steps: int, guidance: f
     conditioning: a ControlNet pipeline's image per prompt.
 
     Every image has its own generator, seeded by (seed, image index), so it starts from the same noise for every
-    step count and batch split.
+    step count and batch split. A stochastic sampler's re-noising (a flow DMD2 generator's) draws from torch's global
+    generators, seeded per batch.
     """
     import torch
+
+    from trainers.schedulers import seeded_sampling
 
     images, calls, rows, seconds = [], 0.0, 0, 0.0
     chunk = max(1, BATCH // per_prompt)
@@ -196,7 +199,7 @@ def generate(pipe, captions: list[str], per_prompt: int, steps: int, guidance: f
         generators = [torch.Generator("cpu").manual_seed(stream_seed(seed, first + i))
                       for i in range(len(prompts) * per_prompt)]
         extra = {"image": conditioning[start:start + chunk]} if conditioning is not None else {}
-        with CallCounter(denoiser(pipe)) as counter:
+        with CallCounter(denoiser(pipe)) as counter, seeded_sampling(stream_seed(seed, first)):
             began = time.perf_counter()
             out = pipe(prompt=prompts, num_images_per_prompt=per_prompt, num_inference_steps=steps,
                        guidance_scale=guidance, generator=generators, height=resolution, width=resolution, **extra)

@@ -114,20 +114,21 @@ def generate(pipe, args: argparse.Namespace) -> list:
     """Run the pipeline once for all prompts; images come back prompt by prompt."""
     import torch
 
-    from trainers.schedulers import check_steps
+    from trainers.schedulers import check_steps, seeded_sampling
 
     check_steps(pipe.scheduler, args.steps)
     sizes = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
     if args.image:
         sizes["image"] = conditioning_images(args.image, len(args.prompt))
-    return pipe(
-        prompt=args.prompt,
-        num_images_per_prompt=args.images_per_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        generator=torch.Generator("cpu").manual_seed(args.seed),
-        **sizes,
-    ).images
+    with seeded_sampling(args.seed):
+        return pipe(
+            prompt=args.prompt,
+            num_images_per_prompt=args.images_per_prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            generator=torch.Generator("cpu").manual_seed(args.seed),
+            **sizes,
+        ).images
 
 
 def sample(args: argparse.Namespace) -> Path:

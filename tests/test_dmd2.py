@@ -16,6 +16,7 @@ from trainers.config import load_recipe
 from trainers.engine import Trainer
 from trainers.errors import ConfigError
 from trainers.objectives.dmd2 import generator_timesteps
+from trainers.schedulers import seeded_sampling
 
 RECIPE = "recipes/demo/sd15_dmd2_lora_tiny.yaml"
 
@@ -245,3 +246,116 @@ def test_bf16_mixed_precision_trains_both_groups_in_float32_weights(dmd_recipe):
     assert np.isfinite(result.last_loss)
     assert all(p.dtype == torch.float32 for p in trainer.params.values())  # LoRAs and head; the base is bf16
     assert next(p for n, p in trainer.objective.base.named_parameters() if "lora_" not in n).dtype == torch.bfloat16
+
+
+# ---- rectified-flow teachers (SD3, Flux): the same objective through the Schedule seam ---------------------------
+
+FLOW_RECIPE = "recipes/demo/sd3_dmd2_lora_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_flow(tmp_path_factory):
+    from launch.make_tiny_model import make_tiny_model
+
+    return {f: make_tiny_model(arch=f, out=tmp_path_factory.mktemp(f"tiny_{f}"), size="tiny", seed=0)
+            for f in ("sd3", "flux")}
+
+
+def flow_recipe(folder, digits_data, out, *overrides):
+    return load_recipe(FLOW_RECIPE, [f"model.pretrained={folder}", f"data.source={digits_data}", f"output_dir={out}",
+                                     "train.report_to=none", "validation.every_steps=0", "checkpoint.every_steps=0",
+                                     "train.batch_size=2", "train.log_every=1", "optimizer.lr=1e-2",
+                                     "objective.dmd2.fake_optimizer.lr=1e-2", *overrides])
+
+
+LOAD_AND_SAMPLE_FLOW = textwrap.dedent("""
+    import json, sys, numpy as np, torch, diffusers
+    base, final, sigmas, guidance, out = sys.argv[1:6]
+    sigmas, guidance = json.loads(sigmas), float(guidance)
+    name = json.load(open(f"{base}/model_index.json"))["_class_name"]
+    pipe = getattr(diffusers, name).from_pretrained(base)
+    pipe.load_lora_weights(final)
+    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(final, subfolder="scheduler")
+    assert pipe.scheduler.config.stochastic_sampling
+    pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(0)  # as the card says: the stochastic sampler re-noises from torch's global generator
+    images = pipe(["a digit 3", "a digit 8"], num_inference_steps=len(sigmas), sigmas=sigmas, guidance_scale=guidance,
+                  height=64, width=64, max_sequence_length=32, generator=torch.Generator("cpu").manual_seed(0),
+                  output_type="np").images
+    np.save(out, images)
+""")
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_flow_generator_samples_the_same_in_stock_diffusers_at_the_cards_sigmas(family, tiny_flow, digits_data,
+                                                                                   tmp_path):
+    """Trained on SD3 (static shift 3) or Flux (shift by token count): the generator's grid is what the exported
+    stochastic Euler sampler visits, and the LoRA samples in a fresh stock pipeline as in the trainer's."""
+    trainer = Trainer(flow_recipe(tiny_flow[family], digits_data, tmp_path / "run", "train.max_steps=5"))
+    objective = trainer.objective
+    final = trainer.fit().final_dir
+    assert {p.name for p in final.iterdir()} >= {"pytorch_lora_weights.safetensors", "lora_kohya.safetensors",
+                                                 "scheduler", "README.md"}
+    card = (final / "README.md").read_text()
+    assert "sigmas=[1, 0.75, 0.5, 0.25]" in card and "FlowMatchEulerDiscreteScheduler" in card
+    scheduler = objective.scheduler()
+    schedule = objective.schedule
+    mu = schedule.mu(16) if schedule.dynamic_shift else None  # 8x8 latents: 16 tokens of 2x2
+    scheduler.set_timesteps(4, mu=mu)  # no sigmas given: our tools' default grid
+    grid = objective.timesteps_for((16, 8, 8))
+    torch.testing.assert_close(scheduler.sigmas[:-1], grid)
+    if family == "sd3":
+        torch.testing.assert_close(grid, torch.tensor([1.0, 0.9, 0.75, 0.5]))
+    else:
+        assert 0.25 < grid[-1] < 0.5 and grid[0] == 1  # shifted by exp(mu(16)) < 1 for so few tokens
+
+    guidance = 1.0
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_AND_SAMPLE_FLOW)
+    proc = subprocess.run([sys.executable, str(script), str(tiny_flow[family]), str(final), "[1.0, 0.75, 0.5, 0.25]",
+                           str(guidance), str(tmp_path / "x.npy")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pipe = objective.validation_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(num_inference_steps=4, guidance_scale=guidance, height=64, width=64, max_sequence_length=32,
+                output_type="np")
+    with torch.no_grad(), seeded_sampling(0):
+        mine = pipe(["a digit 3", "a digit 8"], generator=torch.Generator("cpu").manual_seed(0), **call).images
+    np.testing.assert_allclose(np.load(tmp_path / "x.npy"), mine, atol=2e-4)
+    with torch.no_grad(), seeded_sampling(0):  # the same seed samples the same again: the re-noising is seeded
+        again = pipe(["a digit 3", "a digit 8"], generator=torch.Generator("cpu").manual_seed(0), **call).images
+    np.testing.assert_array_equal(again, mine)
+    with torch.no_grad(), adapters.adapters_off(objective.layers), seeded_sampling(0):
+        base = pipe(["a digit 3", "a digit 8"], generator=torch.Generator("cpu").manual_seed(0), **call).images
+    assert np.abs(base - mine).max() > 1e-3
+
+
+def test_a_guidance_distilled_teacher_embeds_the_real_scores_guidance(tiny_flow, digits_data, tmp_path):
+    """Flux.1-dev has no CFG pass: its real score is the teacher with guidance_scale in its guidance embedding,
+    while the generator and fake score run at the recipe's model.guidance."""
+    trainer = Trainer(flow_recipe(tiny_flow["flux"], digits_data, tmp_path / "run", "model.guidance=1.0",
+                                  "objective.dmd2.guidance_scale=4.0"))
+    objective, backbone = trainer.objective, trainer.backbone
+    assert backbone.guidance_distilled and not objective.real_needs_uncond
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.9, 0.4])
+    with torch.no_grad():
+        cond = backbone.condition(["a digit 3", "a digit 8"], [False, False], {}, "cpu")
+        real = objective.real_x0(x, t, cond, None)
+        with adapters.adapters_off(objective.layers):
+            at = lambda g: backbone.denoise(x, t, dict(cond, guidance=torch.full((2,), g)), backbone.denoiser,  # noqa: E731
+                                            objective.schedule)[0]
+            torch.testing.assert_close(real, at(4.0))
+            assert (real - at(1.0)).abs().max() > 1e-4
+    assert torch.equal(cond["guidance"], torch.ones(2))  # the caller's conditioning is left as it was
+
+
+def test_flow_options_that_do_not_apply_are_named(tiny_flow, tiny_sd15, digits_data, tmp_path):
+    with pytest.raises(ConfigError, match=r"'objective\.schedule'"):  # a VP teacher is read as VP
+        Trainer(load_recipe(RECIPE, [f"model.pretrained={tiny_sd15}", f"data.source={digits_data}",
+                                     "objective.schedule=flow", "validation.every_steps=0"]))
+    with pytest.raises(ConfigError, match=r"'validation\.scheduler' must be euler"):
+        Trainer(flow_recipe(tiny_flow["sd3"], digits_data, tmp_path, "validation.every_steps=5",
+                            "validation.scheduler=dpmsolver"))
+    with pytest.raises(ConfigError, match="gan_generator_weight"):
+        Trainer(flow_recipe(tiny_flow["sd3"], digits_data, tmp_path, "objective.dmd2.gan_generator_weight=0.005"))

@@ -1,6 +1,8 @@
 """Sampler names that recipes and `launch/sample.py` accept, and the one way a pipeline's scheduler is swapped."""
 from __future__ import annotations
 
+import contextlib
+
 from trainers.errors import UserError
 
 SCHEDULERS = {
@@ -83,3 +85,17 @@ def _with_trailing_sigmas(set_timesteps):
         return set_timesteps(num_inference_steps, device, sigmas=sigmas, **kwargs)
 
     return trailing
+
+
+@contextlib.contextmanager
+def seeded_sampling(seed: int):
+    """torch's global generators seeded for one pipeline call and restored after it. A stochastic sampler (a flow
+    DMD2 generator's FlowMatchEulerDiscreteScheduler with stochastic_sampling) re-noises between steps from them:
+    SD3's and Flux's pipelines do not hand their `generator` to scheduler.step, so without this the same seed
+    would give other images on every call."""
+    import torch
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

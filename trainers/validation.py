@@ -8,7 +8,8 @@ from PIL import Image
 
 from trainers.config import ValidationConfig
 from trainers.images import make_grid
-from trainers.schedulers import set_scheduler
+from trainers.schedulers import seeded_sampling, set_scheduler
+
 
 @torch.no_grad()
 def sample_grid(pipeline, cfg: ValidationConfig, resolution: int, autocast=contextlib.nullcontext,
@@ -21,7 +22,7 @@ def sample_grid(pipeline, cfg: ValidationConfig, resolution: int, autocast=conte
     pipeline.set_progress_bar_config(disable=True)
     modules = [m for m in pipeline.components.values() if isinstance(m, torch.nn.Module)]
     modes = [m.training for m in modules]
-    with torch.random.fork_rng(devices=[]), autocast():
+    with seeded_sampling(cfg.seed), autocast():
         for m in modules:
             m.eval()
         images = pipeline(list(cfg.prompts), num_images_per_prompt=cfg.images_per_prompt,

@@ -219,3 +219,14 @@ def refuse_denoising_options(recipe: Recipe, why: str) -> None:
         if is_set:
             raise ConfigError(f"'objective.{key}' does not apply to objective.name: {obj.name} ({why}, not the data's "
                               "denoising loss); remove it")
+
+
+def export_single_file(out_dir: Path, modules: dict[str, torch.nn.Module], family: str, recipe: Recipe,
+                       dtype: torch.dtype) -> Path | None:
+    """The single-file LoRA that ComfyUI and A1111/Forge load, for any family that has one: kohya's names for the
+    U-Nets (trainers/kohya.py), trainers/mmdit_lora.py's forms for SD3 and Flux; None where there is none."""
+    from trainers import kohya, mmdit_lora
+
+    if family in mmdit_lora.WRITERS:
+        return mmdit_lora.export(out_dir, modules, family, recipe.name, dtype)
+    return kohya.export_trained(out_dir, modules, family, recipe, dtype)

@@ -1,11 +1,13 @@
 """Distribution-matching distillation, DMD2 (Yin et al. 2024): a 1-4 step generator trained against two scores.
 
-The generator maps noise at fixed timesteps (K of them: 999, then every 1000/K down, as LCMScheduler samples
-with original_inference_steps K) to x0. For K > 1 its input at timestep k is made by itself (backward
+The generator maps noise at fixed timesteps to x0: K of them, 999 then every 1000/K down on a VP teacher (what
+LCMScheduler samples with original_inference_steps K); sigmas 1, (K-1)/K, ..., 1/K moved by the model's shift on a
+rectified-flow one (SD3, Flux: what their Euler sampler visits in K steps). For K > 1 its input at timestep k is made by itself (backward
 simulation): from pure noise it denoises and re-noises k times, without gradients, as sampling will. Per
 generator update, its x0 is re-noised at a random timestep and moved along the distribution-matching gradient,
-fake score minus real score in x0 space (trainers/losses.py); the real score is the frozen teacher with
-classifier-free guidance. The fake score starts as the teacher and learns the generator's own distribution by
+fake score minus real score in x0 space (trainers/losses.py), so the noise process only enters through the
+Schedule; the real score is the frozen teacher with classifier-free guidance (Flux.1-dev, guidance-distilled: its
+guidance embedding). The fake score starts as the teacher and learns the generator's own distribution by
 denoising its samples; a small GAN head on the fake score's bottleneck (U-Net mid-block) features tells real
 latents from generated ones, and the generator is also trained to fool it.
 
@@ -27,23 +29,26 @@ from typing import Literal, Optional
 
 import torch
 
-from trainers import adapters, kohya, optimizers, seeding, solvers
+from trainers import adapters, optimizers, seeding, solvers
 from trainers.config import LRScheduleConfig, OptimizerConfig, ranged
+from trainers.diffusion import VPSchedule
 from trainers.errors import ConfigError
 from trainers.losses import distribution_matching_loss, gan_discriminator_loss, gan_generator_loss
 from trainers.objectives import inputs
-from trainers.objectives.base import Objective, UpdateGroup, refuse_denoising_options
+from trainers.objectives.base import Objective, UpdateGroup, export_single_file, refuse_denoising_options
 
 FAKE = "fake"  # the fake score's peft adapter (the generator's is peft's 'default')
 # purposes of this objective's draws, beyond seeding's own
 STEP_INDEX, SIMULATION, MATCH_T, MATCH_NOISE, FAKE_PHASE = (seeding.mix(0xD3D2, i) for i in range(5))
 LCM_SCHEDULER = "LCMScheduler"
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 
 
 @dataclass(frozen=True)
 class DMD2Options:
     """objective.dmd2: the options of this objective (recipe section objective.dmd2)."""
-    # DMD2 (Yin et al. 2024). The generator samples in `steps` steps at timesteps 999, 999 - 1000/steps, ...;
+    # DMD2 (Yin et al. 2024). The generator samples in `steps` steps at timesteps 999, 999 - 1000/steps, ... (VP)
+    # or sigmas 1, 1 - 1/steps, ... before the shift (rectified flow);
     # train.max_steps counts fake-score updates, the generator updates every fake_updates of them.
     steps: int = ranged(4, min=1)           # K: the generator's timesteps (1: one step from pure noise)
     guidance_scale: float = ranged(4.5, min=1.0)  # the real score's CFG (diffusers' guidance_scale)
@@ -67,11 +72,15 @@ class DMD2(Objective):
     def __init__(self, recipe, backbone):
         super().__init__(recipe, backbone)
         self.cfg = cfg = recipe.objective.dmd2
-        check_recipe(recipe)
-        self.schedule = self.training_schedule(vp_only="samples a discrete VP teacher at its 1000 timesteps "
-                                                       "(rectified-flow teachers are not wired in yet)")
-        steps = self.schedule.num_train_timesteps
-        self.grid = generator_timesteps(cfg.steps, steps)
+        if recipe.objective.schedule == "flow" and isinstance(backbone.schedule, VPSchedule):
+            raise ConfigError(f"'objective.schedule': DMD2 reads the frozen teacher in its own noise process; this "
+                              f"{backbone.family} teacher is VP diffusion: remove objective.schedule: flow")
+        self.schedule = self.training_schedule()
+        self.flow = self.schedule.kind == "flow"
+        check_recipe(recipe, self.flow)
+        self.grid = flow_sigmas(cfg.steps) if self.flow else \
+            generator_timesteps(cfg.steps, self.schedule.num_train_timesteps)
+        self.distilled_guidance = bool(getattr(backbone, "guidance_distilled", False))
         self.full = recipe.adapter.kind == "full"
         self.base = backbone.denoiser  # the teacher: frozen, adapters off
         targets = recipe.adapter.target_modules or backbone.lora_targets
@@ -162,7 +171,8 @@ class DMD2(Objective):
     def generator_loss(self, batch, step):
         """Distribution matching (+ GAN) on the generator's samples; gradients reach the generator only through x0."""
         cfg, seeds = self.cfg, batch["seeds"]
-        cond, uncond = self.text.pair(batch)
+        cond = self.text(batch, [False] * len(seeds))
+        uncond = self.text(batch, [True] * len(seeds)) if self.real_needs_uncond else None
         x0 = self.generate(self.wrapped[self.backbone.denoiser_key], cond, seeds, self.latent_shape(batch), grad=True)
         t, eps = self.match_noise(seeds, x0)
         x_t = self.schedule.add_noise(x0, eps, t)
@@ -216,22 +226,29 @@ class DMD2(Objective):
 
     def generate(self, generator, cond, seeds, shape, grad: bool) -> torch.Tensor:
         """x0 of the generator at each sample's drawn timestep index k, its input made by k steps of itself."""
-        device = self.device
-        k = seeding.randint(seeds, STEP_INDEX, len(self.grid), "cpu")  # on the host: no sync for its max
+        device, grid = self.device, self.timesteps_for(shape)
+        k = seeding.randint(seeds, STEP_INDEX, len(grid), "cpu")  # on the host: no sync for its max
         levels = int(k.max())
         k = k.to(device, non_blocking=True)
         x = seeding.randn(seeds, SIMULATION, shape, device)  # pure noise at the first timestep
         with torch.no_grad(), self.autocast:
             for level in range(levels):
-                t = self.grid[level].expand(len(x))
+                t = grid[level].expand(len(x))
                 x0 = self.backbone.denoise(x, t, cond, self.generator, self.schedule)[0]
                 eps = seeding.randn([seeding.mix(s, level + 1) for s in seeds], SIMULATION, shape, device)
-                renoised = self.schedule.add_noise(x0, eps, self.grid[level + 1].expand(len(x)))
+                renoised = self.schedule.add_noise(x0, eps, grid[level + 1].expand(len(x)))
                 x = torch.where((k > level).view(-1, 1, 1, 1), renoised, x)
-        t = self.grid[k]
+        t = grid[k]
         with torch.no_grad() if not grad else contextlib.nullcontext(), \
                 self.autocast if not grad else contextlib.nullcontext():
             return self.backbone.denoise(x, t, cond, generator, self.schedule)[0]
+
+    def timesteps_for(self, shape) -> torch.Tensor:
+        """The generator's K timesteps for latents of `shape`: VP's fixed ones, or the flow sigmas moved by the
+        model's shift (which, under Flux's dynamic shifting, grows with the image's token count, as in sampling)."""
+        if not self.flow:
+            return self.grid
+        return self.schedule.shifted(self.grid, self.schedule.tokens(shape))
 
     def latent_shape(self, batch) -> tuple[int, int, int]:
         """(C, h, w) of the batch's latents (its bucket's size), without encoding its images."""
@@ -243,17 +260,32 @@ class DMD2(Objective):
         return (config.latent_channels, height // factor, width // factor)
 
     def match_noise(self, seeds, x0):
-        """The matching gradient's re-noising: a timestep in [match_t_min, match_t_max) of the schedule and noise."""
+        """The matching gradient's re-noising: a timestep in [match_t_min, match_t_max) of the schedule (VP: of its
+        integer timesteps; flow: of sigma before the shift, so noise levels are spread as sampling spreads them)
+        and noise."""
+        noise = seeding.randn(seeds, MATCH_NOISE, x0.shape[1:], self.device)
+        u = seeding.rand(seeds, MATCH_T, self.device)
+        if self.flow:
+            u = self.cfg.match_t_min + (self.cfg.match_t_max - self.cfg.match_t_min) * u
+            return self.schedule.shifted(u, self.schedule.tokens(x0.shape)), noise
         steps = self.schedule.num_train_timesteps
         low = int(self.cfg.match_t_min * steps)
         high = max(int(self.cfg.match_t_max * steps), low + 1)
-        u = seeding.rand(seeds, MATCH_T, self.device)
         t = (low + (high - low) * u).long().clamp(max=high - 1)
-        return t, seeding.randn(seeds, MATCH_NOISE, x0.shape[1:], self.device)
+        return t, noise
+
+    @property
+    def real_needs_uncond(self) -> bool:
+        return not self.distilled_guidance and self.cfg.guidance_scale != 1.0
 
     def real_x0(self, x_t, t, cond, uncond) -> torch.Tensor:
-        """The teacher's guided x0 estimate: x0_u + g (x0_c - x0_u), cond and uncond in one pass."""
+        """The teacher's guided x0 estimate: x0_u + g (x0_c - x0_u), cond and uncond in one pass; a
+        guidance-distilled teacher (Flux.1-dev) embeds g instead, in one conditional pass."""
         with self.autocast, adapters.adapters_off(self.layers):
+            if not self.real_needs_uncond:
+                if self.distilled_guidance:
+                    cond = dict(cond, guidance=torch.full_like(cond["guidance"], self.cfg.guidance_scale))
+                return self.backbone.denoise(x_t, t, cond, self.base, self.schedule)[0]
             x0 = self.backbone.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), solvers.cat_kwargs(cond, uncond),
                                        self.base, self.schedule)[0]
         x0_c, x0_u = x0.chunk(2)
@@ -307,12 +339,20 @@ class DMD2(Objective):
     # ---- sampling and export -------------------------------------------------------------------------
 
     def scheduler(self):
-        """LCMScheduler with original_inference_steps K: `steps` of its steps visit exactly the generator's grid
-        (fewer visit a subset: 2 of a 4-step student's, 999 and 499); each step denoises and re-noises afresh."""
+        """VP: LCMScheduler with original_inference_steps K: `steps` of its steps visit exactly the generator's grid
+        (fewer visit a subset: 2 of a 4-step student's, 999 and 499); each step denoises and re-noises afresh.
+        Flow: the model's FlowMatchEulerDiscreteScheduler with stochastic sampling (each step denoises, then
+        re-noises with fresh noise), which visits the grid when given its sigmas (the card's; FluxPipeline and our
+        tools pass them by default)."""
         import inspect
 
         import diffusers
 
+        if self.flow:
+            from trainers.schedulers import for_vp_pipeline
+
+            cls = getattr(diffusers, FLOW_SCHEDULER)
+            return for_vp_pipeline(cls.from_config(dict(self.schedule.config, stochastic_sampling=True)))
         cls = getattr(diffusers, LCM_SCHEDULER)
         config = dict(self.schedule.config, prediction_type=self.schedule.prediction_type,
                       original_inference_steps=self.cfg.steps, rescale_betas_zero_snr=False)
@@ -331,8 +371,8 @@ class DMD2(Objective):
             files = [out_dir / key]
         else:
             files = [adapters.save_lora(out_dir, self.backbone.pipeline_class(), key, self.generator, {}, dtype)]
-            kohya_file = kohya.export_trained(out_dir, {key: self.generator}, self.backbone.family, self.recipe,
-                                              dtype)
+            kohya_file = export_single_file(out_dir, {key: self.generator}, self.backbone.family,
+                                                  self.recipe, dtype)
             files += [kohya_file] if kohya_file else []
         self.scheduler().save_pretrained(out_dir / "scheduler")
         return [*files, out_dir / "scheduler"]
@@ -342,19 +382,31 @@ class DMD2(Objective):
         pipe = cls.__name__
         lib = "diffusers" if cls.__module__.startswith("diffusers") else cls.__module__
         base, steps = self.recipe.model.pretrained, self.cfg.steps
-        timesteps = ", ".join(str(int(t)) for t in self.grid.tolist())
-        scheduler = f"LCMScheduler.from_pretrained({where!r}, subfolder=\"scheduler\")"
-        call = (f"# the generator's timesteps: [{timesteps}]; guidance is distilled in: guidance_scale 1 (no CFG pass)\n"
-                f"image = pipe(\"your prompt\", num_inference_steps={steps}, guidance_scale=1.0).images[0]\n")
+        sched = FLOW_SCHEDULER if self.flow else LCM_SCHEDULER
+        scheduler = f"{sched}.from_pretrained({where!r}, subfolder=\"scheduler\")"
+        dtype = "bfloat16" if self.flow else "float16"
+        if self.flow:
+            sigmas = "[" + ", ".join(f"{s:g}" for s in self.grid.tolist()) + "]"
+            guidance = f"{self.backbone.guidance:g}" if self.distilled_guidance else "1.0"
+            call = (f"# the generator's sigmas, before the model's shift: {sigmas}; guidance is distilled in: "
+                    f"guidance_scale {guidance} (no CFG pass)\n"
+                    f"torch.manual_seed(0)  # re-noising between steps draws from torch's generator, not the pipeline's\n"
+                    f"image = pipe(\"your prompt\", num_inference_steps={steps}, sigmas={sigmas}, "
+                    f"guidance_scale={guidance}).images[0]\n")
+        else:
+            timesteps = ", ".join(str(int(t)) for t in self.grid.tolist())
+            call = (f"# the generator's timesteps: [{timesteps}]; guidance is distilled in: guidance_scale 1 "
+                    f"(no CFG pass)\nimage = pipe(\"your prompt\", num_inference_steps={steps}, "
+                    f"guidance_scale=1.0).images[0]\n")
         if not self.full:
-            return (f"import torch\nfrom diffusers import LCMScheduler\nfrom {lib} import {pipe}\n\n"
-                    f"pipe = {pipe}.from_pretrained({base!r}, torch_dtype=torch.float16).to(\"cuda\")\n"
+            return (f"import torch\nfrom diffusers import {sched}\nfrom {lib} import {pipe}\n\n"
+                    f"pipe = {pipe}.from_pretrained({base!r}, torch_dtype=torch.{dtype}).to(\"cuda\")\n"
                     f"pipe.load_lora_weights({where!r})\npipe.scheduler = {scheduler}\n" + call)
         key, model = self.backbone.denoiser_key, type(self.generator).__name__
-        return (f"import torch\nfrom diffusers import LCMScheduler\nfrom {lib} import {pipe}, {model}\n\n"
-                f"{key} = {model}.from_pretrained({where!r}, subfolder={key!r}, torch_dtype=torch.float16)\n"
+        return (f"import torch\nfrom diffusers import {sched}\nfrom {lib} import {pipe}, {model}\n\n"
+                f"{key} = {model}.from_pretrained({where!r}, subfolder={key!r}, torch_dtype=torch.{dtype})\n"
                 f"pipe = {pipe}.from_pretrained({base!r}, {key}={key}, scheduler={scheduler},\n"
-                f"    torch_dtype=torch.float16).to(\"cuda\")\n" + call)
+                f"    torch_dtype=torch.{dtype}).to(\"cuda\")\n" + call)
 
     @property
     def card_tags(self):
@@ -386,7 +438,13 @@ def generator_timesteps(steps: int, num_train_timesteps: int) -> torch.Tensor:
     return torch.arange(steps, 0, -1) * stride - 1
 
 
-def check_recipe(recipe) -> None:
+def flow_sigmas(steps: int) -> torch.Tensor:
+    """A flow generator's K sigmas before the shift, 1, (K-1)/K, ..., 1/K: what FluxPipeline and our flow Euler
+    sampler (trainers/schedulers.py for_vp_pipeline) visit in K steps."""
+    return 1 - torch.arange(steps, dtype=torch.float32) / steps
+
+
+def check_recipe(recipe, flow: bool = False) -> None:
     """Options that mean nothing to DMD2 are refused, not ignored."""
     cfg = recipe.objective.dmd2
     optimizers.check_group(cfg.fake_optimizer, cfg.fake_lr_schedule, recipe.train.max_steps,
@@ -408,8 +466,9 @@ def check_recipe(recipe) -> None:
                           "objective.dmd2.fake_score: lora): a full copy is trained in float32")
     v = recipe.validation
     if v.every_steps and v.prompts:
-        if v.scheduler != "lcm":
-            raise ConfigError(f"'validation.scheduler' must be lcm for a DMD2 generator (got {v.scheduler}): it "
+        want = "euler" if flow else "lcm"
+        if v.scheduler != want:
+            raise ConfigError(f"'validation.scheduler' must be {want} for a DMD2 generator (got {v.scheduler}): it "
                               "samples at its own timesteps, denoising and re-noising")
         if v.steps > cfg.steps:
             raise ConfigError(f"'validation.steps' ({v.steps}) must be at most objective.dmd2.steps ({cfg.steps})")

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from trainers import adapters, kohya, mmdit_lora, seeding
+from trainers import adapters, kohya, seeding
 from trainers.devices import cast
 from trainers.errors import ConfigError
 from trainers.losses import denoising_error, denoising_loss
 from trainers.objectives import inputs
-from trainers.objectives.base import Objective
+from trainers.objectives.base import Objective, export_single_file
 
 
 class FineTune(Objective):
@@ -149,10 +149,8 @@ class FineTune(Objective):
             else:
                 files = [adapters.save_lora(out_dir, self.backbone.pipeline_class(), self.backbone.denoiser_key,
                                             self.denoiser, self.trained_encoders, dtype)]
-            family = self.backbone.family
-            kohya_file = (mmdit_lora.export(out_dir, self.trained_modules(), family, self.recipe.name, dtype)
-                          if family in mmdit_lora.WRITERS else
-                          kohya.export_trained(out_dir, self.trained_modules(), family, self.recipe, dtype))
+            kohya_file = export_single_file(out_dir, self.trained_modules(), self.backbone.family,
+                                                  self.recipe, dtype)
             files += [kohya_file] if kohya_file else []
             if self.changes_noise_process:  # the base's scheduler would sample the LoRA wrongly: ship the trained one
                 self.schedule.sampling_scheduler().save_pretrained(out_dir / "scheduler")
