@@ -18,10 +18,12 @@ captions, draws noise and timesteps with torch's global generator and runs the d
 clipping and the optimizer, with the configuration's memory options and optimizer: what a hand-written loop does.
 The engine adds data loading, per-sample seeding, accumulation bookkeeping and the non-finite guard. A
 configuration the engine refuses (xformers without a GPU, say) is reported as refused, with the reason.
+--json FILE appends one JSON object per configuration (bench/gpu_suite.py collects them into its table).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -41,6 +43,7 @@ CONFIGS = {
     "checkpointing": ["memory.gradient_checkpointing=true"],
     "channels_last": ["memory.channels_last=true"],
     "compile": ["memory.compile=true"],
+    "cudagraphs": ["memory.compile=true", "memory.compile_mode=reduce-overhead"],  # the step captured as a graph
     "nf4": ["memory.quantize_base=nf4"],
     "int8": ["memory.quantize_base=int8"],
 }
@@ -188,11 +191,17 @@ def main(argv=None) -> None:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense peak for MFU (H100 SXM bf16: 989); default: 989 on CUDA, none on CPU")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_throughput"))
+    parser.add_argument("--compile-backend", default=None, choices=("inductor", "cudagraphs", "aot_eager", "eager"),
+                        help="memory.compile_backend for the compile configurations (eager: a CPU dry run)")
+    parser.add_argument("--json", type=Path, default=None, help="append each row here as a JSON line")
     args = parser.parse_args(argv)
     args.resolution = args.resolution or RESOLUTION[(args.arch, args.size)]
     recipe_path = RECIPES[args.arch] if args.objective == "lora" else CONTROLNET_RECIPES[args.arch]
     args.no_bare = args.no_bare or args.objective == "controlnet"  # the bare loop is a LoRA step
     configs = {c: overrides_of(c) for c in args.configs}
+    if args.compile_backend:
+        configs = {c: o + ([f"memory.compile_backend={args.compile_backend}"] if "memory.compile=true" in o else [])
+                   for c, o in configs.items()}
 
     from trainers.config import load_recipe
     from trainers.engine import Trainer
@@ -216,6 +225,15 @@ def main(argv=None) -> None:
     print("| configuration | engine step (ms) | images/s | peak GiB | MFU | bare step (ms) | bare peak GiB "
           "| engine / bare |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     gib = lambda b: f"{b / 2**30:.2f}" if b is not None else "-"  # noqa: E731
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    case = {"arch": args.arch, "size": args.size, "objective": args.objective, "resolution": args.resolution,
+            "batch": args.batch, "rank": args.rank, "precision": args.precision, "device": device}
+
+    def record(**row):
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(case | row) + "\n")
+
     for name, overrides in configs.items():
         run = args.workdir / "runs" / name
         shutil.rmtree(run, ignore_errors=True)  # metrics.jsonl would keep an earlier run's rows
@@ -226,6 +244,7 @@ def main(argv=None) -> None:
                 Trainer(recipe).fit()
         except UserError as e:
             print(f"| {name} | refused: {e} | | | | | | |")
+            record(config=name, refused=str(e))
             continue
         engine = median_step_seconds(run, warmup=args.warmup)
         images = args.batch / engine
@@ -236,6 +255,8 @@ def main(argv=None) -> None:
         bare_ms = f"{bare * 1000:.1f}" if bare else "-"
         print(f"| {name} | {engine * 1000:.1f} | {images:.1f} | {gib(peak.peak)} | {mfu} | {bare_ms} | "
               f"{gib(bare_peak)} | {ratio} |", flush=True)
+        record(config=name, step_ms=engine * 1000, images_per_s=images, peak_gib=gib(peak.peak), mfu=mfu,
+               bare_ms=bare_ms, bare_peak_gib=gib(bare_peak), engine_over_bare=ratio)
 
 
 if __name__ == "__main__":
