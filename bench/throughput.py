@@ -80,7 +80,7 @@ class PeakMemory:
 
 def bare_step_seconds(recipe, steps: int, warmup: int) -> tuple[float, int | None]:
     """The hand-written loop over one fixed batch, with the recipe's precision, memory options and optimizer."""
-    from trainers import adapters, diffusion, memory, optimizers, quantize
+    from trainers import adapters, memory, optimizers, quantize
     from trainers.backbones import load_backbone
     from trainers.data import StepSampler, build_dataset, collate
     from trainers.engine import DTYPES
