@@ -48,49 +48,46 @@ COMMON_DRY = ["--size", "tiny", "--precision", "no", "--rank", "4", "--workers",
               "--warmup", "1", "--compile-backend", "eager"]
 
 
+EAGER = ["--steps", "30", "--warmup", "10"]
+GRAPHS = ["--steps", "40", "--warmup", "20"]  # compiles and graph captures happen in the warm-up
+
+
+def step_case(name: str, arch: str, batch: int, configs: list[str], budget_s: int, bare: bool = False,
+              timing: list[str] = EAGER, objective: str = "lora") -> Case:
+    """A bench/throughput.py case: the same model, batch and configurations on the GPU and in the dry run."""
+    shared = ["--arch", arch, "--objective", objective, "--batch", str(batch), *([] if bare else ["--no-bare"]),
+              "--configs", *configs]
+    return Case(name, THROUGHPUT, [*COMMON_FULL, *timing, *shared], [*COMMON_DRY, *shared], budget_s)
+
+
+def prepare_case(arch: str, budget_s: int) -> Case:
+    return Case(f"prepare {arch}", "bench/gpu_suite.py", ["--prepare", arch, "--size", "full"],
+                ["--prepare", arch, "--size", "tiny"], budget_s, kind="prepare")
+
+
 def cases() -> list[Case]:
     """Most important first: the SD-1.5 LoRA claims (>= 3x the diffusers example, >= 0.9x a bare CUDA-graph step),
     then SDXL memory, ControlNet, the distillation step costs, attention and optimizer variants."""
-    eager = ["--steps", "30", "--warmup", "10"]
-    graphs = ["--steps", "40", "--warmup", "20"]
+    distilled = ["--objectives", "finetune", "consistency", "progressive", "dmd2", "dmd2_full"]
     return [
-        Case("prepare sd15", "bench/gpu_suite.py", ["--prepare", "sd15", "--size", "full"],
-             ["--prepare", "sd15", "--size", "tiny"], 120, kind="prepare"),
-        Case("sd15 LoRA b8 eager + bare step", THROUGHPUT, ["--arch", "sd15", "--batch", "8", *COMMON_FULL, *eager,
-             "--configs", "plain"], ["--arch", "sd15", "--batch", "8", *COMMON_DRY, "--configs", "plain"], 120),
-        Case("sd15 LoRA b8 CUDA graphs", THROUGHPUT, ["--arch", "sd15", "--batch", "8", *COMMON_FULL, *graphs,
-             "--no-bare", "--configs", "cudagraphs"],
-             ["--arch", "sd15", "--batch", "8", *COMMON_DRY, "--no-bare", "--configs", "cudagraphs"], 180),
-        Case("sd15 LoRA b16 eager", THROUGHPUT, ["--arch", "sd15", "--batch", "16", *COMMON_FULL, *eager,
-             "--no-bare", "--configs", "plain"],
-             ["--arch", "sd15", "--batch", "16", *COMMON_DRY, "--no-bare", "--configs", "plain"], 60),
-        Case("sd15 LoRA b1 eager", THROUGHPUT, ["--arch", "sd15", "--batch", "1", *COMMON_FULL, *eager,
-             "--no-bare", "--configs", "plain"],
-             ["--arch", "sd15", "--batch", "1", *COMMON_DRY, "--no-bare", "--configs", "plain"], 50),
-        Case("prepare sdxl", "bench/gpu_suite.py", ["--prepare", "sdxl", "--size", "full"],
-             ["--prepare", "sdxl", "--size", "tiny"], 150, kind="prepare"),
-        Case("sdxl LoRA b1 1024 px checkpointing", THROUGHPUT, ["--arch", "sdxl", "--batch", "1", *COMMON_FULL, *eager,
-             "--configs", "checkpointing", "checkpointing+nf4"],
-             ["--arch", "sdxl", "--batch", "1", *COMMON_DRY, "--configs", "checkpointing", "checkpointing+nf4"], 150),
-        Case("sd15 ControlNet b4 8-bit AdamW + checkpointing", THROUGHPUT,
-             ["--arch", "sd15", "--objective", "controlnet", "--batch", "4", *COMMON_FULL, *eager,
-              "--configs", "checkpointing+adamw8bit"],
-             ["--arch", "sd15", "--objective", "controlnet", "--batch", "4", *COMMON_DRY,
-              "--configs", "checkpointing+adamw8bit"], 90),
+        prepare_case("sd15", 120),
+        step_case("sd15 LoRA b8 eager + bare step", "sd15", 8, ["plain"], 120, bare=True),
+        step_case("sd15 LoRA b8 CUDA graphs", "sd15", 8, ["cudagraphs"], 180, timing=GRAPHS),
+        step_case("sd15 LoRA b16 eager", "sd15", 16, ["plain"], 60),
+        step_case("sd15 LoRA b1 eager", "sd15", 1, ["plain"], 50),
+        prepare_case("sdxl", 150),
+        step_case("sdxl LoRA b1 1024 px checkpointing", "sdxl", 1, ["checkpointing", "checkpointing+nf4"], 150,
+                  bare=True),
+        step_case("sd15 ControlNet b4 8-bit AdamW + checkpointing", "sd15", 4, ["checkpointing+adamw8bit"], 90,
+                  objective="controlnet"),
         Case("distillation step cost, sd15 512 px b4", STEP_COST,
              ["--batch", "4", "--resolution", "512", "--precision", "bf16", "--steps", "20", "--interval", "5",
-              "--workers", "4", "--objectives", "finetune", "consistency", "progressive", "dmd2", "dmd2_full"],
+              "--workers", "4", *distilled],
              ["--batch", "2", "--resolution", "64", "--precision", "no", "--steps", "5", "--interval", "1",
-              "--objectives", "finetune", "consistency", "progressive", "dmd2", "dmd2_full"], 150, kind="step_cost"),
-        Case("sd15 LoRA b8 xformers against SDPA", THROUGHPUT, ["--arch", "sd15", "--batch", "8", *COMMON_FULL, *eager,
-             "--no-bare", "--configs", "sdpa", "xformers"],
-             ["--arch", "sd15", "--batch", "8", *COMMON_DRY, "--no-bare", "--configs", "sdpa", "xformers"], 90),
-        Case("sd15 LoRA b8 8-bit AdamW", THROUGHPUT, ["--arch", "sd15", "--batch", "8", *COMMON_FULL, *eager,
-             "--no-bare", "--configs", "adamw8bit"],
-             ["--arch", "sd15", "--batch", "8", *COMMON_DRY, "--no-bare", "--configs", "adamw8bit"], 60),
-        Case("sd15 LoRA b8 compiled", THROUGHPUT, ["--arch", "sd15", "--batch", "8", *COMMON_FULL, *graphs,
-             "--no-bare", "--configs", "compile"],
-             ["--arch", "sd15", "--batch", "8", *COMMON_DRY, "--no-bare", "--configs", "compile"], 150),
+              *distilled], 150, kind="step_cost"),
+        step_case("sd15 LoRA b8 xformers against SDPA", "sd15", 8, ["sdpa", "xformers"], 90),
+        step_case("sd15 LoRA b8 8-bit AdamW", "sd15", 8, ["adamw8bit"], 60),
+        step_case("sd15 LoRA b8 compiled", "sd15", 8, ["compile"], 150, timing=GRAPHS),
     ]
 
 
