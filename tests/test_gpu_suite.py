@@ -17,7 +17,8 @@ def test_the_dry_run_runs_every_case_and_writes_the_tables(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(["bash", "bench/gpu_suite.sh", "--dry-run", "--out", str(out), "--workdir",
                            str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=os.environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+                          env=os.environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+                                            "DIFFTUNE_WHEELS": str(tmp_path / "none")})  # this venv, not GPU wheels
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "gpu_suite.json").read_text())
     statuses = {c["case"]: c["status"] for c in result["cases"]}
