@@ -2,10 +2,10 @@
 
 The generator maps noise at fixed timesteps to x0: K of them, 999 then every 1000/K down on a VP teacher (what
 LCMScheduler samples with original_inference_steps K); sigmas 1, (K-1)/K, ..., 1/K moved by the model's shift on a
-rectified-flow one (SD3, Flux: what their Euler sampler visits in K steps). For K > 1 its input at timestep k is made by itself (backward
-simulation): from pure noise it denoises and re-noises k times, without gradients, as sampling will. Per
-generator update, its x0 is re-noised at a random timestep and moved along the distribution-matching gradient,
-fake score minus real score in x0 space (trainers/losses.py), so the noise process only enters through the
+rectified-flow one (SD3, Flux: what their Euler sampler visits in K steps). For K > 1 its input at timestep k is
+made by itself (backward simulation): from pure noise it denoises and re-noises k times, without gradients, as
+sampling will. Per generator update, its x0 is re-noised at a random timestep and moved along the
+distribution-matching gradient, fake score minus real score in x0 space (trainers/losses.py), so the noise process only enters through the
 Schedule; the real score is the frozen teacher with classifier-free guidance (Flux.1-dev, guidance-distilled: its
 guidance embedding). The fake score starts as the teacher and learns the generator's own distribution by
 denoising its samples; a small GAN head on the fake score's bottleneck (U-Net mid-block) features tells real
@@ -371,8 +371,7 @@ class DMD2(Objective):
             files = [out_dir / key]
         else:
             files = [adapters.save_lora(out_dir, self.backbone.pipeline_class(), key, self.generator, {}, dtype)]
-            kohya_file = export_single_file(out_dir, {key: self.generator}, self.backbone.family,
-                                                  self.recipe, dtype)
+            kohya_file = export_single_file(out_dir, {key: self.generator}, self.backbone.family, self.recipe, dtype)
             files += [kohya_file] if kohya_file else []
         self.scheduler().save_pretrained(out_dir / "scheduler")
         return [*files, out_dir / "scheduler"]
@@ -390,7 +389,8 @@ class DMD2(Objective):
             guidance = f"{self.backbone.guidance:g}" if self.distilled_guidance else "1.0"
             call = (f"# the generator's sigmas, before the model's shift: {sigmas}; guidance is distilled in: "
                     f"guidance_scale {guidance} (no CFG pass)\n"
-                    f"torch.manual_seed(0)  # re-noising between steps draws from torch's generator, not the pipeline's\n"
+                    "torch.manual_seed(0)  # re-noising between steps draws from torch's generator, not the "
+                    "pipeline's\n"
                     f"image = pipe(\"your prompt\", num_inference_steps={steps}, sigmas={sigmas}, "
                     f"guidance_scale={guidance}).images[0]\n")
         else:

@@ -149,8 +149,8 @@ class FineTune(Objective):
             else:
                 files = [adapters.save_lora(out_dir, self.backbone.pipeline_class(), self.backbone.denoiser_key,
                                             self.denoiser, self.trained_encoders, dtype)]
-            kohya_file = export_single_file(out_dir, self.trained_modules(), self.backbone.family,
-                                                  self.recipe, dtype)
+            kohya_file = export_single_file(out_dir, self.trained_modules(), self.backbone.family, self.recipe,
+                                            dtype)
             files += [kohya_file] if kohya_file else []
             if self.changes_noise_process:  # the base's scheduler would sample the LoRA wrongly: ship the trained one
                 self.schedule.sampling_scheduler().save_pretrained(out_dir / "scheduler")
