@@ -5,11 +5,11 @@ LCMScheduler samples with original_inference_steps K); sigmas 1, (K-1)/K, ..., 1
 rectified-flow one (SD3, Flux: what their Euler sampler visits in K steps). For K > 1 its input at timestep k is
 made by itself (backward simulation): from pure noise it denoises and re-noises k times, without gradients, as
 sampling will. Per generator update, its x0 is re-noised at a random timestep and moved along the
-distribution-matching gradient, fake score minus real score in x0 space (trainers/losses.py), so the noise
-process only enters through the Schedule; the real score is the frozen teacher with classifier-free guidance (Flux.1-dev, guidance-distilled: its
-guidance embedding). The fake score starts as the teacher and learns the generator's own distribution by
-denoising its samples; a small GAN head on the fake score's bottleneck (U-Net mid-block) features tells real
-latents from generated ones, and the generator is also trained to fool it.
+distribution-matching gradient, fake score minus real score in x0 space (trainers/losses.py), so the noise process
+only enters through the Schedule; the real score is the frozen teacher with classifier-free guidance (Flux.1-dev,
+guidance-distilled: its guidance embedding). The fake score starts as the teacher and learns the generator's own
+distribution by denoising its samples; a small GAN head on the fake score's bottleneck (U-Net mid-block) features
+tells real latents from generated ones, and the generator is also trained to fool it.
 
 Two update groups (trainers/objectives/base.py UpdateGroup): the fake score with the GAN head updates at every
 engine step, the generator every `fake_updates` steps (DMD2's two time-scale rule), so train.max_steps counts
