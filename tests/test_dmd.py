@@ -64,7 +64,7 @@ def noised(x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, 
     return a * x0 + s * torch.randn(x0.shape, generator=generator), t
 
 
-def train_dmd(steps: int = 2000, batch: int = 512, fake_updates: int = 5, seed: int = 0) -> nn.Module:
+def train_dmd(steps: int = 3000, batch: int = 512, fake_updates: int = 5, seed: int = 0) -> nn.Module:
     """The generator at lr 2e-3 and the fake score at 4e-3, both decayed (cosine; the fake score's to a tenth);
     Adam with beta1 = 0, as DMD2 trains both."""
     torch.manual_seed(seed)
@@ -156,8 +156,8 @@ def test_the_gan_losses_are_the_logistic_ones():
 
 def test_matching_recovers_every_mode_where_regression_blurs_them():
     dmd = train_dmd()
-    with torch.no_grad():
-        weights, means, between = modes(dmd(torch.randn(20000, 2, generator=torch.Generator().manual_seed(9))))
+    with torch.no_grad():  # 400k samples: the smallest mode's mean to about 0.01 std
+        weights, means, between = modes(dmd(torch.randn(400000, 2, generator=torch.Generator().manual_seed(9))))
     assert (weights > 0.05).all(), weights  # every mode hit
     assert (weights / weights.sum() - WEIGHTS).abs().max() < 0.1, weights
     error = (means - MEANS).norm(dim=1) / STD
