@@ -248,6 +248,45 @@ def test_bf16_mixed_precision_trains_both_groups_in_float32_weights(dmd_recipe):
     assert next(p for n, p in trainer.objective.base.named_parameters() if "lora_" not in n).dtype == torch.bfloat16
 
 
+@pytest.fixture
+def cpu_loss_scaler(monkeypatch):
+    """What Accelerate does for fp16 on CUDA (autocast to float16 and one GradScaler for every optimizer), on the
+    CPU, where it keeps neither: the scale starts high enough that the first updates overflow and are skipped."""
+    import accelerate
+
+    class ScaledOnCPU(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.state.mixed_precision == "fp16":
+                self.native_amp = True
+                self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 20, growth_interval=3)
+
+    monkeypatch.setattr(accelerate, "Accelerator", ScaledOnCPU)
+
+
+def test_fp16_loss_scaling_skips_what_overflowed_per_group_and_resumes_exactly(dmd_recipe, cpu_loss_scaler, tmp_path):
+    """One scaler serves both optimizers: an overflowing update of either group is skipped (not applied to the
+    other), the guard counts exactly the updates the scaler skipped, and the scale resumes with the checkpoint."""
+    args = ("precision=fp16", "train.max_steps=20", "checkpoint.every_steps=12")  # 12: inside an alternation
+    straight = Trainer(dmd_recipe(*args, out=tmp_path / "straight"))
+    result = straight.fit()
+    assert np.isfinite(result.last_loss)
+    assert all(p.dtype == torch.float32 for p in straight.params.values())
+    stepped = [max(int(s["step"]) for s in o.optimizer.state.values()) for o in straight.optimizers]
+    updates = [20 // 5, 20]  # generator every 5th engine step, fake score every step
+    assert all(0 < n < u for n, u in zip(stepped, updates)), stepped  # some of each group's updates were skipped
+    assert int(straight.nonfinite.total.item()) == sum(updates) - sum(stepped)
+
+    Trainer(dmd_recipe(*args, out=tmp_path / "split")).fit(until=12)
+    resumed = Trainer(dmd_recipe(*args, out=tmp_path / "split"))
+    assert resumed.fit().step == 20
+    assert resumed.accelerator.scaler.get_scale() == straight.accelerator.scaler.get_scale()
+    assert max((straight.params[k] - resumed.params[k]).abs().max().item() for k in straight.params) < 1e-7
+    read = lambda d: [json.loads(line)["loss"] for line in (d / "logs" / "metrics.jsonl").read_text().splitlines()  # noqa
+                      if "loss" in json.loads(line)]
+    assert read(tmp_path / "straight") == pytest.approx(read(tmp_path / "split"), rel=1e-7, abs=1e-9)
+
+
 # ---- rectified-flow teachers (SD3, Flux): the same objective through the Schedule seam ---------------------------
 
 FLOW_RECIPE = "recipes/demo/sd3_dmd2_lora_tiny.yaml"
