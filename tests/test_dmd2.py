@@ -81,6 +81,18 @@ def test_resume_inside_an_alternation_is_exact(dmd_recipe, tmp_path):
             assert torch.equal(s_a["step"], s_b["step"]) and torch.allclose(s_a["exp_avg"], s_b["exp_avg"], atol=1e-9)
 
 
+def test_captions_are_encoded_once_per_micro_batch_however_many_losses_read_them(dmd_recipe):
+    """The generator step's three readers (the fake score's update, then the generator's cond and uncond) share one
+    encoding of the batch's captions; each new batch is encoded afresh."""
+    trainer = Trainer(dmd_recipe("train.max_steps=5"))  # the generator's first update is at step 5
+    backbone, captions = trainer.objective.backbone, []
+    encode = backbone.encode_text
+    backbone.encode_text = lambda texts, *a, **kw: captions.append(list(texts)) or encode(texts, *a, **kw)
+    trainer.fit()
+    assert captions.count([""]) == 1  # the unconditional input, once for the run
+    assert len(captions) - 1 == 5  # five engine steps, one micro-batch each; the memo-less code encoded 7
+
+
 def test_the_teacher_is_the_base_and_both_students_start_as_it(dmd_recipe, tiny_sd15, digits_data):
     from diffusers import UNet2DConditionModel
 

@@ -44,11 +44,13 @@ def cached_text(batch: dict, device) -> dict | None:
 
 class FrozenText:
     """Denoiser kwargs of a batch from frozen text encoders (or the batch's cache); the unconditional input,
-    which a dropped caption or a CFG pass uses, is encoded once."""
+    which a dropped caption or a CFG pass uses, is encoded once, and a batch's captions once however many losses
+    read them (a CFG pair; DMD2's fake-score and generator updates on the same micro-batch)."""
 
     def __init__(self, backbone: Backbone, device, encoders_on_cpu: bool):
         self.backbone, self.device, self.encoders_on_cpu = backbone, device, encoders_on_cpu
         self._uncond = None
+        self._last = None  # (the batch, its encoded captions): holding the batch keeps its identity unique
 
     @torch.no_grad()
     def __call__(self, batch: dict, dropped: list[bool]) -> dict:
@@ -57,7 +59,9 @@ class FrozenText:
             self._uncond = {k: v.to(self.device) for k, v in self.backbone.unconditional(where).items()}
         text = cached_text(batch, self.device)
         if text is None:
-            text = self.backbone.encode_text(batch["captions"], self.device)
+            if self._last is None or self._last[0] is not batch:
+                self._last = (batch, self.backbone.encode_text(batch["captions"], self.device))
+            text = self._last[1]
         return self.backbone.condition(batch["captions"], dropped, batch, self.device, text=text, uncond=self._uncond)
 
     def pair(self, batch: dict) -> tuple[dict, dict]:
