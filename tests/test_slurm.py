@@ -81,9 +81,10 @@ def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
-def no_trainer_left():
-    left = subprocess.run(["pgrep", "-af", "launch/train.py"], capture_output=True, text=True).stdout.strip()
-    assert not left, f"processes left behind: {left}"
+def no_trainer_left(assets: Path):
+    """No trainer of these tests' jobs outlived them (those of other suites running beside this one are theirs)."""
+    left = subprocess.run(["pgrep", "-af", f"launch/train.py .*{assets}/"], capture_output=True, text=True).stdout
+    assert not left.strip(), f"processes left behind: {left}"
 
 
 @pytest.fixture(scope="module")
@@ -93,18 +94,18 @@ def uninterrupted(cluster, assets, tmp_path_factory):
     return out, info
 
 
-def test_a_run_completes_with_exit_code_zero(uninterrupted):
+def test_a_run_completes_with_exit_code_zero(uninterrupted, assets):
     out, info = uninterrupted
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0")
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file() and logged_steps(out) == 300
-    no_trainer_left()
+    no_trainer_left(assets)
 
 
 def test_a_failed_run_ends_failed_not_completed(cluster, assets, tmp_path):
     info = wait_for(sbatch(assets, tmp_path / "bad", "data.source=/nonexistent/data"))
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0"
     assert info["Restarts"] == "0"  # a failure is not requeued
-    no_trainer_left()
+    no_trainer_left(assets)
 
 
 def test_preemption_checkpoints_the_step_requeues_and_resumes_exactly(uninterrupted, assets, tmp_path):
@@ -128,12 +129,14 @@ def test_preemption_checkpoints_the_step_requeues_and_resumes_exactly(uninterrup
     assert losses(out) == losses(straight)  # bitwise, all 300 steps, before and after the requeue
     a, b = (load_file(run / "final" / "pytorch_lora_weights.safetensors") for run in (out, straight))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    no_trainer_left()
+    no_trainer_left(assets)
 
 
-def launcher_started() -> bool:
-    """node.sh has started `accelerate launch`: every shell on the way has its USR1 trap, no trainer has its handler."""
-    return subprocess.run(["pgrep", "-f", "bin/accelerate launch"], capture_output=True).returncode == 0
+def launcher_started(out: Path) -> bool:
+    """node.sh has started this job's `accelerate launch`: every shell on the way has its USR1 trap, no trainer has
+    its handler."""
+    return subprocess.run(["pgrep", "-f", f"bin/accelerate launch .*output_dir={out}( |$)"],
+                          capture_output=True).returncode == 0
 
 
 def resumed_every_stop(log: str, out: Path) -> list[int]:
@@ -146,17 +149,23 @@ def resumed_every_stop(log: str, out: Path) -> list[int]:
 
 def test_a_time_limit_signal_checkpoints_requeues_and_the_run_ends_as_uninterrupted(uninterrupted, assets, tmp_path):
     """--time with --signal=B:USR1@N (the script's own #SBATCH form): Slurm signals the batch shell before the limit
-    (its timer has a 60 s resolution, so here seconds after the start, in every attempt); each attempt checkpoints the
-    step it is on and requeues, and the last one finishes with the uninterrupted run's losses, bitwise."""
+    (its timer has a 60 s resolution, so here seconds after the start); the attempt checkpoints the step it is on
+    and requeues. Once it has, the test gives the job a longer limit (as an admin's `scontrol update` would), so the
+    next attempt finishes, with the uninterrupted run's losses, bitwise: two attempts, not one per half-minute."""
     straight, _ = uninterrupted
     out = tmp_path / "timed"
-    info = wait_for(sbatch(assets, out, *RUN, flags=("--time=2", "--signal=B:USR1@90")), timeout=900)
+    job_id = sbatch(assets, out, *RUN, flags=("--time=2", "--signal=B:USR1@90"))
+    deadline = time.monotonic() + 300
+    while int(job(job_id).get("Restarts", 0)) < 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=15"], check=True)
+    info = wait_for(job_id, timeout=900)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0")
     log = next(tmp_path.glob("timed.slurm-*.out")).read_text(errors="replace")
     stops = resumed_every_stop(log, out)
     assert stops and int(info["Restarts"]) == len(stops)
     assert losses(out) == losses(straight)
-    no_trainer_left()
+    no_trainer_left(assets)
 
 
 def test_a_signal_during_start_up_ends_cleanly_and_still_requeues(uninterrupted, assets, tmp_path):
@@ -166,7 +175,7 @@ def test_a_signal_during_start_up_ends_cleanly_and_still_requeues(uninterrupted,
     out = tmp_path / "early"
     job_id = sbatch(assets, out, *RUN)
     deadline = time.monotonic() + 120
-    while not launcher_started() and time.monotonic() < deadline:  # "RUNNING" can precede the batch shell's trap
+    while not launcher_started(out) and time.monotonic() < deadline:  # "RUNNING" can precede the batch shell's trap
         time.sleep(0.1)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
     assert logged_steps(out) == 0  # sent before the first step (the trainers were still loading)
@@ -177,7 +186,7 @@ def test_a_signal_during_start_up_ends_cleanly_and_still_requeues(uninterrupted,
     assert len(stops) == 1 and stops[0] < 100  # well before the first periodic checkpoint
     assert "Traceback" not in log
     assert losses(out) == losses(straight)
-    no_trainer_left()
+    no_trainer_left(assets)
 
 
 def test_two_nodes_train_what_one_node_with_two_processes_does(cluster, assets, tmp_path):
@@ -190,4 +199,4 @@ def test_two_nodes_train_what_one_node_with_two_processes_does(cluster, assets, 
     a, b = (load_file(tmp_path / name / "final" / "pytorch_lora_weights.safetensors") for name in runs)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert losses(tmp_path / "two_nodes") == pytest.approx(losses(tmp_path / "one_node"), rel=1e-6)
-    no_trainer_left()
+    no_trainer_left(assets)

@@ -40,6 +40,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+# a requeued job starts seconds after its hold ends, not at the next minute's scheduling pass
+SchedulerParameters=sched_interval=2
 MpiDefault=none
 ReturnToService=2
 SlurmctldPort=6817
