@@ -53,8 +53,8 @@ def tiny_teacher_v2(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("teacher2")
     assert main(["--world", "v2", "--work", str(work / "work"), "--out", str(work / "teacher"), "--images", "64",
-                 "--vae-steps", "2", "--unet-steps", "2", "--fill-steps", "2", "--scenes-steps", "2", "train.batch_size=8",
-                 "ema.enabled=false",
+                 "--vae-steps", "2", "--unet-steps", "2", "--fill-steps", "2", "--scenes-steps", "2",
+                 "train.batch_size=8", "ema.enabled=false",
                  "train.report_to=none", "validation.every_steps=0", "checkpoint.every_steps=0",
                  "data.num_workers=0"]) == 0
     return work / "teacher"

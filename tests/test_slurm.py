@@ -62,11 +62,13 @@ def job(job_id: str) -> dict:
     return dict(f.split("=", 1) for f in fields if "=" in f)
 
 
-def wait_for(job_id: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=600) -> dict:
+def wait_for(job_id: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=600, until=None) -> dict:
+    """The job's fields once it is in one of `states` (or `until(fields)` holds)."""
+    done = until or (lambda info: info.get("JobState") in states)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = job(job_id)
-        if info.get("JobState") in states:
+        if done(info):
             return info
         time.sleep(2)
     raise AssertionError(f"job {job_id} still {job(job_id).get('JobState')} after {timeout} s")
@@ -155,11 +157,9 @@ def test_a_time_limit_signal_checkpoints_requeues_and_the_run_ends_as_uninterrup
     straight, _ = uninterrupted
     out = tmp_path / "timed"
     job_id = sbatch(assets, out, *RUN, flags=("--time=2", "--signal=B:USR1@90"))
-    deadline = time.monotonic() + 300
-    while int(job(job_id).get("Restarts", 0)) < 1 and job(job_id).get("JobState") != "COMPLETED" \
-            and time.monotonic() < deadline:
-        time.sleep(0.5)
-    if int(job(job_id).get("Restarts", 0)) >= 1:  # else the first attempt was never signalled: the asserts say so
+    first = wait_for(job_id, timeout=300,
+                     until=lambda info: int(info.get("Restarts", 0)) >= 1 or info.get("JobState") == "COMPLETED")
+    if int(first.get("Restarts", 0)) >= 1:  # else the first attempt was never signalled: the asserts say so
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=15"], check=True)
     info = wait_for(job_id, timeout=900)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0")
